@@ -1,0 +1,48 @@
+// Declarations of the CPU kernels registered in csrc/ops.cpp.
+// One op, one file: csrc/cpu/<op>.cpp implements the functions named after it.
+// Shapes and contracts are those of the schemas in csrc/ops.cpp.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <string>
+#include <tuple>
+
+namespace fastattn {
+namespace cpu {
+
+// layernorm.cpp ---------------------------------------------------------------
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd(
+    const at::Tensor& x, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual,
+    double eps);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd(
+    const at::Tensor& dout, const at::Tensor& x, const std::optional<at::Tensor>& weight,
+    const at::Tensor& mean, const at::Tensor& rstd, const std::optional<at::Tensor>& dsum,
+    bool need_weight_grad, bool need_bias_grad);
+
+// attention.cpp ---------------------------------------------------------------
+std::tuple<at::Tensor, at::Tensor> attention_fwd(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const std::optional<at::Tensor>& key_padding_mask, bool causal, double scale,
+    double dropout_p, int64_t seed, int64_t offset);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& out, const at::Tensor& lse,
+    const std::optional<at::Tensor>& key_padding_mask, bool causal, double scale,
+    double dropout_p, int64_t seed, int64_t offset);
+
+// gelu.cpp --------------------------------------------------------------------
+at::Tensor bias_gelu_fwd(const at::Tensor& x, const std::optional<at::Tensor>& bias,
+                         const std::string& approximate);
+
+std::tuple<at::Tensor, at::Tensor> bias_gelu_bwd(const at::Tensor& dout, const at::Tensor& x,
+                                                 const std::optional<at::Tensor>& bias,
+                                                 const std::string& approximate,
+                                                 bool need_bias_grad);
+
+}  // namespace cpu
+}  // namespace fastattn

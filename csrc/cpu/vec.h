@@ -1,0 +1,69 @@
+// Small helpers shared by the CPU kernels: load any supported dtype as float vectors,
+// store float vectors back, and a per-thread chunking that keeps reductions deterministic.
+#pragma once
+
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <c10/util/BFloat16.h>
+
+#include <algorithm>
+#include <cstdint>
+
+namespace fastattn {
+namespace cpu {
+
+using Vec = at::vec::Vectorized<float>;
+constexpr int64_t kVecSize = Vec::size();
+
+// Accumulation type: float for float and bfloat16, double for double.
+template <typename T>
+struct Acc {
+  using type = float;
+};
+template <>
+struct Acc<double> {
+  using type = double;
+};
+
+// Load Vec::size() elements of T as float.
+template <typename T>
+inline Vec load_f(const T* p);
+template <>
+inline Vec load_f<float>(const float* p) {
+  return Vec::loadu(p);
+}
+template <>
+inline Vec load_f<c10::BFloat16>(const c10::BFloat16* p) {
+  Vec out;
+  at::vec::load_to_float<c10::BFloat16>(p, out);
+  return out;
+}
+
+// Store a float vector as Vec::size() elements of T.
+template <typename T>
+inline void store_f(const Vec& v, T* p);
+template <>
+inline void store_f<float>(const Vec& v, float* p) {
+  v.store(p);
+}
+template <>
+inline void store_f<c10::BFloat16>(const Vec& v, c10::BFloat16* p) {
+  // convert_from_float packs two float vectors; store only the first half.
+  at::vec::convert_from_float<c10::BFloat16>(v, v).store(p, kVecSize);
+}
+
+// Split [0, n) into one contiguous chunk per thread: deterministic for a given thread
+// count, so per-chunk partial sums reduce to bitwise-identical results run to run.
+inline int64_t num_chunks(int64_t n, int64_t min_per_chunk) {
+  int64_t threads = at::get_num_threads();
+  return std::max<int64_t>(1, std::min<int64_t>(threads, n / std::max<int64_t>(1, min_per_chunk)));
+}
+inline void chunk_range(int64_t n, int64_t chunks, int64_t c, int64_t& begin, int64_t& end) {
+  int64_t base = n / chunks, rem = n % chunks;
+  begin = c * base + std::min(c, rem);
+  end = begin + base + (c < rem ? 1 : 0);
+}
+
+}  // namespace cpu
+}  // namespace fastattn

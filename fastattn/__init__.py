@@ -12,8 +12,13 @@ from fastattn._dispatch import (  # noqa: E402
     set_backend,
     use_backend,
 )
+from fastattn.ops.layernorm import add_layer_norm, layer_norm  # noqa: E402
+from fastattn import nn  # noqa: E402
 
 __all__ = [
+    "add_layer_norm",
+    "layer_norm",
+    "nn",
     "BackendError",
     "available_backends",
     "get_backend",

@@ -21,6 +21,7 @@ chosen backend that cannot serve a call raises :class:`BackendError` naming the 
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import logging
 import os
@@ -115,15 +116,16 @@ def _extension() -> tuple[Any | None, str | None]:
     return _C, None
 
 
-def _cpu_flags() -> set[str]:
+@functools.cache
+def _cpu_flags() -> frozenset[str]:
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
+                    return frozenset(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return set()
+    return frozenset()
 
 
 _CAPABILITY_FLAGS = {
@@ -137,6 +139,7 @@ def _triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+@functools.cache
 def unavailable_reason(backend: str, device_type: str) -> str | None:
     """``None`` if ``backend`` can run on ``device_type`` here, else why not."""
     if backend == "reference":

@@ -1,0 +1,5 @@
+"""Drop-in ``torch.nn`` modules backed by fastattn's kernels."""
+
+from fastattn.nn.layernorm import LayerNorm
+
+__all__ = ["LayerNorm"]

@@ -6,6 +6,9 @@ built where it runs, like any source install):
     FASTATTN_CPU_ARCH=avx512|avx2|generic   override the detected width
     FASTATTN_FORCE_CUDA=1                   build the CUDA kernels even if no GPU is visible
     FASTATTN_NO_CUDA=1                      never build them
+    FASTATTN_SKIP_EXT=1                     install the Python package only (the Makefile does
+                                            this, then builds the extension in place with ninja
+                                            so rebuilds are incremental)
 
 The chosen capability is compiled into the module (fastattn._C.cpu_capability) and checked
 again at import, so a build moved to an older CPU reports itself unusable instead of dying
@@ -51,8 +54,16 @@ def cpu_arch() -> str:
 
 ARCH_FLAGS = {
     # CPU_CAPABILITY selects ATen's at::vec implementation (and its inline namespace).
-    "avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c",
-               "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"],
+    "avx512": [
+        "-mavx512f",
+        "-mavx512bw",
+        "-mavx512vl",
+        "-mavx512dq",
+        "-mfma",
+        "-mf16c",
+        "-DCPU_CAPABILITY=AVX512",
+        "-DCPU_CAPABILITY_AVX512",
+    ],
     "avx2": ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"],
     "generic": ["-DCPU_CAPABILITY=DEFAULT"],
 }
@@ -68,23 +79,44 @@ def want_cuda() -> bool:
 
 def extension():
     arch = cpu_arch()
-    cxx = ["-O3", "-std=c++17", "-fopenmp", "-ffp-contract=fast", "-fno-math-errno",
-           ] + ARCH_FLAGS[arch]
+    cxx = [
+        "-O3",
+        "-std=c++17",
+        "-fopenmp",
+        "-fno-math-errno",
+        # No silent a*b+c -> fma contraction: kernels write their FMAs explicitly, so the
+        # same formula rounds the same way everywhere (e.g. g - mean(g) is exactly 0 for M=1).
+        "-ffp-contract=off",
+    ] + ARCH_FLAGS[arch]
     sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     include = [os.path.join(HERE, "csrc")]
     if want_cuda():
         sources += sorted(glob.glob("csrc/cuda/*.cu")) + ["csrc/cuda/bindings.cpp"]
-        nvcc = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo",
-                "-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90"]
-        return CUDAExtension("fastattn._C", sources, include_dirs=include,
-                             extra_compile_args={"cxx": cxx + ["-DFASTATTN_WITH_CUDA"],
-                                                 "nvcc": nvcc},
-                             extra_link_args=["-fopenmp"])
-    return CppExtension("fastattn._C", sources, include_dirs=include,
-                        extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
+        nvcc = [
+            "-O3",
+            "-std=c++17",
+            "--use_fast_math",
+            "-lineinfo",
+            "-gencode=arch=compute_80,code=sm_80",
+            "-gencode=arch=compute_90,code=sm_90",
+        ]
+        return CUDAExtension(
+            "fastattn._C",
+            sources,
+            include_dirs=include,
+            extra_compile_args={"cxx": cxx + ["-DFASTATTN_WITH_CUDA"], "nvcc": nvcc},
+            extra_link_args=["-fopenmp"],
+        )
+    return CppExtension(
+        "fastattn._C",
+        sources,
+        include_dirs=include,
+        extra_compile_args={"cxx": cxx},
+        extra_link_args=["-fopenmp"],
+    )
 
 
 setup(
-    ext_modules=[extension()],
+    ext_modules=[] if os.environ.get("FASTATTN_SKIP_EXT") == "1" else [extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
 )

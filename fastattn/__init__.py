@@ -4,6 +4,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from fastattn import nn  # noqa: E402
 from fastattn._dispatch import (  # noqa: E402
     BackendError,
     available_backends,
@@ -13,7 +14,6 @@ from fastattn._dispatch import (  # noqa: E402
     use_backend,
 )
 from fastattn.ops.layernorm import add_layer_norm, layer_norm  # noqa: E402
-from fastattn import nn  # noqa: E402
 
 __all__ = [
     "add_layer_norm",

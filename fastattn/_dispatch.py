@@ -25,7 +25,6 @@ import functools
 import importlib
 import logging
 import os
-import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -65,41 +64,44 @@ class BackendError(RuntimeError):
 
 def _check_name(name: str) -> str:
     if name not in BACKENDS:
-        raise ValueError(f"fastattn: unknown backend {name!r}; expected one of {', '.join(BACKENDS)}")
+        raise ValueError(
+            f"fastattn: unknown backend {name!r}; expected one of {', '.join(BACKENDS)}"
+        )
     return name
 
 
-_state = threading.local()
-_default_backend = _check_name(os.environ.get("FASTATTN_BACKEND", "auto").strip().lower() or "auto")
+_backend = _check_name(os.environ.get("FASTATTN_BACKEND", "auto").strip().lower() or "auto")
 _last: dict[str, str] = {}
 _fallback_logged: set[tuple[str, str, str]] = set()
 _impl_cache: dict[str, Any] = {}
 
 
 def get_backend() -> str:
-    """The backend in force for this thread: set by :func:`use_backend`, else :func:`set_backend`."""
-    return getattr(_state, "backend", None) or _default_backend
+    """The backend in force: ``auto`` unless changed by :func:`set_backend` / :func:`use_backend`."""
+    return _backend
 
 
 def set_backend(name: str) -> None:
-    """Choose the backend for all threads: ``auto``, ``cpu``, ``triton``, ``cuda`` or ``reference``.
+    """Choose the backend: ``auto``, ``cpu``, ``triton``, ``cuda`` or ``reference``.
 
-    The environment variable ``FASTATTN_BACKEND`` sets the initial value.
+    Process-wide (the autograd engine may run a backward on another thread, and it must see the
+    same choice as the forward). The environment variable ``FASTATTN_BACKEND`` sets the initial
+    value. A backward is dispatched when it runs, so keep the choice in force until then.
     """
-    global _default_backend
-    _default_backend = _check_name(name)
+    global _backend
+    _backend = _check_name(name)
 
 
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[None]:
-    """Context manager: use backend ``name`` in this thread, then restore the previous choice."""
-    _check_name(name)
-    prev = getattr(_state, "backend", None)
-    _state.backend = name
+    """Context manager: :func:`set_backend` ``name``, restoring the previous choice on exit."""
+    global _backend
+    prev = _backend
+    set_backend(name)
     try:
         yield
     finally:
-        _state.backend = prev
+        _backend = prev
 
 
 def last_backend(op: str) -> str | None:
@@ -108,11 +110,15 @@ def last_backend(op: str) -> str | None:
 
 
 # ------------------------------------------------------------------ availability
+@functools.cache
 def _extension() -> tuple[Any | None, str | None]:
     try:
         from fastattn import _C  # noqa: F401  (loading it registers torch.ops.fastattn_C)
     except ImportError as e:
-        return None, f"extension fastattn._C not built ({e}); run `pip install --no-build-isolation -e .`"
+        return (
+            None,
+            f"extension fastattn._C not built ({e}); run `pip install --no-build-isolation -e .`",
+        )
     return _C, None
 
 
@@ -174,7 +180,9 @@ def unavailable_reason(backend: str, device_type: str) -> str | None:
             return "triton is not installed (pip install 'fastattn[triton]')"
         if device_type == "cpu":
             if not _triton_interpreting():
-                return "Triton runs on CPU tensors only through its interpreter (TRITON_INTERPRET=1)"
+                return (
+                    "Triton runs on CPU tensors only through its interpreter (TRITON_INTERPRET=1)"
+                )
             return None
         if device_type == "cuda":
             return None if torch.cuda.is_available() else "no CUDA GPU visible to torch"
@@ -221,8 +229,10 @@ def resolve(op: str, device: torch.device, **case: Any) -> Any:
                 _fallback_logged.add(key)
                 log.debug("fastattn: %s on %s: backend %s skipped (%s)", op, dtype, b, why)
         _last[op] = "reference"
-        return _load((op, dtype, "reference")) if (op, dtype, "reference") in TABLE else _load(
-            (op, "cpu", "reference")
+        return (
+            _load((op, dtype, "reference"))
+            if (op, dtype, "reference") in TABLE
+            else _load((op, "cpu", "reference"))
         )
     key = (op, dtype, backend)
     if key not in TABLE:
@@ -239,6 +249,10 @@ def resolve(op: str, device: torch.device, **case: Any) -> Any:
         )
     _last[op] = backend
     return impl
+
+
+# Load the extension now (if built) so torch.ops.fastattn_C.* exist as soon as fastattn is imported.
+_extension()
 
 
 def describe() -> str:

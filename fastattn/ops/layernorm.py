@@ -156,9 +156,7 @@ def layer_norm_bwd(
     need_bias_grad: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Returns (dx (+ dsum), dweight or [0], dbias or [0])."""
-    return tuple(
-        _impl(x).bwd(dout, x, weight, mean, rstd, dsum, need_weight_grad, need_bias_grad)
-    )
+    return tuple(_impl(x).bwd(dout, x, weight, mean, rstd, dsum, need_weight_grad, need_bias_grad))
 
 
 @layer_norm_bwd.register_fake
@@ -186,10 +184,22 @@ def _backward(ctx, dout, dsum, _dmean, _drstd):
     need_w = weight is not None and ctx.needs_input_grad[1]
     need_b = ctx.needs_input_grad[2]
     dx, dw, db = layer_norm_bwd(
-        dout.contiguous(), xs, weight, mean, rstd,
-        dsum.contiguous() if ctx.has_residual and dsum is not None else None, need_w, need_b,
+        dout.contiguous(),
+        xs,
+        weight,
+        mean,
+        rstd,
+        dsum.contiguous() if ctx.has_residual and dsum is not None else None,
+        need_w,
+        need_b,
     )
-    return dx, (dw if need_w else None), (db if need_b else None), (dx if ctx.has_residual else None), None
+    return (
+        dx,
+        (dw if need_w else None),
+        (db if need_b else None),
+        (dx if ctx.has_residual else None),
+        None,
+    )
 
 
 layer_norm_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -205,6 +215,10 @@ def _validate(
     eps: float,
 ) -> tuple[int, ...]:
     check_tensor(name, "input", x, floating=True)
+    if isinstance(normalized_shape, bool) or isinstance(normalized_shape, (str, bytes)):
+        raise TypeError(
+            f"{name}: normalized_shape must be an int or a sequence of ints, got {normalized_shape!r}"
+        )
     if isinstance(normalized_shape, int):
         shape = (normalized_shape,)
     else:
@@ -216,8 +230,10 @@ def _validate(
                 f"got {type(normalized_shape).__name__}"
             ) from None
     if len(shape) == 0 or any(d < 0 for d in shape):
-        raise ValueError(f"{name}: normalized_shape must be non-empty and non-negative, got {shape}")
-    if x.dim() < len(shape) or tuple(x.shape[-len(shape):]) != shape:
+        raise ValueError(
+            f"{name}: normalized_shape must be non-empty and non-negative, got {shape}"
+        )
+    if x.dim() < len(shape) or tuple(x.shape[-len(shape) :]) != shape:
         raise ValueError(
             f"{name}: normalized_shape {shape} must equal the last {len(shape)} dims of the "
             f"input, which has shape {tuple(x.shape)}"

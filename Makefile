@@ -1,0 +1,65 @@
+# fastattn: make demo (the main job) / make test (everything CI runs) / make bench / make cuda-check
+#
+# Everything installs into a virtualenv ($(VENV)). torch is pinned to the CPU wheel this machine
+# has; override with e.g. `make test TORCH=torch` (a CUDA build) or TORCH='torch==2.5.1'.
+
+PYTHON ?= python3
+VENV   ?= .venv
+TORCH  ?= torch==2.13.0
+BIN    := $(VENV)/bin
+PY     := $(BIN)/python
+DEPS   := $(VENV)/.deps-stamp
+PKG    := $(VENV)/.pkg-stamp
+NVCC   := $(shell command -v nvcc 2>/dev/null)
+PYTEST_ARGS ?=
+
+.PHONY: demo test lint build bench cuda-check clean help
+
+help:
+	@echo "make demo        train the demo GPT with torch and with fastattn kernels, compare speed"
+	@echo "make test        lint, build, cuda-check (where nvcc exists) and the whole test-suite"
+	@echo "make bench       microbenchmarks; tables and plots in benchmarks/results/"
+	@echo "make cuda-check  compile csrc/cuda/*.cu for sm_80 and sm_90, print registers and spills"
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+
+# Third-party dependencies: torch first (pinned), then the dev extras' packages.
+$(DEPS): pyproject.toml | $(PY)
+	$(PY) -m pip install -q "$(TORCH)" numpy setuptools wheel ninja
+	$(PY) -m pip install -q pytest pytest-benchmark hypothesis triton matplotlib tqdm ruff
+	touch $@
+
+# The package itself, editable, without compiling (FASTATTN_SKIP_EXT): the extension is built in
+# place below so that ninja rebuilds only what changed.
+$(PKG): $(DEPS) setup.py pyproject.toml
+	FASTATTN_SKIP_EXT=1 $(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	touch $@
+
+build: $(PKG)
+	$(PY) setup.py -q build_ext --inplace
+	$(PY) -m fastattn
+
+lint: $(DEPS)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+cuda-check:
+ifeq ($(NVCC),)
+	@echo "cuda-check: skipped (nvcc not found)"
+else
+	bash scripts/cuda_check.sh
+endif
+
+test: lint build cuda-check
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: build
+	$(PY) -m benchmarks.run
+
+demo: build
+	$(PY) -m fastattn.train --preset cpu_small --compare --out-dir out/demo
+
+clean:
+	rm -rf build fastattn/*.so *.egg-info .pytest_cache

@@ -1,0 +1,43 @@
+"""Shared test setup: the Triton interpreter switch, NaN-poisoned allocations, the error rule."""
+
+from __future__ import annotations
+
+import os
+
+# Triton reads TRITON_INTERPRET when a @triton.jit kernel is defined, so this must happen before
+# anything imports fastattn.triton.*: then Triton kernels run on CPU tensors through the
+# interpreter. fastattn's `auto` never picks Triton on a CPU; tests choose it explicitly.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+def pytest_addoption(parser):
+    parser.addoption("--slow", action="store_true", help="also run tests marked slow")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--slow"):
+        return
+    skip = pytest.mark.skip(reason="slow: run with --slow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_poison():
+    """Fresh random inputs each run, and every allocation (torch.empty / at::empty in the C++
+    kernels alike) filled with NaN, so an output element a kernel forgets to write fails."""
+    seed = int.from_bytes(os.urandom(4), "little")
+    torch.manual_seed(seed)
+    prev_det = torch.are_deterministic_algorithms_enabled()
+    prev_fill = torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    try:
+        yield seed
+    finally:
+        torch.use_deterministic_algorithms(prev_det)
+        torch.utils.deterministic.fill_uninitialized_memory = prev_fill

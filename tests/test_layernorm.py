@@ -1,0 +1,314 @@
+"""LayerNorm and add_layer_norm on every available backend against the float64 reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastattn
+from fastattn.ops.layernorm import layer_norm_reference
+from tests.rule import assert_rule
+
+CPU_BACKENDS = [b for b in fastattn.available_backends("cpu") if b != "triton"]
+# (rows shape, normalized_shape): last dims from 1 to 10000, 1 to many rows, 3-D/4-D inputs,
+# normalized_shape of more than one dim.
+SHAPES = [
+    ((1,), (1,)),
+    ((5,), (7,)),
+    ((3, 17), (768,)),
+    ((2, 3, 5), (1023,)),
+    ((4, 11), (1500,)),
+    ((3,), (4096,)),
+    ((2,), (10000,)),
+    ((257,), (64,)),
+    ((3,), (5, 7)),
+    ((2, 2), (3, 4, 5)),
+]
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+def _inputs(lead, norm, dtype, affine=True, bias=True, noncontig=False):
+    shape = (*lead, *norm)
+    if noncontig:
+        # A transposed view of a bigger tensor: neither contiguous nor dense.
+        x = (torch.randn(*reversed(shape), 2) * 3 + 1.5)[..., 0].permute(
+            *reversed(range(len(shape)))
+        )
+    else:
+        x = torch.randn(shape) * 3 + 1.5
+    w = torch.randn(norm) if affine else None
+    b = torch.randn(norm) if (affine and bias) else None
+    return (
+        x.to(dtype),
+        (w.to(dtype) if w is not None else None),
+        (b.to(dtype) if b is not None else None),
+    )
+
+
+def _grads(fn, tensors, dout):
+    leaves = [t.detach().requires_grad_() if t is not None else None for t in tensors]
+    out = fn(*leaves)
+    live = [t for t in leaves if t is not None]
+    grads = torch.autograd.grad(out, live, dout)
+    return out.detach(), grads
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("lead,norm", SHAPES)
+def test_layer_norm_matches_reference(backend, dtype, lead, norm):
+    x, w, b = _inputs(lead, norm, dtype)
+    dout = torch.randn(x.shape).to(dtype)
+
+    with fastattn.use_backend(backend):
+        out, grads = _grads(
+            lambda x, w, b: fastattn.layer_norm(x, norm, w, b, 1e-5), (x, w, b), dout
+        )
+    assert fastattn.last_backend("layer_norm") == backend
+    t_out, t_grads = _grads(lambda x, w, b: F.layer_norm(x, norm, w, b, 1e-5), (x, w, b), dout)
+    r_out, r_grads = _grads(
+        lambda x, w, b: layer_norm_reference(x, norm, w, b, 1e-5),
+        (x.double(), w.double(), b.double()),
+        dout.double(),
+    )
+    assert out.dtype == dtype and out.shape == x.shape
+    assert_rule("out", out, t_out, r_out)
+    for name, g, tg, rg in zip(("dx", "dweight", "dbias"), grads, t_grads, r_grads, strict=True):
+        assert g.dtype == dtype
+        assert_rule(name, g, tg, rg)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("affine,bias", [(False, False), (True, False)])
+@pytest.mark.parametrize("noncontig", [False, True])
+def test_layer_norm_variants(backend, affine, bias, noncontig):
+    norm = (333,)
+    x, w, b = _inputs((7, 5), norm, torch.float32, affine, bias, noncontig)
+    if noncontig:
+        assert not x.is_contiguous()
+    dout = torch.randn(x.shape)
+    tensors = [t for t in (x, w, b) if t is not None]
+
+    def call(fn, dt):
+        def f(*ts):
+            it = iter(ts)
+            xx = next(it)
+            ww = next(it) if w is not None else None
+            bb = next(it) if b is not None else None
+            return fn(xx, norm, ww, bb, 1e-5)
+
+        return _grads(f, [t.to(dt) for t in tensors], dout.to(dt))
+
+    with fastattn.use_backend(backend):
+        out, grads = call(fastattn.layer_norm, torch.float32)
+    t_out, t_grads = call(F.layer_norm, torch.float32)
+    r_out, r_grads = call(layer_norm_reference, torch.float64)
+    assert_rule("out", out, t_out, r_out)
+    for g, tg, rg in zip(grads, t_grads, r_grads, strict=True):
+        assert_rule("grad", g, tg, rg)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("lead,m", [((1,), 1), ((3, 5), 769), ((64,), 1024)])
+def test_add_layer_norm(backend, dtype, lead, m):
+    x, w, b = _inputs(lead, (m,), dtype)
+    r = (torch.randn(x.shape) * 2).to(dtype)
+    dout, dsum = torch.randn(x.shape).to(dtype), torch.randn(x.shape).to(dtype)
+
+    def run(fn, x, r, w, b):
+        leaves = [t.detach().requires_grad_() for t in (x, r, w, b)]
+        out, s = fn(*leaves)
+        grads = torch.autograd.grad((out, s), leaves, (dout.to(x.dtype), dsum.to(x.dtype)))
+        return out.detach(), s.detach(), grads
+
+    def torch_add_ln(x, r, w, b):
+        s = x + r
+        return F.layer_norm(s, (m,), w, b), s
+
+    def ref_add_ln(x, r, w, b):
+        s = x + r
+        return layer_norm_reference(s, (m,), w, b), s
+
+    with fastattn.use_backend(backend):
+        out, s, grads = run(
+            lambda x, r, w, b: fastattn.add_layer_norm(x, r, (m,), w, b), x, r, w, b
+        )
+    t = run(torch_add_ln, x, r, w, b)
+    ref = run(ref_add_ln, *(u.double() for u in (x, r, w, b)))
+    assert_rule("out", out, t[0], ref[0])
+    assert_rule("sum", s, t[1], ref[1])
+    for name, g, tg, rg in zip(("dx", "dres", "dw", "db"), grads, t[2], ref[2], strict=True):
+        assert_rule(name, g, tg, rg)
+
+
+def test_backends_agree():
+    x, w, b = _inputs((9, 4), (771,), torch.float32)
+    outs = {}
+    for backend in CPU_BACKENDS:
+        with fastattn.use_backend(backend):
+            outs[backend] = fastattn.layer_norm(x, (771,), w, b)
+    ref = outs.pop("reference")
+    for name, o in outs.items():
+        torch.testing.assert_close(o, ref, rtol=1e-5, atol=1e-5, msg=f"{name} vs reference")
+
+
+def test_repeatable_bitwise():
+    x, w, b = _inputs((513,), (768,), torch.float32)
+    xs = x.detach().requires_grad_()
+    ws = w.detach().requires_grad_()
+    runs = []
+    for _ in range(2):
+        out = fastattn.layer_norm(xs, (768,), ws, b)
+        runs.append((out, *torch.autograd.grad(out.sum(), (xs, ws))))
+    for a, c in zip(*runs, strict=True):
+        assert torch.equal(a, c)
+
+
+def test_gradcheck_float64():
+    x, w, b = (t.double().requires_grad_() for t in _inputs((3,), (6,), torch.float32))
+    assert torch.autograd.gradcheck(lambda x, w, b: fastattn.layer_norm(x, (6,), w, b), (x, w, b))
+    r = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda x, r, w, b: fastattn.add_layer_norm(x, r, (6,), w, b), (x, r, w, b)
+    )
+
+
+def test_opcheck():
+    from fastattn.ops import layernorm as ln
+
+    x, w, b = _inputs((5,), (37,), torch.float32)
+    r = torch.randn_like(x)
+    torch.library.opcheck(ln.layer_norm_fwd, (x, w, b, None, 1e-5))
+    torch.library.opcheck(ln.layer_norm_fwd, (x.requires_grad_(), w, b, r, 1e-5))
+    out = ln.layer_norm_fwd(x.detach(), w, b, None, 1e-5)
+    torch.library.opcheck(
+        ln.layer_norm_bwd, (torch.randn_like(x), x.detach(), w, out[2], out[3], None, True, True)
+    )
+
+
+def test_torch_compile_fullgraph():
+    torch._dynamo.reset()
+    model = torch.nn.Sequential(torch.nn.Linear(32, 48), fastattn.nn.LayerNorm(48), torch.nn.ReLU())
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    x = torch.randn(6, 32, requires_grad=True)
+    torch.testing.assert_close(compiled(x), model(x))
+    compiled(x).sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+def test_module_is_drop_in():
+    for kwargs in ({}, {"eps": 1e-6}, {"elementwise_affine": False}, {"bias": False}):
+        ours, theirs = fastattn.nn.LayerNorm((4, 6), **kwargs), torch.nn.LayerNorm((4, 6), **kwargs)
+        assert ours.state_dict().keys() == theirs.state_dict().keys()
+        assert repr(ours).replace("fastattn.nn.", "") == repr(theirs)
+        theirs.load_state_dict({k: torch.randn_like(v) for k, v in theirs.state_dict().items()})
+        ours.load_state_dict(theirs.state_dict())
+        x = torch.randn(3, 4, 6)
+        torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=1e-5)
+        theirs.load_state_dict(ours.state_dict())
+    assert isinstance(fastattn.nn.LayerNorm(3), torch.nn.LayerNorm)
+
+
+def test_empty_inputs():
+    for shape in [(0, 8), (2, 0, 8)]:
+        x = torch.randn(shape, requires_grad=True)
+        w = torch.randn(8, requires_grad=True)
+        out = fastattn.layer_norm(x, (8,), w)
+        assert out.shape == x.shape
+        out.sum().backward()
+        assert x.grad.shape == x.shape and torch.equal(w.grad, torch.zeros(8))
+        o, s = fastattn.add_layer_norm(x, torch.randn(shape), (8,), w)
+        assert o.shape == s.shape == x.shape
+
+
+BAD = [
+    (
+        lambda: fastattn.layer_norm(torch.randn(3, 5), (4,)),
+        ValueError,
+        "must equal the last 1 dims",
+    ),
+    (lambda: fastattn.layer_norm(torch.randn(5), (2, 5)), ValueError, "must equal the last 2 dims"),
+    (lambda: fastattn.layer_norm(torch.randn(3, 5), ()), ValueError, "non-empty"),
+    (lambda: fastattn.layer_norm(torch.randn(3, 5), "5"), TypeError, "int or a sequence"),
+    (lambda: fastattn.layer_norm(torch.randn(3, 5), 5.5), TypeError, "int or a sequence"),
+    (
+        lambda: fastattn.layer_norm(torch.randn(3, 5), (5,), torch.randn(4)),
+        ValueError,
+        "weight must have shape",
+    ),
+    (
+        lambda: fastattn.layer_norm(torch.randn(3, 5), (5,), None, torch.randn(5, 1)),
+        ValueError,
+        "bias must have shape",
+    ),
+    (
+        lambda: fastattn.layer_norm(torch.randn(3, 5), (5,), torch.randn(5).double()),
+        TypeError,
+        "dtype",
+    ),
+    (
+        lambda: fastattn.layer_norm(torch.randn(3, 5), (5,), torch.randint(0, 3, (5,))),
+        TypeError,
+        "floating-point",
+    ),
+    (lambda: fastattn.layer_norm(torch.randint(0, 5, (3, 5)), (5,)), TypeError, "floating-point"),
+    (
+        lambda: fastattn.layer_norm(torch.randn(3, 5, dtype=torch.complex64), (5,)),
+        TypeError,
+        "floating-point",
+    ),
+    (lambda: fastattn.layer_norm([1.0, 2.0], (2,)), TypeError, "torch.Tensor"),
+    (lambda: fastattn.layer_norm(torch.randn(3, 5), (5,), eps=-1.0), ValueError, "eps"),
+    (lambda: fastattn.layer_norm(torch.randn(3, 5), (5,), eps=float("nan")), ValueError, "eps"),
+    (
+        lambda: fastattn.layer_norm(torch.randn(3, 5), (5,), torch.randn(5, device="meta")),
+        ValueError,
+        "same device",
+    ),
+    (
+        lambda: fastattn.add_layer_norm(torch.randn(3, 5), torch.randn(3, 4), (5,)),
+        ValueError,
+        "residual must match",
+    ),
+    (
+        lambda: fastattn.add_layer_norm(torch.randn(3, 5), torch.randn(3, 5).double(), (5,)),
+        ValueError,
+        "residual must match",
+    ),
+    (lambda: fastattn.set_backend("gpu"), ValueError, "unknown backend"),
+]
+
+
+@pytest.mark.parametrize("call,exc,match", BAD)
+def test_bad_input(call, exc, match):
+    with pytest.raises(exc, match=match):
+        call()
+
+
+def test_kernel_op_checks_its_inputs():
+    # The C++ op is reachable directly (torch.ops.fastattn_C); it must refuse, not crash.
+    if "cpu" not in CPU_BACKENDS:
+        pytest.skip("extension not built")
+    op = torch.ops.fastattn_C.layer_norm_fwd
+    with pytest.raises(RuntimeError, match="must be 2-D"):
+        op(torch.randn(3), None, None, None, 1e-5)
+    with pytest.raises(RuntimeError, match="weight must have shape"):
+        op(torch.randn(3, 4), torch.randn(5), None, None, 1e-5)
+    with pytest.raises(RuntimeError, match="float32, bfloat16 or float64"):
+        op(torch.randn(3, 4).half(), None, None, None, 1e-5)
+    with pytest.raises(RuntimeError, match="residual must have shape"):
+        op(torch.randn(3, 4), None, None, torch.randn(4, 3), 1e-5)
+
+
+def test_explicit_backend_refuses_unsupported_case():
+    if "cpu" not in CPU_BACKENDS:
+        pytest.skip("extension not built")
+    x = torch.randn(4, 8, dtype=torch.float16)
+    with fastattn.use_backend("cpu"), pytest.raises(fastattn.BackendError, match="float16"):
+        fastattn.layer_norm(x, (8,))
+    # auto falls back to the reference instead
+    out = fastattn.layer_norm(x, (8,))
+    assert fastattn.last_backend("layer_norm") == "reference"
+    torch.testing.assert_close(out, F.layer_norm(x.float(), (8,)).half(), rtol=1e-3, atol=1e-3)

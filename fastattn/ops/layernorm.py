@@ -215,7 +215,7 @@ def _validate(
     eps: float,
 ) -> tuple[int, ...]:
     check_tensor(name, "input", x, floating=True)
-    if isinstance(normalized_shape, bool) or isinstance(normalized_shape, (str, bytes)):
+    if isinstance(normalized_shape, (bool, str, bytes)):
         raise TypeError(
             f"{name}: normalized_shape must be an int or a sequence of ints, got {normalized_shape!r}"
         )

@@ -28,7 +28,7 @@ $(PY):
 # Third-party dependencies: torch first (pinned), then the dev extras' packages.
 $(DEPS): pyproject.toml | $(PY)
 	$(PY) -m pip install -q "$(TORCH)" numpy setuptools wheel ninja
-	$(PY) -m pip install -q pytest pytest-benchmark hypothesis triton matplotlib tqdm ruff
+	$(PY) -m pip install -q pytest pytest-benchmark hypothesis triton matplotlib tqdm ruff transformers
 	touch $@
 
 # The package itself, editable, without compiling (FASTATTN_SKIP_EXT): the extension is built in

@@ -11,10 +11,19 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from hypothesis import settings  # noqa: E402
+
+# Property tests: a few hundred examples per op by default, many more with --slow.
+settings.register_profile("default", max_examples=200)
+settings.register_profile("slow", max_examples=2000)
 
 
 def pytest_addoption(parser):
     parser.addoption("--slow", action="store_true", help="also run tests marked slow")
+
+
+def pytest_configure(config):
+    settings.load_profile("slow" if config.getoption("--slow") else "default")
 
 
 def pytest_collection_modifyitems(config, items):

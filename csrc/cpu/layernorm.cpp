@@ -24,6 +24,7 @@
 #include "cpu/vec.h"
 
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 namespace fastattn {
@@ -43,6 +44,8 @@ void fwd_vec(const T* x, const T* res, const float* w, const float* b, T* out, T
              float* mean, float* rstd, int64_t N, int64_t M, float eps) {
   constexpr int64_t V = kVecSize;
   const float inv_m = 1.0f / static_cast<float>(M);
+  // Streaming stores only where rows stay 64-byte aligned and the output dwarfs the cache.
+  const bool stream = res == nullptr && (M % 16) == 0 && N * M * int64_t(sizeof(T)) >= kStreamBytes;
   at::parallel_for(0, N, row_grain(M), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const T* src = x + i * M;
@@ -90,6 +93,16 @@ void fwd_vec(const T* x, const T* res, const float* w, const float* b, T* out, T
       const Vec vrs(rs);
       T* o = out + i * M;
       j = 0;
+      if constexpr (std::is_same_v<T, float>) {
+        if (stream && aligned64(o)) {
+          for (; j + V <= M; j += V) {
+            Vec y = (load_f<T>(src + j) - vmu) * vrs;
+            if (w != nullptr) y = y * Vec::loadu(w + j);
+            if (b != nullptr) y = y + Vec::loadu(b + j);
+            store_stream(y, o + j);
+          }
+        }
+      }
       for (; j + V <= M; j += V) {
         Vec y = (load_f<T>(src + j) - vmu) * vrs;
         if (w != nullptr) y = y * Vec::loadu(w + j);
@@ -105,6 +118,7 @@ void fwd_vec(const T* x, const T* res, const float* w, const float* b, T* out, T
       mean[i] = mu;
       rstd[i] = rs;
     }
+    if (stream) stream_fence();
   });
 }
 

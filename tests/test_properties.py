@@ -1,0 +1,154 @@
+"""Property tests (hypothesis): random shapes, strides, dtypes and flags, every op on the CPU
+backend against its float64 reference by the DESIGN.md rule. ``--slow`` runs many more examples."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import fastattn
+from tests.rule import assert_rule
+
+BACKEND = "cpu" if "cpu" in fastattn.available_backends("cpu") else "reference"
+
+
+# The number of examples comes from the hypothesis profile chosen in conftest.py
+# (a few hundred by default, many more with --slow).
+_settings = settings(
+    deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture]
+)
+dtypes = st.sampled_from([torch.float32, torch.bfloat16])
+
+
+def _maybe_strided(x: torch.Tensor, how: int) -> torch.Tensor:
+    """0: contiguous; 1: a slice with a step in the first dim; 2: a transposed copy's view."""
+    if how == 1 and x.dim() >= 1:
+        big = torch.empty((x.shape[0] * 2, *x.shape[1:]), dtype=x.dtype)
+        big[::2] = x
+        return big[::2]
+    if how == 2 and x.dim() >= 2:
+        return x.transpose(0, 1).contiguous().transpose(0, 1)
+    return x
+
+
+@_settings
+@given(
+    rows=st.lists(st.integers(1, 9), min_size=1, max_size=3),
+    m=st.integers(1, 1100),
+    dtype=dtypes,
+    affine=st.booleans(),
+    bias=st.booleans(),
+    strided=st.integers(0, 2),
+    residual=st.booleans(),
+    scale=st.sampled_from([1e-3, 1.0, 1e3]),
+)
+def test_layer_norm_property(rows, m, dtype, affine, bias, strided, residual, scale):
+    x = _maybe_strided((torch.randn(*rows, m) * scale + scale).to(dtype), strided)
+    r = torch.randn(x.shape).to(dtype) if residual else None
+    w = torch.randn(m).to(dtype) if affine else None
+    b = torch.randn(m).to(dtype) if bias else None
+    dout = torch.randn(x.shape).to(dtype)
+
+    def run(fn, dt):
+        leaves = [
+            t.to(dt).detach().requires_grad_() if t is not None else None for t in (x, r, w, b)
+        ]
+        xx, rr, ww, bb = leaves
+        out = fn(xx, rr, ww, bb)
+        live = [t for t in leaves if t is not None]
+        return out.detach(), torch.autograd.grad(out, live, dout.to(dt))
+
+    def ours(x, r, w, b):
+        if r is None:
+            return fastattn.layer_norm(x, (m,), w, b)
+        return fastattn.add_layer_norm(x, r, (m,), w, b)[0]
+
+    def theirs(x, r, w, b):
+        return F.layer_norm(x + r if r is not None else x, (m,), w, b)
+
+    with fastattn.use_backend(BACKEND):
+        out, grads = run(ours, dtype)
+    t_out, t_grads = run(theirs, dtype)
+    r_out, r_grads = run(theirs, torch.float64)
+    assert_rule("out", out, t_out, r_out)
+    for g, tg, rg in zip(grads, t_grads, r_grads, strict=True):
+        assert_rule("grad", g, tg, rg)
+
+
+@pytest.mark.skipif(not hasattr(fastattn, "attention"), reason="attention op not built")
+@_settings
+@given(
+    b=st.integers(1, 2),
+    hkv=st.integers(1, 2),
+    group=st.sampled_from([1, 2, 3]),
+    tq=st.integers(1, 70),
+    tk=st.integers(1, 70),
+    d=st.sampled_from([1, 8, 16, 24, 40, 64, 72]),
+    causal=st.booleans(),
+    padded=st.booleans(),
+    dtype=dtypes,
+    strided=st.booleans(),
+)
+def test_attention_property(b, hkv, group, tq, tk, d, causal, padded, dtype, strided):
+    from fastattn.ops.attention import attention_reference
+
+    hq = hkv * group
+    q = torch.randn(b, hq, tq, d)
+    k = torch.randn(b, hkv, tk, d)
+    v = torch.randn(b, hkv, tk, d)
+    if strided:  # (B, T, H, D) storage seen as (B, H, T, D), as a fused QKV projection gives
+        q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))
+    kpm = (torch.rand(b, tk) < 0.3) if padded else None
+    dout = torch.randn(b, hq, tq, d)
+
+    def run(fn, dt):
+        leaves = [t.to(dt).detach().requires_grad_() for t in (q, k, v)]
+        out = fn(*leaves, causal=causal, key_padding_mask=kpm)
+        return out.detach(), torch.autograd.grad(out, leaves, dout.to(dt))
+
+    with fastattn.use_backend(BACKEND):
+        out, grads = run(fastattn.attention, dtype)
+    t_out, t_grads = run(attention_reference, dtype)
+    r_out, r_grads = run(attention_reference, torch.float64)
+    assert_rule("out", out, t_out, r_out)
+    for name, g, tg, rg in zip("qkv", grads, t_grads, r_grads, strict=True):
+        assert_rule(f"d{name}", g, tg, rg)
+
+
+@pytest.mark.skipif(not hasattr(fastattn, "bias_gelu"), reason="bias_gelu op not built")
+@_settings
+@given(
+    rows=st.lists(st.integers(1, 9), min_size=1, max_size=3),
+    m=st.integers(1, 700),
+    dtype=dtypes,
+    bias=st.booleans(),
+    approximate=st.sampled_from(["none", "tanh"]),
+    strided=st.integers(0, 2),
+    scale=st.sampled_from([1e-2, 1.0, 30.0]),
+)
+def test_bias_gelu_property(rows, m, dtype, bias, approximate, strided, scale):
+    x = _maybe_strided((torch.randn(*rows, m) * scale).to(dtype), strided)
+    bb = torch.randn(m).to(dtype) if bias else None
+    dout = torch.randn(x.shape).to(dtype)
+
+    def run(fn, dt):
+        leaves = [t.to(dt).detach().requires_grad_() for t in (x, bb) if t is not None]
+        out = fn(*leaves)
+        return out.detach(), torch.autograd.grad(out, leaves, dout.to(dt))
+
+    def ours(x, b=None):
+        return fastattn.bias_gelu(x, b, approximate=approximate)
+
+    def theirs(x, b=None):
+        return F.gelu(x + b if b is not None else x, approximate=approximate)
+
+    with fastattn.use_backend(BACKEND):
+        out, grads = run(ours, dtype)
+    t_out, t_grads = run(theirs, dtype)
+    r_out, r_grads = run(theirs, torch.float64)
+    assert_rule("out", out, t_out, r_out)
+    for g, tg, rg in zip(grads, t_grads, r_grads, strict=True):
+        assert_rule("grad", g, tg, rg)

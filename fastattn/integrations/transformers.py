@@ -64,11 +64,7 @@ def fastattn_attention_forward(
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     causal = bool(causal) and tq > 1
     unsupported = kwargs.get("softcap") is not None or kwargs.get("position_bias") is not None
-    split: tuple[bool, torch.Tensor | None] | None
-    if attention_mask is None:
-        split = (causal, None)
-    else:
-        split = split_mask(attention_mask, tq, tk)
+    split = (causal, None) if attention_mask is None else split_mask(attention_mask, tq, tk)
     if split is None or unsupported:
         # Not a (causal +) padding mask: SDPA with the mask as given (GQA expanded for it).
         rep = query.shape[1] // key.shape[1]

@@ -6,6 +6,7 @@ built where it runs, like any source install):
     FASTATTN_CPU_ARCH=avx512|avx2|generic   override the detected width
     FASTATTN_FORCE_CUDA=1                   build the CUDA kernels even if no GPU is visible
     FASTATTN_NO_CUDA=1                      never build them
+    FASTATTN_ASAN=1                         build with AddressSanitizer (scripts/asan_check.sh)
     FASTATTN_SKIP_EXT=1                     install the Python package only (the Makefile does
                                             this, then builds the extension in place with ninja
                                             so rebuilds are incremental)
@@ -88,6 +89,10 @@ def extension():
         # same formula rounds the same way everywhere (e.g. g - mean(g) is exactly 0 for M=1).
         "-ffp-contract=off",
     ] + ARCH_FLAGS[arch]
+    link = ["-fopenmp"]
+    if os.environ.get("FASTATTN_ASAN") == "1":
+        cxx += ["-fsanitize=address", "-fno-omit-frame-pointer", "-g"]
+        link += ["-fsanitize=address"]
     sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     include = [os.path.join(HERE, "csrc")]
     if want_cuda():
@@ -105,14 +110,14 @@ def extension():
             sources,
             include_dirs=include,
             extra_compile_args={"cxx": cxx + ["-DFASTATTN_WITH_CUDA"], "nvcc": nvcc},
-            extra_link_args=["-fopenmp"],
+            extra_link_args=link,
         )
     return CppExtension(
         "fastattn._C",
         sources,
         include_dirs=include,
         extra_compile_args={"cxx": cxx},
-        extra_link_args=["-fopenmp"],
+        extra_link_args=link,
     )
 
 

@@ -490,7 +490,9 @@ void bwd_vec(const Geom& g, const T* dout, const T* q, Strides qs, const T* k, S
           pack_rows<T>(dorow, D, rows, D, Dp, 1.f, dop);
           for (int64_t r = 0; r < rows; ++r) {
             float acc = 0.f;
-            for (int64_t d = 0; d < D; ++d) acc += dop[r * Dp + d] * static_cast<float>(orow[r * D + d]);
+            // The same fused multiply-add chain as the dP micro-kernel, so dP - Delta is exact
+            // where the two agree mathematically (e.g. a single visible key).
+            for (int64_t d = 0; d < D; ++d) acc = std::fma(dop[r * Dp + d], static_cast<float>(orow[r * D + d]), acc);
             delta[r] = acc;
             lse2[r] = lse[bh * g.Tq + i0 + r] * kLog2e;
           }

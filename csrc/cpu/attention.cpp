@@ -41,9 +41,12 @@
 // - bfloat16 is packed to float on the fly (float accumulation everywhere); float64 takes a
 //   plain scalar path (gradcheck only). lse is float32 (float64 for float64 inputs).
 //
-// Block sizes (measured on AVX-512, D = 64, see dev/attention_cpu/RESULTS.md): kBQ = 64 query
-// rows x kBK = 64 keys. The score tile (16 KB) and the packed Q / O tiles stay in L1/L2; larger
-// key blocks waste more work on causal diagonal tiles without improving the micro-kernel.
+// Block sizes, measured on AVX-512 (Zen, 2 threads, float32, B=4, H=12, D=64, causal,
+// T = 512..2048; dev/attention_cpu/tune.py): kBQ = 64 query rows x kBK = 128 keys. kBK = 128
+// beat 64 by 3-8% at T >= 1024 (half the per-row horizontal max/sum and rescale work per key)
+// and tied at 512; kBQ = 128 was 2-5% slower than 64 (more causal waste on diagonal tiles, fewer
+// items to balance); a 6 x 4 micro-kernel was no faster than 4 x 4. The score tile (32 KB) and
+// the Q / O tiles (16 KB each at D = 64) stay in L1/L2.
 //
 // Test: python dev/attention_cpu/check.py.  Time: python dev/attention_cpu/bench.py.
 #include "cpu/kernels.h"
@@ -63,7 +66,7 @@ namespace cpu {
 namespace {
 
 constexpr int64_t kBQ = 64;  // query rows per block
-constexpr int64_t kBK = 64;  // keys per block (a multiple of 16)
+constexpr int64_t kBK = 128;  // keys per block (a multiple of 16)
 constexpr int kMR = 4;       // micro-kernel rows
 constexpr int kNV = 4;       // micro-kernel vectors per row
 constexpr int64_t kMaxHeadDim = 256;

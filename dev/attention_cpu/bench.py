@@ -14,10 +14,9 @@ import math
 import statistics
 import time
 
+import fastattn._C  # noqa: F401  (registers torch.ops.fastattn_C)
 import torch
 import torch.nn.functional as F
-
-import fastattn._C  # noqa: F401  (registers torch.ops.fastattn_C)
 
 OP = torch.ops.fastattn_C
 
@@ -54,7 +53,7 @@ def check(q, k, v, do, causal):
     mine = (o, *fa_fwd_bwd(q, k, v, do, causal))
     so = sdpa_fwd(q, k, v, causal)
     theirs = (so, *sdpa_fwd_bwd(q, k, v, do, causal))
-    for name, a, b, r in zip(("out", "dq", "dk", "dv"), mine, theirs, refs):
+    for name, a, b, r in zip(("out", "dq", "dk", "dv"), mine, theirs, refs, strict=True):
         ea, eb = (a.double() - r).abs().max().item(), (b.double() - r).abs().max().item()
         ok = ea <= 2 * eb + 1e-5
         print(f"  check {name}: fastattn err {ea:.2e}  sdpa err {eb:.2e}  {'ok' if ok else 'FAIL'}")
@@ -90,16 +89,23 @@ def main():
         print("correctness vs float64 SDPA (B=2, H=3, T=300):")
         check(q, k, v, do, causal)
     print(f"float32 B={B} H={H} D={D} causal={causal} threads=2, median of {args.reps}")
-    print(f"{'T':>6} {'pass':>8} {'fastattn ms':>12} {'sdpa ms':>10} {'fa GF/s':>8} "
-          f"{'sdpa GF/s':>9} {'speed-up':>8}")
+    print(
+        f"{'T':>6} {'pass':>8} {'fastattn ms':>12} {'sdpa ms':>10} {'fa GF/s':>8} "
+        f"{'sdpa GF/s':>9} {'speed-up':>8}"
+    )
     ratios = {"fwd": [], "fwd+bwd": []}
     for T in args.T:
         q, k, v, do = (torch.randn(B, H, T, D) for _ in range(4))
         flop = 4 * B * H * T * T * D / (2 if causal else 1)
+        args4 = (q, k, v, do, causal)
         for name, mult, fa, sd in (
-            ("fwd", 1.0, lambda: fa_fwd(q, k, v, causal), lambda: sdpa_fwd(q, k, v, causal)),
-            ("fwd+bwd", 3.5, lambda: fa_fwd_bwd(q, k, v, do, causal),
-             lambda: sdpa_fwd_bwd(q, k, v, do, causal)),
+            (
+                "fwd",
+                1.0,
+                lambda a=args4: fa_fwd(*a[:3], a[4]),
+                lambda a=args4: sdpa_fwd(*a[:3], a[4]),
+            ),
+            ("fwd+bwd", 3.5, lambda a=args4: fa_fwd_bwd(*a), lambda a=args4: sdpa_fwd_bwd(*a)),
         ):
             # Interleave the two so machine noise hits both alike.
             ta, tb = [], []
@@ -108,8 +114,10 @@ def main():
                 tb.append(median_time(sd, 1))
             ta, tb = statistics.median(ta), statistics.median(tb)
             ratios[name].append(tb / ta)
-            print(f"{T:>6} {name:>8} {ta * 1e3:>12.2f} {tb * 1e3:>10.2f} "
-                  f"{flop * mult / ta / 1e9:>8.1f} {flop * mult / tb / 1e9:>9.1f} {tb / ta:>7.2f}x")
+            print(
+                f"{T:>6} {name:>8} {ta * 1e3:>12.2f} {tb * 1e3:>10.2f} "
+                f"{flop * mult / ta / 1e9:>8.1f} {flop * mult / tb / 1e9:>9.1f} {tb / ta:>7.2f}x"
+            )
     for name, r in ratios.items():
         gm = math.exp(sum(math.log(x) for x in r) / len(r))
         print(f"geomean speed-up {name}: {gm:.2f}x  (min {min(r):.2f}x)")

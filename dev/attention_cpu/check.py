@@ -17,10 +17,9 @@ import itertools
 import math
 import resource
 
+import fastattn._C  # noqa: F401
 import numpy as np
 import torch
-
-import fastattn._C  # noqa: F401
 
 OP = torch.ops.fastattn_C
 FLOOR = {torch.float32: 2e-6, torch.bfloat16: 2e-3, torch.float64: 1e-12}
@@ -53,8 +52,12 @@ def philox_kat():
 
 def keep_mask(B, Hq, Tq, Tk, p, seed, offset):
     """[B, Hq, Tq, Tk] bool: True where the element is kept."""
-    b, h, i, j = np.meshgrid(np.arange(B), np.arange(Hq), np.arange(Tq), np.arange(Tk), indexing="ij")
-    w = philox_c0(j, i, b * Hq + h, offset & 0xFFFFFFFF, seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF)
+    b, h, i, j = np.meshgrid(
+        np.arange(B), np.arange(Hq), np.arange(Tq), np.arange(Tk), indexing="ij"
+    )
+    w = philox_c0(
+        j, i, b * Hq + h, offset & 0xFFFFFFFF, seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF
+    )
     u = (w >> np.uint64(8)).astype(np.float32) * np.float32(2.0**-24)
     return torch.from_numpy(u >= np.float32(p))
 
@@ -103,8 +106,22 @@ def err(a, r):
 NAMES = ("out", "lse", "dq", "dk", "dv")
 
 
-def check_case(B, Hq, Hkv, Tq, Tk, D, causal, dtype, kpm=None, p=0.0, seed=0, offset=0,
-               layout="contig", verbose=False):
+def check_case(
+    B,
+    Hq,
+    Hkv,
+    Tq,
+    Tk,
+    D,
+    causal,
+    dtype,
+    kpm=None,
+    p=0.0,
+    seed=0,
+    offset=0,
+    layout="contig",
+    verbose=False,
+):
     scale = 1.0 / math.sqrt(D) * 1.3
     if layout == "qkv":  # views of a [B, T, 3, H, D] tensor
         assert Tq == Tk and Hq == Hkv
@@ -134,7 +151,7 @@ def check_case(B, Hq, Hkv, Tq, Tk, D, causal, dtype, kpm=None, p=0.0, seed=0, of
     assert dq.dtype == dk.dtype == dv.dtype == dtype
     mine = (o, lse, dq, dk, dv)
     bad = []
-    for n, a, r, i in zip(NAMES, mine, ref, range(5)):
+    for n, a, r, i in zip(NAMES, mine, ref, range(5), strict=True):
         e = err(a, r)
         eb = err(base[i], r) if base is not None else 0.0
         fin = r[torch.isfinite(r)]
@@ -144,11 +161,33 @@ def check_case(B, Hq, Hkv, Tq, Tk, D, causal, dtype, kpm=None, p=0.0, seed=0, of
             bad.append(f"{n}: err {e:.3e} > tol {tol:.3e} (torch {dtype} err {eb:.3e})")
         if verbose:
             print(f"    {n}: err {e:.2e} torch-{dtype} err {eb:.2e}")
-    desc = (f"B={B} Hq={Hq} Hkv={Hkv} Tq={Tq} Tk={Tk} D={D} causal={causal} {dtype} "
-            f"mask={kpm is not None} p={p} layout={layout}")
+    desc = (
+        f"B={B} Hq={Hq} Hkv={Hkv} Tq={Tq} Tk={Tk} D={D} causal={causal} {dtype} "
+        f"mask={kpm is not None} p={p} layout={layout}"
+    )
     if bad:
         raise AssertionError(desc + ": " + "; ".join(bad))
     return mine
+
+
+def kernel_function(causal, scale):
+    """The two kernel ops as one autograd.Function (for gradcheck of the float64 path)."""
+
+    class Attn(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, q, k, v):
+            o, lse = OP.attention_fwd(q, k, v, None, causal, scale, 0.0, 0, 0)
+            ctx.save_for_backward(q, k, v, o, lse)
+            return o
+
+        @staticmethod
+        def backward(ctx, do):
+            q, k, v, o, lse = ctx.saved_tensors
+            return OP.attention_bwd(
+                do.contiguous(), q, k, v, o, lse, None, causal, scale, 0.0, 0, 0
+            )
+
+    return Attn
 
 
 def padding_mask(B, Tk, gen):
@@ -168,8 +207,18 @@ def main():
     n = 0
     heads = [(1, 1), (4, 4), (8, 2), (8, 1)]
     Ds = [16, 40, 64, 80, 128, 256]
-    pairs = [(1, 1), (17, 17), (113, 113), (256, 256), (17, 113), (113, 17), (1, 256), (256, 1),
-             (64, 200), (200, 64)]
+    pairs = [
+        (1, 1),
+        (17, 17),
+        (113, 113),
+        (256, 256),
+        (17, 113),
+        (113, 17),
+        (1, 256),
+        (256, 1),
+        (64, 200),
+        (200, 64),
+    ]
     # float32: every D x (Tq, Tk) x causal, head layouts and masks rotating through the cases.
     for ci, (D, (Tq, Tk), causal) in enumerate(itertools.product(Ds, pairs, (False, True))):
         if args.quick and ci % 4:
@@ -192,7 +241,9 @@ def main():
     print("head layouts x causal x padding mask (fully padded row -> 0 / +inf / 0 grads): ok")
 
     # bfloat16.
-    for ci, (D, (Tq, Tk), causal) in enumerate(itertools.product((16, 64, 80, 256), pairs[:6], (False, True))):
+    for ci, (D, (Tq, Tk), causal) in enumerate(
+        itertools.product((16, 64, 80, 256), pairs[:6], (False, True))
+    ):
         if args.quick and ci % 3:
             continue
         Hq, Hkv = heads[ci % len(heads)]
@@ -205,21 +256,10 @@ def main():
     for causal in (False, True):
         check_case(2, 4, 2, 37, 53, 24, causal, torch.float64, kpm=padding_mask(2, 53, gen))
         check_case(2, 4, 1, 53, 37, 24, causal, torch.float64, p=0.2, seed=7, offset=3)
-        q, k, v = (torch.randn(1, 2, 9, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
-
-        class F(torch.autograd.Function):
-            @staticmethod
-            def forward(ctx, q, k, v):
-                o, lse = OP.attention_fwd(q, k, v, None, causal, 0.4, 0.0, 0, 0)
-                ctx.save_for_backward(q, k, v, o, lse)
-                return o
-
-            @staticmethod
-            def backward(ctx, do):
-                q, k, v, o, lse = ctx.saved_tensors
-                return OP.attention_bwd(do.contiguous(), q, k, v, o, lse, None, causal, 0.4, 0.0, 0, 0)
-
-        assert torch.autograd.gradcheck(F.apply, (q, k, v))
+        q, k, v = (
+            torch.randn(1, 2, 9, 8, dtype=torch.float64, requires_grad=True) for _ in range(3)
+        )
+        assert torch.autograd.gradcheck(kernel_function(causal, 0.4).apply, (q, k, v))
     print("float64 path (incl. gradcheck): ok")
 
     # Non-contiguous inputs.
@@ -234,7 +274,9 @@ def main():
         (0.1, 0.5), (False, True), ((4, 2), (2, 2)), (torch.float32, torch.bfloat16)
     ):
         kpm = padding_mask(2, 150, gen)
-        check_case(2, Hq, Hkv, 131, 150, 64, causal, dtype, kpm=kpm, p=p, seed=0x1234_5678_9ABC, offset=17)
+        check_case(
+            2, Hq, Hkv, 131, 150, 64, causal, dtype, kpm=kpm, p=p, seed=0x1234_5678_9ABC, offset=17
+        )
     for p in (0.1, 0.3, 0.7):
         T = 256
         # q = k = 0: uniform P = 1/T, so every kept element of out is 1/(T(1-p)) != 0.
@@ -254,7 +296,7 @@ def main():
         g1 = OP.attention_bwd(do, q, k, v, r1[0], r1[1], None, True, 0.125, 0.1, 3, 4)
         r2 = OP.attention_fwd(q, k, v, None, True, 0.125, 0.1, 3, 4)
         g2 = OP.attention_bwd(do, q, k, v, r2[0], r2[1], None, True, 0.125, 0.1, 3, 4)
-        assert all(torch.equal(a, b) for a, b in zip(r1 + g1, r2 + g2))
+        assert all(torch.equal(a, b) for a, b in zip(r1 + g1, r2 + g2, strict=True))
     print("determinism: ok")
 
     # Validation errors.
@@ -263,13 +305,44 @@ def main():
     bad = [
         (lambda: OP.attention_fwd(q[0], k, k, None, False, 1.0, 0.0, 0, 0), "4-D"),
         (lambda: OP.attention_fwd(q, k.double(), k, None, False, 1.0, 0.0, 0, 0), "same dtype"),
-        (lambda: OP.attention_fwd(q, torch.randn(1, 3, 8, 16), torch.randn(1, 3, 8, 16), None, False, 1.0, 0.0, 0, 0), "multiple"),
-        (lambda: OP.attention_fwd(torch.randn(1, 1, 4, 300), torch.randn(1, 1, 4, 300), torch.randn(1, 1, 4, 300), None, False, 1.0, 0.0, 0, 0), "head dim"),
+        (
+            lambda: OP.attention_fwd(
+                q, torch.randn(1, 3, 8, 16), torch.randn(1, 3, 8, 16), None, False, 1.0, 0.0, 0, 0
+            ),
+            "multiple",
+        ),
+        (
+            lambda: OP.attention_fwd(
+                torch.randn(1, 1, 4, 300),
+                torch.randn(1, 1, 4, 300),
+                torch.randn(1, 1, 4, 300),
+                None,
+                False,
+                1.0,
+                0.0,
+                0,
+                0,
+            ),
+            "head dim",
+        ),
         (lambda: OP.attention_fwd(q, k, k, torch.zeros(1, 8), False, 1.0, 0.0, 0, 0), "bool"),
-        (lambda: OP.attention_fwd(q, k, k, torch.zeros(1, 7, dtype=torch.bool), False, 1.0, 0.0, 0, 0), "shape"),
+        (
+            lambda: OP.attention_fwd(
+                q, k, k, torch.zeros(1, 7, dtype=torch.bool), False, 1.0, 0.0, 0, 0
+            ),
+            "shape",
+        ),
         (lambda: OP.attention_fwd(q, k, k, None, False, 1.0, 1.0, 0, 0), "dropout_p"),
-        (lambda: OP.attention_fwd(q.half(), k.half(), k.half(), None, False, 1.0, 0.0, 0, 0), "float32"),
-        (lambda: OP.attention_bwd(q, q, k, k, q, torch.zeros(1, 4, 7), None, False, 1.0, 0.0, 0, 0), "lse"),
+        (
+            lambda: OP.attention_fwd(q.half(), k.half(), k.half(), None, False, 1.0, 0.0, 0, 0),
+            "float32",
+        ),
+        (
+            lambda: OP.attention_bwd(
+                q, q, k, k, q, torch.zeros(1, 4, 7), None, False, 1.0, 0.0, 0, 0
+            ),
+            "lse",
+        ),
     ]
     for fn, word in bad:
         try:

@@ -1,21 +1,845 @@
-// Placeholder: the flash-attention CPU kernel lands here (issue 3).
+// Softmax attention on the CPU, FlashAttention-2 style: forward and backward.
+//
+// Maths, per (batch b, query head h, kv head g = h / (Hq / Hkv)), with scale c:
+//   s_ij = c * q_i . k_j, masked to -inf where key j is padding or (causal) j > i + Tk - Tq
+//   lse_i = log sum_j exp(s_ij),  p_ij = exp(s_ij - lse_i),  out_i = sum_j d_ij p_ij v_j
+// where d_ij = keep_ij / (1 - dropout_p) (1 without dropout; keep from Philox4x32-10, below).
+// A row that sees no key has out = 0 and lse = +inf. Backward, with dO = dout:
+//   dV_j = sum_i d_ij p_ij dO_i,  dP_ij = d_ij (dO_i . v_j),  Delta_i = dO_i . out_i
+//   dS_ij = p_ij (dP_ij - Delta_i),  dQ_i = c sum_j dS_ij k_j,  dK_j = c sum_i dS_ij q_i
+// (dK, dV summed over the query heads that share the kv head).
+//
+// Algorithm (FlashAttention-2): the forward walks key blocks of kBK keys for one block of kBQ
+// queries at a time, keeping the running row max m, row sum l and the unnormalised output in
+// a per-thread tile (online softmax), so memory is linear in T; lse is saved for the backward,
+// which recomputes p per tile from lse (no Tq x Tk matrix anywhere).
+// - Scores are computed in the log2 domain: Q is packed pre-multiplied by c * log2(e), so
+//   p = exp2(s - m) and one FMA-polynomial exp2 (AVX-512 scalef) serves the whole row.
+// - Every product is one register-tiled micro-kernel, C[M,N] (+)= A[M,K] B[K,N] with A read
+//   through two strides (so A^T costs nothing) and B row-major with N a multiple of the vector
+//   width: kMR rows x kNV vectors of accumulators (4 x 4 = 16 zmm on AVX-512, one broadcast of A
+//   and kNV loads of B per 4*kNV FMAs). Operands are packed into zero-padded float tiles:
+//   K^T per key block ([D, kBK], so q.K^T streams contiguously), V and K row-major [Tk, Dp]
+//   (Dp = D rounded up to the vector width); padding columns and rows are zero, so tail tiles
+//   run the same full-vector code.
+// - The packing happens per thread, once per (b, kv head) it works on, into a buffer that stays
+//   in L2 (Tk * Dp floats per operand), not in a global pass over memory.
+// - Causal: key blocks past the diagonal are never visited, the last visited block is cut at a
+//   16-column boundary, and only tiles crossing the diagonal (or the Tk tail) are masked per
+//   element. A key-padding mask is a per-batch additive 0 / -inf row.
+// - Forward parallelism: items (b, h, query block) in that order, cut into one contiguous range
+//   per thread with equal total cost (cost = key blocks visited), which balances causal work.
+// - Backward parallelism: items (b, kv head, split), each owning its dK / dV accumulators
+//   (per thread, in L2) while iterating over the (query head, query block) pairs of its split;
+//   for each pair it builds dQ over the key blocks and writes it directly (each pair is in
+//   exactly one item). When B * Hkv is too small to occupy the threads, a group's pairs are cut
+//   into `splits` parts of equal cost whose dK / dV partials are summed in split order at the
+//   end. No atomics; the result depends only on the thread count. One kernel does all five
+//   products per tile (S, dP, dV, dK, dQ), the minimum: 2.5x the forward's FLOPs.
+// - Dropout: counter-based Philox4x32-10, keyed by (seed) and counted by (j, i, b*Hq + h,
+//   offset), identical to the Triton and CUDA backends; regenerated in the backward.
+// - bfloat16 is packed to float on the fly (float accumulation everywhere); float64 takes a
+//   plain scalar path (gradcheck only). lse is float32 (float64 for float64 inputs).
+//
+// Block sizes, measured on AVX-512 (Zen, 2 threads, float32, B=4, H=12, D=64, causal,
+// T = 512..2048; dev/attention_cpu/tune.py): kBQ = 64 query rows x kBK = 128 keys. kBK = 128
+// beat 64 by 3-8% at T >= 1024 (half the per-row horizontal max/sum and rescale work per key)
+// and tied at 512; kBQ = 128 was 2-5% slower than 64 (more causal waste on diagonal tiles, fewer
+// items to balance); a 6 x 4 micro-kernel was no faster than 4 x 4. The score tile (32 KB) and
+// the Q / O tiles (16 KB each at D = 64) stay in L1/L2.
+//
+// Test: python dev/attention_cpu/check.py.  Time: python dev/attention_cpu/bench.py.
 #include "cpu/kernels.h"
+#include "cpu/vec.h"
+
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#if defined(CPU_CAPABILITY_AVX512)
+#include <immintrin.h>
+#endif
 
 namespace fastattn {
 namespace cpu {
+namespace {
 
-std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor&, const at::Tensor&,
-                                                 const at::Tensor&,
-                                                 const std::optional<at::Tensor>&, bool, double,
-                                                 double, int64_t, int64_t) {
-  TORCH_CHECK(false, "fastattn: the cpu attention kernel is not built yet");
+constexpr int64_t kBQ = 64;  // query rows per block
+constexpr int64_t kBK = 128;  // keys per block (a multiple of 16)
+constexpr int kMR = 4;       // micro-kernel rows
+constexpr int kNV = 4;       // micro-kernel vectors per row
+constexpr int64_t kMaxHeadDim = 256;
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+constexpr float kPosInf = std::numeric_limits<float>::infinity();
+
+inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+inline int64_t ceil_div(int64_t x, int64_t m) { return (x + m - 1) / m; }
+
+// ------------------------------------------------------------------ micro-kernel and GEMM
+// C[MR, NV*V] (+)= sum_k A(r, k) * B[k, :], A(r, k) = A[r * sr + k * sk].
+template <int MR, int NV, bool ACC>
+inline void micro(const float* __restrict A, int64_t sr, int64_t sk, const float* __restrict B,
+                  int64_t ldb, float* __restrict C, int64_t ldc, int64_t K) {
+  constexpr int64_t V = kVecSize;
+  Vec c[MR][NV];
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) c[r][v] = ACC ? Vec::loadu(C + r * ldc + v * V) : Vec(0.f);
+  for (int64_t k = 0; k < K; ++k) {
+    const float* b = B + k * ldb;
+    Vec bv[NV];
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) bv[v] = Vec::loadu(b + v * V);
+    const float* a = A + k * sk;
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+      const Vec av(a[r * sr]);
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) c[r][v] = at::vec::fmadd(av, bv[v], c[r][v]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) c[r][v].store(C + r * ldc + v * V);
+}
+
+template <int NV, bool ACC, int R>
+inline void micro_tail_rows(int64_t rem, const float* A, int64_t sr, int64_t sk, const float* B,
+                            int64_t ldb, float* C, int64_t ldc, int64_t K) {
+  if constexpr (R > 0) {
+    if (rem == R) {
+      micro<R, NV, ACC>(A, sr, sk, B, ldb, C, ldc, K);
+    } else {
+      micro_tail_rows<NV, ACC, R - 1>(rem, A, sr, sk, B, ldb, C, ldc, K);
+    }
+  }
+}
+
+template <int NV, bool ACC>
+inline void gemm_cols(int64_t M, const float* A, int64_t sr, int64_t sk, const float* B,
+                      int64_t ldb, float* C, int64_t ldc, int64_t K) {
+  int64_t m = 0;
+  for (; m + kMR <= M; m += kMR) micro<kMR, NV, ACC>(A + m * sr, sr, sk, B, ldb, C + m * ldc, ldc, K);
+  if (m < M) micro_tail_rows<NV, ACC, kMR - 1>(M - m, A + m * sr, sr, sk, B, ldb, C + m * ldc, ldc, K);
+}
+
+template <bool ACC, int NV>
+inline void gemm_tail_cols(int64_t nv, int64_t M, const float* A, int64_t sr, int64_t sk,
+                           const float* B, int64_t ldb, float* C, int64_t ldc, int64_t K) {
+  if constexpr (NV > 0) {
+    if (nv == NV) {
+      gemm_cols<NV, ACC>(M, A, sr, sk, B, ldb, C, ldc, K);
+    } else {
+      gemm_tail_cols<ACC, NV - 1>(nv, M, A, sr, sk, B, ldb, C, ldc, K);
+    }
+  }
+}
+
+// C[M, N] (+)= A[M, K] B[K, N]; N a multiple of the vector width.
+template <bool ACC>
+void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t sr, int64_t sk, const float* B,
+          int64_t ldb, float* C, int64_t ldc) {
+  constexpr int64_t W = kNV * kVecSize;
+  int64_t n = 0;
+  for (; n + W <= N; n += W) gemm_cols<kNV, ACC>(M, A, sr, sk, B + n, ldb, C + n, ldc, K);
+  if (n < N) gemm_tail_cols<ACC, kNV - 1>((N - n) / kVecSize, M, A, sr, sk, B + n, ldb, C + n, ldc, K);
+}
+
+// ------------------------------------------------------------------ exp2 and reductions
+// 2^x for x <= 0 (and -inf -> exactly 0): x = n + f, |f| <= 1/2, 2^f by a degree-6 Taylor
+// polynomial (relative error < 2e-7), 2^n by scalef (exact, underflows to 0).
+inline Vec exp2v(const Vec& xin) {
+#if defined(CPU_CAPABILITY_AVX512)
+  __m512 x = _mm512_max_ps(xin, _mm512_set1_ps(-200.f));
+  __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 f = _mm512_sub_ps(x, n);
+  __m512 p = _mm512_set1_ps(1.5403530393381606e-4f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558146428443e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.618129107628477e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550410866482158e-2f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.2402265069591007f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.6931471805599453f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+  return Vec(_mm512_scalef_ps(p, n));
+#else
+  return xin.exp2();
+#endif
+}
+
+inline float hsum(const Vec& v) {
+  return at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, v);
+}
+inline float hmax(const Vec& v) {
+  return at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, v);
+}
+
+// ------------------------------------------------------------------ Philox dropout
+// Philox4x32-10 with key (k0, k1) and counter (c0, c1, c2, c3); returns the first output word.
+inline uint32_t mulhi32(uint32_t a, uint32_t b) {
+  return static_cast<uint32_t>((static_cast<uint64_t>(a) * b) >> 32);
+}
+inline uint32_t philox_c0(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, uint32_t k0,
+                          uint32_t k1) {
+  for (int r = 0; r < 10; ++r) {
+    const uint32_t a0 = c0, a2 = c2;
+    c0 = mulhi32(0xCD9E8D57u, a2) ^ c1 ^ k0;
+    c2 = mulhi32(0xD2511F53u, a0) ^ c3 ^ k1;
+    c1 = 0xCD9E8D57u * a2;
+    c3 = 0xD2511F53u * a0;
+    k0 += 0x9E3779B9u;
+    k1 += 0xBB67AE85u;
+  }
+  return c0;
+}
+inline float philox_uniform(uint32_t w) { return static_cast<float>(w >> 8) * (1.0f / 16777216.0f); }
+
+struct Dropout {
+  bool on = false;
+  float p = 0.f, inv_keep = 1.f;
+  double p64 = 0.0;
+  uint32_t k0 = 0, k1 = 0, c3 = 0;
+  Dropout(double dropout_p, int64_t seed, int64_t offset) {
+    on = dropout_p > 0;
+    p = static_cast<float>(dropout_p);
+    p64 = dropout_p;
+    inv_keep = static_cast<float>(1.0 / (1.0 - dropout_p));
+    const uint64_t s = static_cast<uint64_t>(seed);
+    k0 = static_cast<uint32_t>(s & 0xFFFFFFFFu);
+    k1 = static_cast<uint32_t>((s >> 32) & 0xFFFFFFFFu);
+    c3 = static_cast<uint32_t>(static_cast<uint64_t>(offset) & 0xFFFFFFFFu);
+  }
+  bool keep(uint32_t j, uint32_t i, uint32_t bh) const {
+    return philox_uniform(philox_c0(j, i, bh, c3, k0, k1)) >= p;
+  }
+};
+
+#if defined(CPU_CAPABILITY_AVX512)
+inline __m512i mulhi_epu32(__m512i a, __m512i b) {
+  const __m512i ev = _mm512_mul_epu32(a, b);
+  const __m512i od = _mm512_mul_epu32(_mm512_srli_epi64(a, 32), _mm512_srli_epi64(b, 32));
+  return _mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(ev, 32), od);
+}
+// Keep bits of the 16 elements (j0 .. j0 + 15, i) of row bh.
+inline __mmask16 keep16(const Dropout& dr, uint32_t j0, uint32_t i, uint32_t bh) {
+  __m512i c0 = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(j0)),
+                                _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+  __m512i c1 = _mm512_set1_epi32(static_cast<int>(i));
+  __m512i c2 = _mm512_set1_epi32(static_cast<int>(bh));
+  __m512i c3 = _mm512_set1_epi32(static_cast<int>(dr.c3));
+  __m512i k0 = _mm512_set1_epi32(static_cast<int>(dr.k0));
+  __m512i k1 = _mm512_set1_epi32(static_cast<int>(dr.k1));
+  const __m512i ma = _mm512_set1_epi32(static_cast<int>(0xD2511F53u));
+  const __m512i mb = _mm512_set1_epi32(static_cast<int>(0xCD9E8D57u));
+  const __m512i w0 = _mm512_set1_epi32(static_cast<int>(0x9E3779B9u));
+  const __m512i w1 = _mm512_set1_epi32(static_cast<int>(0xBB67AE85u));
+  for (int r = 0; r < 10; ++r) {
+    const __m512i a0 = c0, a2 = c2;
+    c0 = _mm512_xor_si512(_mm512_xor_si512(mulhi_epu32(mb, a2), c1), k0);
+    c2 = _mm512_xor_si512(_mm512_xor_si512(mulhi_epu32(ma, a0), c3), k1);
+    c1 = _mm512_mullo_epi32(mb, a2);
+    c3 = _mm512_mullo_epi32(ma, a0);
+    k0 = _mm512_add_epi32(k0, w0);
+    k1 = _mm512_add_epi32(k1, w1);
+  }
+  const __m512 u = _mm512_mul_ps(_mm512_cvtepu32_ps(_mm512_srli_epi32(c0, 8)),
+                                 _mm512_set1_ps(1.0f / 16777216.0f));
+  return _mm512_cmp_ps_mask(u, _mm512_set1_ps(dr.p), _CMP_GE_OQ);
+}
+#endif
+
+// x[jj] *= keep(j0 + jj, i) / (1 - p) for jj < n (n a multiple of the vector width); the same
+// for y when given. dst may alias x.
+inline void dropout_row(const Dropout& dr, int64_t j0, int64_t i, int64_t bh, const float* x,
+                        float* xd, float* y, int64_t n) {
+#if defined(CPU_CAPABILITY_AVX512)
+  const __m512 s = _mm512_set1_ps(dr.inv_keep);
+  for (int64_t jj = 0; jj < n; jj += 16) {
+    const __mmask16 m = keep16(dr, static_cast<uint32_t>(j0 + jj), static_cast<uint32_t>(i),
+                               static_cast<uint32_t>(bh));
+    _mm512_storeu_ps(xd + jj, _mm512_maskz_mul_ps(m, _mm512_loadu_ps(x + jj), s));
+    if (y != nullptr) _mm512_storeu_ps(y + jj, _mm512_maskz_mul_ps(m, _mm512_loadu_ps(y + jj), s));
+  }
+#else
+  for (int64_t jj = 0; jj < n; ++jj) {
+    const bool k = dr.keep(static_cast<uint32_t>(j0 + jj), static_cast<uint32_t>(i),
+                           static_cast<uint32_t>(bh));
+    xd[jj] = k ? x[jj] * dr.inv_keep : 0.f;
+    if (y != nullptr) y[jj] = k ? y[jj] * dr.inv_keep : 0.f;
+  }
+#endif
+}
+
+// ------------------------------------------------------------------ shapes and packing
+struct Geom {
+  int64_t B, Hq, Hkv, G, Tq, Tk, D, Dp, off, nQB, nKB, Tkp;
+  bool causal;
+  // Keys visible to the query block starting at i0 with `rows` rows (a prefix [0, kend)).
+  int64_t kend(int64_t i0, int64_t rows) const {
+    return causal ? std::max<int64_t>(0, std::min<int64_t>(Tk, i0 + rows + off)) : Tk;
+  }
+  int64_t rows_of(int64_t qb) const { return std::min<int64_t>(kBQ, Tq - qb * kBQ); }
+  int64_t cost(int64_t qb) const { return ceil_div(kend(qb * kBQ, rows_of(qb)), kBK) + 1; }
+};
+
+struct Strides {
+  int64_t b, h, t;
+  explicit Strides(const at::Tensor& x) : b(x.stride(0)), h(x.stride(1)), t(x.stride(2)) {}
+};
+
+// KT[kb][d][jj] = k[kb*kBK + jj][d] (zero beyond Tk); optional row-major Kp[Tkp][Dp] too.
+template <typename T>
+void pack_kt(const T* k, int64_t st, const Geom& g, float* kt, float* kp) {
+  std::memset(kt, 0, sizeof(float) * g.Tkp * g.D);
+  for (int64_t j = 0; j < g.Tk; ++j) {
+    const T* row = k + j * st;
+    float* dst = kt + (j / kBK) * g.D * kBK + (j % kBK);
+    for (int64_t d = 0; d < g.D; ++d) dst[d * kBK] = static_cast<float>(row[d]);
+  }
+  if (kp != nullptr) {
+    for (int64_t j = 0; j < g.Tkp; ++j) {
+      float* dst = kp + j * g.Dp;
+      int64_t d = 0;
+      if (j < g.Tk)
+        for (; d < g.D; ++d) dst[d] = static_cast<float>(k[j * st + d]);
+      for (; d < g.Dp; ++d) dst[d] = 0.f;
+    }
+  }
+}
+
+// dst[r][0:Dp] = src rows * mul, zero padded; `rows` rows of stride st.
+template <typename T>
+void pack_rows(const T* src, int64_t st, int64_t rows, int64_t D, int64_t Dp, float mul, float* dst) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* s = src + r * st;
+    float* o = dst + r * Dp;
+    int64_t d = 0;
+    for (; d < D; ++d) o[d] = static_cast<float>(s[d]) * mul;
+    for (; d < Dp; ++d) o[d] = 0.f;
+  }
+}
+
+// Cut items [0, n) with the given costs into `parts` contiguous ranges of near-equal cost.
+template <typename CostFn>
+std::vector<int64_t> balanced_bounds(int64_t n, int64_t parts, CostFn cost) {
+  std::vector<int64_t> prefix(n + 1, 0);
+  for (int64_t i = 0; i < n; ++i) prefix[i + 1] = prefix[i] + cost(i);
+  std::vector<int64_t> bounds(parts + 1, n);
+  bounds[0] = 0;
+  int64_t it = 0;
+  for (int64_t p = 1; p < parts; ++p) {
+    const int64_t target = prefix[n] * p / parts;
+    while (it < n && prefix[it] < target) ++it;
+    bounds[p] = it;
+  }
+  return bounds;
+}
+
+// Masks one score row in place: -inf from column `lim` on (causal / Tk tail), plus the
+// additive key-padding row (0 / -inf) when given. s holds n columns starting at key j0.
+inline void mask_row(float* s, int64_t n, int64_t lim, const float* bias) {
+  if (bias != nullptr)
+    for (int64_t jj = 0; jj < n; jj += kVecSize) (Vec::loadu(s + jj) + Vec::loadu(bias + jj)).store(s + jj);
+  for (int64_t jj = std::max<int64_t>(0, lim); jj < n; ++jj) s[jj] = kNegInf;
+}
+
+// ------------------------------------------------------------------ forward, float/bfloat16
+template <typename T>
+void fwd_vec(const Geom& g, const T* q, Strides qs, const T* k, Strides ks, const T* v, Strides vs,
+             const float* bias, float scale, const Dropout& dr, T* out, float* lse) {
+  const int64_t items = g.B * g.Hq * g.nQB;
+  const int64_t nt = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), items));
+  const auto bounds = balanced_bounds(items, nt, [&](int64_t it) { return g.cost(it % g.nQB); });
+  const float qmul = scale * kLog2e;
+  const int64_t D = g.D, Dp = g.Dp;
+  at::parallel_for(0, nt, 1, [&](int64_t tb, int64_t te) {
+    at::Tensor scratch = at::empty({2 * g.Tkp * Dp + 2 * kBQ * Dp + kBQ * kBK + 2 * kBQ}, at::kFloat);
+    float* kt = scratch.data_ptr<float>();
+    float* vp = kt + g.Tkp * Dp;
+    float* qp = vp + g.Tkp * Dp;
+    float* o = qp + kBQ * Dp;
+    float* s = o + kBQ * Dp;
+    float* mrow = s + kBQ * kBK;
+    float* lrow = mrow + kBQ;
+    int64_t packed = -1;
+    for (int64_t t = tb; t < te; ++t) {
+      for (int64_t it = bounds[t]; it < bounds[t + 1]; ++it) {
+        const int64_t qb = it % g.nQB, h = (it / g.nQB) % g.Hq, b = it / (g.nQB * g.Hq);
+        const int64_t kvh = h / g.G, bh = b * g.Hq + h;
+        if (packed != b * g.Hkv + kvh) {
+          packed = b * g.Hkv + kvh;
+          pack_kt<T>(k + b * ks.b + kvh * ks.h, ks.t, g, kt, nullptr);
+          pack_rows<T>(v + b * vs.b + kvh * vs.h, vs.t, g.Tk, D, Dp, 1.f, vp);
+          std::memset(vp + g.Tk * Dp, 0, sizeof(float) * (g.Tkp - g.Tk) * Dp);
+        }
+        const int64_t i0 = qb * kBQ, rows = g.rows_of(qb);
+        pack_rows<T>(q + b * qs.b + h * qs.h + i0 * qs.t, qs.t, rows, D, Dp, qmul, qp);
+        std::memset(o, 0, sizeof(float) * rows * Dp);
+        for (int64_t r = 0; r < rows; ++r) {
+          mrow[r] = kNegInf;
+          lrow[r] = 0.f;
+        }
+        const int64_t kend = g.kend(i0, rows);
+        const float* brow = bias != nullptr ? bias + b * g.Tkp : nullptr;
+        for (int64_t j0 = 0; j0 < kend; j0 += kBK) {
+          const int64_t n = round_up(std::min<int64_t>(kBK, kend - j0), kVecSize);
+          gemm<false>(rows, n, D, qp, Dp, 1, kt + j0 * D, kBK, s, kBK);
+          const bool edge = j0 + n > g.Tk || (g.causal && j0 + n - 1 > i0 + g.off);
+          for (int64_t r = 0; r < rows; ++r) {
+            float* sr = s + r * kBK;
+            if (edge || brow != nullptr) {
+              const int64_t lim =
+                  (g.causal ? std::min<int64_t>(g.Tk, i0 + r + g.off + 1) : g.Tk) - j0;
+              mask_row(sr, n, lim, brow != nullptr ? brow + j0 : nullptr);
+            }
+            Vec mx(kNegInf);
+            for (int64_t jj = 0; jj < n; jj += kVecSize) mx = at::vec::maximum(mx, Vec::loadu(sr + jj));
+            const float m_new = std::max(mrow[r], hmax(mx));
+            const float m_safe = m_new == kNegInf ? 0.f : m_new;
+            const Vec vm(m_safe);
+            Vec sum(0.f);
+            for (int64_t jj = 0; jj < n; jj += kVecSize) {
+              const Vec p = exp2v(Vec::loadu(sr + jj) - vm);
+              sum = sum + p;
+              p.store(sr + jj);
+            }
+            const float alpha = std::exp2(mrow[r] - m_safe);
+            lrow[r] = lrow[r] * alpha + hsum(sum);
+            mrow[r] = m_new;
+            if (alpha != 1.f) {
+              float* orow = o + r * Dp;
+              const Vec va(alpha);
+              for (int64_t d = 0; d < Dp; d += kVecSize) (Vec::loadu(orow + d) * va).store(orow + d);
+            }
+            if (dr.on) dropout_row(dr, j0, i0 + r, bh, sr, sr, nullptr, n);
+          }
+          gemm<true>(rows, Dp, n, s, kBK, 1, vp + j0 * Dp, Dp, o, Dp);
+        }
+        T* orow_out = out + (bh * g.Tq + i0) * D;
+        float* lse_out = lse + bh * g.Tq + i0;
+        for (int64_t r = 0; r < rows; ++r) {
+          const float l = lrow[r];
+          const float inv = l > 0.f ? 1.f / l : 0.f;
+          for (int64_t d = 0; d < D; ++d) orow_out[r * D + d] = static_cast<T>(o[r * Dp + d] * inv);
+          lse_out[r] = l > 0.f ? (mrow[r] + std::log2(l)) * kLn2 : kPosInf;
+        }
+      }
+    }
+  });
+}
+
+// ------------------------------------------------------------------ backward, float/bfloat16
+template <typename T>
+void bwd_vec(const Geom& g, const T* dout, const T* q, Strides qs, const T* k, Strides ks,
+             const T* v, Strides vs, const T* out, const float* lse, const float* bias, float scale,
+             const Dropout& dr, T* dq, T* dk, T* dv) {
+  const int64_t D = g.D, Dp = g.Dp;
+  const int64_t groups = g.B * g.Hkv;
+  const int64_t pairs = g.G * g.nQB;  // (query head, query block) pairs per group
+  const int64_t threads = at::get_num_threads();
+  // Split a group's pairs only when the groups alone cannot keep every thread busy.
+  const int64_t splits =
+      groups >= 4 * threads ? 1 : std::max<int64_t>(1, std::min<int64_t>(pairs, ceil_div(4 * threads, groups)));
+  const auto pair_cost = [&](int64_t pr) { return g.cost(pr % g.nQB); };
+  const auto split_bounds = balanced_bounds(pairs, splits, pair_cost);
+  int64_t split_cost_max = 1;
+  std::vector<int64_t> split_cost(splits, 0);
+  for (int64_t sp = 0; sp < splits; ++sp) {
+    for (int64_t pr = split_bounds[sp]; pr < split_bounds[sp + 1]; ++pr) split_cost[sp] += pair_cost(pr);
+    split_cost_max = std::max(split_cost_max, split_cost[sp]);
+  }
+  const int64_t items = groups * splits;
+  const int64_t nt = std::max<int64_t>(1, std::min<int64_t>(threads, items));
+  const auto bounds = balanced_bounds(items, nt, [&](int64_t it) { return split_cost[it % splits] + 1; });
+  // Partials [splits][groups][Tkp][Dp] for dK and dV when a group is split.
+  at::Tensor partial = splits > 1 ? at::empty({2, splits, groups, g.Tkp, Dp}, at::kFloat) : at::Tensor();
+  const float qmul = scale * kLog2e;
+  const float dk_mul = 1.f / kLog2e;  // dS^T (Q * scale * log2e) / log2e = scale * dS^T Q
+  at::parallel_for(0, nt, 1, [&](int64_t tb, int64_t te) {
+    at::Tensor scratch = at::empty(
+        {5 * g.Tkp * Dp + 3 * kBQ * Dp + 3 * kBQ * kBK + 2 * kBQ}, at::kFloat);
+    float* kt = scratch.data_ptr<float>();  // [Tkp][D] as K^T blocks
+    float* kp = kt + g.Tkp * Dp;            // [Tkp][Dp]
+    float* vt = kp + g.Tkp * Dp;            // V^T blocks
+    float* dka = vt + g.Tkp * Dp;           // [Tkp][Dp] accumulators
+    float* dva = dka + g.Tkp * Dp;
+    float* qp = dva + g.Tkp * Dp;  // [kBQ][Dp]
+    float* dop = qp + kBQ * Dp;
+    float* dqa = dop + kBQ * Dp;
+    float* s = dqa + kBQ * Dp;  // [kBQ][kBK]: scores, then P
+    float* dp = s + kBQ * kBK;  // dP, then dS
+    float* pd = dp + kBQ * kBK;  // dropped P
+    float* delta = pd + kBQ * kBK;
+    float* lse2 = delta + kBQ;
+    for (int64_t t = tb; t < te; ++t) {
+      for (int64_t it = bounds[t]; it < bounds[t + 1]; ++it) {
+        const int64_t grp = it / splits, sp = it % splits;
+        const int64_t b = grp / g.Hkv, kvh = grp % g.Hkv;
+        pack_kt<T>(k + b * ks.b + kvh * ks.h, ks.t, g, kt, kp);
+        pack_kt<T>(v + b * vs.b + kvh * vs.h, vs.t, g, vt, nullptr);
+        std::memset(dka, 0, sizeof(float) * 2 * g.Tkp * Dp);
+        const float* brow = bias != nullptr ? bias + b * g.Tkp : nullptr;
+        for (int64_t pr = split_bounds[sp]; pr < split_bounds[sp + 1]; ++pr) {
+          const int64_t h = kvh * g.G + pr / g.nQB, qb = pr % g.nQB;
+          const int64_t bh = b * g.Hq + h;
+          const int64_t i0 = qb * kBQ, rows = g.rows_of(qb);
+          pack_rows<T>(q + b * qs.b + h * qs.h + i0 * qs.t, qs.t, rows, D, Dp, qmul, qp);
+          const T* dorow = dout + (bh * g.Tq + i0) * D;
+          const T* orow = out + (bh * g.Tq + i0) * D;
+          pack_rows<T>(dorow, D, rows, D, Dp, 1.f, dop);
+          for (int64_t r = 0; r < rows; ++r) {
+            float acc = 0.f;
+            // The same fused multiply-add chain as the dP micro-kernel, so dP - Delta is exact
+            // where the two agree mathematically (e.g. a single visible key).
+            for (int64_t d = 0; d < D; ++d) acc = std::fma(dop[r * Dp + d], static_cast<float>(orow[r * D + d]), acc);
+            delta[r] = acc;
+            lse2[r] = lse[bh * g.Tq + i0 + r] * kLog2e;
+          }
+          std::memset(dqa, 0, sizeof(float) * rows * Dp);
+          const int64_t kend = g.kend(i0, rows);
+          for (int64_t j0 = 0; j0 < kend; j0 += kBK) {
+            const int64_t n = round_up(std::min<int64_t>(kBK, kend - j0), kVecSize);
+            gemm<false>(rows, n, D, qp, Dp, 1, kt + j0 * D, kBK, s, kBK);
+            gemm<false>(rows, n, D, dop, Dp, 1, vt + j0 * D, kBK, dp, kBK);
+            const bool edge = j0 + n > g.Tk || (g.causal && j0 + n - 1 > i0 + g.off);
+            for (int64_t r = 0; r < rows; ++r) {
+              float* sr = s + r * kBK;
+              float* dpr = dp + r * kBK;
+              if (edge || brow != nullptr) {
+                const int64_t lim =
+                    (g.causal ? std::min<int64_t>(g.Tk, i0 + r + g.off + 1) : g.Tk) - j0;
+                mask_row(sr, n, lim, brow != nullptr ? brow + j0 : nullptr);
+              }
+              const Vec vl(lse2[r]);
+              for (int64_t jj = 0; jj < n; jj += kVecSize) exp2v(Vec::loadu(sr + jj) - vl).store(sr + jj);
+              if (dr.on) dropout_row(dr, j0, i0 + r, bh, sr, pd + r * kBK, dpr, n);
+              const Vec vd(delta[r]);
+              for (int64_t jj = 0; jj < n; jj += kVecSize)
+                (Vec::loadu(sr + jj) * (Vec::loadu(dpr + jj) - vd)).store(dpr + jj);
+            }
+            const float* pdrop = dr.on ? pd : s;
+            gemm<true>(n, Dp, rows, pdrop, 1, kBK, dop, Dp, dva + j0 * Dp, Dp);
+            gemm<true>(n, Dp, rows, dp, 1, kBK, qp, Dp, dka + j0 * Dp, Dp);
+            gemm<true>(rows, Dp, n, dp, kBK, 1, kp + j0 * Dp, Dp, dqa, Dp);
+          }
+          T* dqrow = dq + (bh * g.Tq + i0) * D;
+          for (int64_t r = 0; r < rows; ++r)
+            for (int64_t d = 0; d < D; ++d) dqrow[r * D + d] = static_cast<T>(dqa[r * Dp + d] * scale);
+        }
+        if (splits == 1) {
+          T* dkg = dk + grp * g.Tk * D;
+          T* dvg = dv + grp * g.Tk * D;
+          for (int64_t j = 0; j < g.Tk; ++j)
+            for (int64_t d = 0; d < D; ++d) {
+              dkg[j * D + d] = static_cast<T>(dka[j * Dp + d] * dk_mul);
+              dvg[j * D + d] = static_cast<T>(dva[j * Dp + d]);
+            }
+        } else {
+          float* base = partial.data_ptr<float>();
+          const int64_t sz = g.Tkp * Dp;
+          std::memcpy(base + (sp * groups + grp) * sz, dka, sizeof(float) * sz);
+          std::memcpy(base + ((splits + sp) * groups + grp) * sz, dva, sizeof(float) * sz);
+        }
+      }
+    }
+  });
+  if (splits > 1) {
+    const float* base = partial.data_ptr<float>();
+    const int64_t sz = g.Tkp * Dp;
+    at::parallel_for(0, groups * g.Tk, 64, [&](int64_t rb, int64_t re) {
+      for (int64_t row = rb; row < re; ++row) {
+        const int64_t grp = row / g.Tk, j = row % g.Tk;
+        for (int64_t d = 0; d < D; ++d) {
+          float ak = 0.f, av = 0.f;
+          for (int64_t sp = 0; sp < splits; ++sp) {
+            ak += base[(sp * groups + grp) * sz + j * Dp + d];
+            av += base[((splits + sp) * groups + grp) * sz + j * Dp + d];
+          }
+          dk[row * D + d] = static_cast<T>(ak * dk_mul);
+          dv[row * D + d] = static_cast<T>(av);
+        }
+      }
+    });
+  }
+}
+
+// ------------------------------------------------------------------ float64 (gradcheck) path
+// Visible-key limit of query row i: keys [0, lim) minus padding.
+inline int64_t row_limit(const Geom& g, int64_t i) {
+  return g.causal ? std::max<int64_t>(0, std::min<int64_t>(g.Tk, i + g.off + 1)) : g.Tk;
+}
+
+void fwd_double(const Geom& g, const double* q, Strides qs, const double* k, Strides ks,
+                const double* v, Strides vs, const bool* mask, double scale, const Dropout& dr,
+                double* out, double* lse) {
+  const int64_t D = g.D;
+  at::parallel_for(0, g.B * g.Hq * g.Tq, 16, [&](int64_t rb, int64_t re) {
+    std::vector<double> p(g.Tk);
+    for (int64_t row = rb; row < re; ++row) {
+      const int64_t i = row % g.Tq, h = (row / g.Tq) % g.Hq, b = row / (g.Tq * g.Hq);
+      const int64_t kvh = h / g.G, bh = b * g.Hq + h;
+      const double* qi = q + b * qs.b + h * qs.h + i * qs.t;
+      const double* kb = k + b * ks.b + kvh * ks.h;
+      const double* vb = v + b * vs.b + kvh * vs.h;
+      const int64_t lim = row_limit(g, i);
+      double mx = -std::numeric_limits<double>::infinity();
+      for (int64_t j = 0; j < lim; ++j) {
+        if (mask != nullptr && mask[b * g.Tk + j]) continue;
+        double acc = 0;
+        for (int64_t d = 0; d < D; ++d) acc += qi[d] * kb[j * ks.t + d];
+        p[j] = acc * scale;
+        mx = std::max(mx, p[j]);
+      }
+      double* o = out + row * D;
+      for (int64_t d = 0; d < D; ++d) o[d] = 0;
+      if (mx == -std::numeric_limits<double>::infinity()) {
+        lse[row] = std::numeric_limits<double>::infinity();
+        continue;
+      }
+      double l = 0;
+      for (int64_t j = 0; j < lim; ++j) {
+        if (mask != nullptr && mask[b * g.Tk + j]) continue;
+        p[j] = std::exp(p[j] - mx);
+        l += p[j];
+      }
+      for (int64_t j = 0; j < lim; ++j) {
+        if (mask != nullptr && mask[b * g.Tk + j]) continue;
+        double w = p[j] / l;
+        if (dr.on) w = dr.keep(j, i, bh) ? w / (1.0 - dr.p64) : 0.0;
+        for (int64_t d = 0; d < D; ++d) o[d] += w * vb[j * vs.t + d];
+      }
+      lse[row] = mx + std::log(l);
+    }
+  });
+}
+
+void bwd_double(const Geom& g, const double* dout, const double* q, Strides qs, const double* k,
+                Strides ks, const double* v, Strides vs, const double* out, const double* lse,
+                const bool* mask, double scale, const Dropout& dr, double* dq, double* dk,
+                double* dv) {
+  const int64_t D = g.D;
+  const double inv_keep = 1.0 / (1.0 - dr.p64);
+  // One (b, kv head) per task: its dK / dV rows are written by that task only.
+  at::parallel_for(0, g.B * g.Hkv, 1, [&](int64_t gb, int64_t ge) {
+    std::vector<double> p(g.Tk), dpv(g.Tk);
+    for (int64_t grp = gb; grp < ge; ++grp) {
+      const int64_t b = grp / g.Hkv, kvh = grp % g.Hkv;
+      const double* kb = k + b * ks.b + kvh * ks.h;
+      const double* vb = v + b * vs.b + kvh * vs.h;
+      double* dkg = dk + grp * g.Tk * D;
+      double* dvg = dv + grp * g.Tk * D;
+      for (int64_t x = 0; x < g.Tk * D; ++x) dkg[x] = dvg[x] = 0;
+      for (int64_t h = kvh * g.G; h < (kvh + 1) * g.G; ++h) {
+        const int64_t bh = b * g.Hq + h;
+        for (int64_t i = 0; i < g.Tq; ++i) {
+          const int64_t row = bh * g.Tq + i;
+          const double* qi = q + b * qs.b + h * qs.h + i * qs.t;
+          const double* doi = dout + row * D;
+          const double* oi = out + row * D;
+          double* dqi = dq + row * D;
+          for (int64_t d = 0; d < D; ++d) dqi[d] = 0;
+          if (std::isinf(lse[row])) continue;
+          double delta = 0;
+          for (int64_t d = 0; d < D; ++d) delta += doi[d] * oi[d];
+          const int64_t lim = row_limit(g, i);
+          for (int64_t j = 0; j < lim; ++j) {
+            if (mask != nullptr && mask[b * g.Tk + j]) continue;
+            double sc = 0, dpd = 0;
+            for (int64_t d = 0; d < D; ++d) {
+              sc += qi[d] * kb[j * ks.t + d];
+              dpd += doi[d] * vb[j * vs.t + d];
+            }
+            const double pj = std::exp(sc * scale - lse[row]);
+            const double keep = dr.on ? (dr.keep(j, i, bh) ? inv_keep : 0.0) : 1.0;
+            const double ds = pj * (dpd * keep - delta);
+            for (int64_t d = 0; d < D; ++d) {
+              dvg[j * D + d] += pj * keep * doi[d];
+              dkg[j * D + d] += ds * scale * qi[d];
+              dqi[d] += ds * scale * kb[j * ks.t + d];
+            }
+          }
+        }
+      }
+    }
+  });
+}
+
+// ------------------------------------------------------------------ validation
+at::Tensor last_dim_contiguous(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
+
+Geom check_qkv(const char* fn, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+               const std::optional<at::Tensor>& mask, bool causal, double dropout_p) {
+  TORCH_CHECK(q.dim() == 4, fn, ": q must be 4-D [B, Hq, Tq, D], got ", q.dim(), "-D ", q.sizes());
+  TORCH_CHECK(k.dim() == 4, fn, ": k must be 4-D [B, Hkv, Tk, D], got ", k.dim(), "-D ", k.sizes());
+  TORCH_CHECK(v.dim() == 4, fn, ": v must be 4-D [B, Hkv, Tk, D], got ", v.dim(), "-D ", v.sizes());
+  const auto dt = q.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kDouble, fn,
+              ": q must be float32, bfloat16 or float64, got ", dt);
+  TORCH_CHECK(k.scalar_type() == dt && v.scalar_type() == dt, fn,
+              ": q, k and v must have the same dtype, got ", dt, ", ", k.scalar_type(), ", ",
+              v.scalar_type());
+  TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(), fn,
+              ": q, k and v must be CPU tensors, got ", q.device(), ", ", k.device(), ", ", v.device());
+  TORCH_CHECK(k.sizes() == v.sizes(), fn, ": k and v must have the same shape, got ", k.sizes(),
+              " and ", v.sizes());
+  TORCH_CHECK(k.size(0) == q.size(0), fn, ": q and k must have the same batch size, got ",
+              q.size(0), " and ", k.size(0));
+  TORCH_CHECK(k.size(3) == q.size(3), fn, ": q and k must have the same head dim, got ",
+              q.size(3), " and ", k.size(3));
+  const int64_t D = q.size(3);
+  TORCH_CHECK(D >= 1 && D <= kMaxHeadDim, fn, ": head dim must be in [1, ", kMaxHeadDim,
+              "], got ", D);
+  const int64_t Hq = q.size(1), Hkv = k.size(1);
+  TORCH_CHECK(Hkv >= 1 && Hq % Hkv == 0, fn, ": query heads (", Hq,
+              ") must be a multiple of kv heads (", Hkv, ")");
+  TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, fn, ": dropout_p must be in [0, 1), got ",
+              dropout_p);
+  if (mask.has_value()) {
+    TORCH_CHECK(mask->scalar_type() == at::kBool, fn, ": key_padding_mask must be bool, got ",
+                mask->scalar_type());
+    TORCH_CHECK(mask->dim() == 2 && mask->size(0) == q.size(0) && mask->size(1) == k.size(2), fn,
+                ": key_padding_mask must have shape [B, Tk] = [", q.size(0), ", ", k.size(2),
+                "], got ", mask->sizes());
+    TORCH_CHECK(mask->device().is_cpu(), fn, ": key_padding_mask must be a CPU tensor, got ",
+                mask->device());
+  }
+  Geom g;
+  g.B = q.size(0);
+  g.Hq = Hq;
+  g.Hkv = Hkv;
+  g.G = Hq / Hkv;
+  g.Tq = q.size(2);
+  g.Tk = k.size(2);
+  g.D = D;
+  g.Dp = round_up(D, kVecSize);
+  g.off = g.Tk - g.Tq;
+  g.nQB = ceil_div(g.Tq, kBQ);
+  g.nKB = ceil_div(g.Tk, kBK);
+  g.Tkp = g.nKB * kBK;
+  g.causal = causal;
+  return g;
+}
+
+// Additive key-padding rows [B][Tkp]: 0 for a key, -inf for padding and for columns >= Tk.
+at::Tensor mask_bias(const std::optional<at::Tensor>& mask, const Geom& g) {
+  if (!mask.has_value()) return at::Tensor();
+  at::Tensor m = mask->contiguous();
+  at::Tensor bias = at::full({g.B, g.Tkp}, kNegInf, at::kFloat);
+  const bool* mp = m.data_ptr<bool>();
+  float* bp = bias.data_ptr<float>();
+  for (int64_t b = 0; b < g.B; ++b)
+    for (int64_t j = 0; j < g.Tk; ++j) bp[b * g.Tkp + j] = mp[b * g.Tk + j] ? kNegInf : 0.f;
+  return bias;
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q_in, const at::Tensor& k_in,
+                                                 const at::Tensor& v_in,
+                                                 const std::optional<at::Tensor>& key_padding_mask,
+                                                 bool causal, double scale, double dropout_p,
+                                                 int64_t seed, int64_t offset) {
+  const char* fn = "fastattn_C.attention_fwd";
+  const Geom g = check_qkv(fn, q_in, k_in, v_in, key_padding_mask, causal, dropout_p);
+  TORCH_CHECK(std::isfinite(scale), fn, ": scale must be finite, got ", scale);
+  const at::Tensor q = last_dim_contiguous(q_in), k = last_dim_contiguous(k_in),
+                   v = last_dim_contiguous(v_in);
+  const auto dt = q.scalar_type();
+  const auto acc = dt == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor out = at::empty({g.B, g.Hq, g.Tq, g.D}, q.options());
+  at::Tensor lse = at::empty({g.B, g.Hq, g.Tq}, q.options().dtype(acc));
+  if (out.numel() == 0) {
+    lse.fill_(std::numeric_limits<double>::infinity());
+    return {out, lse};
+  }
+  const Dropout dr(dropout_p, seed, offset);
+  if (dt == at::kDouble) {
+    at::Tensor m = key_padding_mask.has_value() ? key_padding_mask->contiguous() : at::Tensor();
+    fwd_double(g, q.data_ptr<double>(), Strides(q), k.data_ptr<double>(), Strides(k),
+               v.data_ptr<double>(), Strides(v), m.defined() ? m.data_ptr<bool>() : nullptr,
+               scale, dr, out.data_ptr<double>(), lse.data_ptr<double>());
+    return {out, lse};
+  }
+  const at::Tensor bias = mask_bias(key_padding_mask, g);
+  const float* bp = bias.defined() ? bias.data_ptr<float>() : nullptr;
+  if (dt == at::kFloat) {
+    fwd_vec<float>(g, q.data_ptr<float>(), Strides(q), k.data_ptr<float>(), Strides(k),
+                   v.data_ptr<float>(), Strides(v), bp, static_cast<float>(scale), dr,
+                   out.data_ptr<float>(), lse.data_ptr<float>());
+  } else {
+    using BF = c10::BFloat16;
+    fwd_vec<BF>(g, q.data_ptr<BF>(), Strides(q), k.data_ptr<BF>(), Strides(k), v.data_ptr<BF>(),
+                Strides(v), bp, static_cast<float>(scale), dr, out.data_ptr<BF>(),
+                lse.data_ptr<float>());
+  }
+  return {out, lse};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
-    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-    const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, bool, double,
-    double, int64_t, int64_t) {
-  TORCH_CHECK(false, "fastattn: the cpu attention kernel is not built yet");
+    const at::Tensor& dout_in, const at::Tensor& q_in, const at::Tensor& k_in,
+    const at::Tensor& v_in, const at::Tensor& out_in, const at::Tensor& lse_in,
+    const std::optional<at::Tensor>& key_padding_mask, bool causal, double scale,
+    double dropout_p, int64_t seed, int64_t offset) {
+  const char* fn = "fastattn_C.attention_bwd";
+  const Geom g = check_qkv(fn, q_in, k_in, v_in, key_padding_mask, causal, dropout_p);
+  TORCH_CHECK(std::isfinite(scale), fn, ": scale must be finite, got ", scale);
+  const auto dt = q_in.scalar_type();
+  const auto acc = dt == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK(dout_in.sizes() == q_in.sizes() && out_in.sizes() == q_in.sizes(), fn,
+              ": dout and out must have q's shape ", q_in.sizes(), ", got ", dout_in.sizes(),
+              " and ", out_in.sizes());
+  TORCH_CHECK(dout_in.scalar_type() == dt && out_in.scalar_type() == dt, fn,
+              ": dout and out must have q's dtype ", dt, ", got ", dout_in.scalar_type(), " and ",
+              out_in.scalar_type());
+  TORCH_CHECK(dout_in.device().is_cpu() && out_in.device().is_cpu() && lse_in.device().is_cpu(),
+              fn, ": dout, out and lse must be CPU tensors");
+  TORCH_CHECK(lse_in.dim() == 3 && lse_in.size(0) == g.B && lse_in.size(1) == g.Hq &&
+                  lse_in.size(2) == g.Tq,
+              fn, ": lse must have shape [B, Hq, Tq] = [", g.B, ", ", g.Hq, ", ", g.Tq, "], got ",
+              lse_in.sizes());
+  TORCH_CHECK(lse_in.scalar_type() == at::kFloat || lse_in.scalar_type() == at::kDouble, fn,
+              ": lse must be float32 (or float64 for float64 inputs), got ", lse_in.scalar_type());
+  const at::Tensor q = last_dim_contiguous(q_in), k = last_dim_contiguous(k_in),
+                   v = last_dim_contiguous(v_in);
+  const at::Tensor dout = dout_in.contiguous(), out = out_in.contiguous();
+  const at::Tensor lse = lse_in.to(acc).contiguous();
+  at::Tensor dq = at::empty({g.B, g.Hq, g.Tq, g.D}, q.options());
+  at::Tensor dk = at::empty({g.B, g.Hkv, g.Tk, g.D}, q.options());
+  at::Tensor dv = at::empty({g.B, g.Hkv, g.Tk, g.D}, q.options());
+  if (dq.numel() == 0 || dk.numel() == 0) {
+    dq.zero_();
+    dk.zero_();
+    dv.zero_();
+    return {dq, dk, dv};
+  }
+  const Dropout dr(dropout_p, seed, offset);
+  if (dt == at::kDouble) {
+    at::Tensor m = key_padding_mask.has_value() ? key_padding_mask->contiguous() : at::Tensor();
+    bwd_double(g, dout.data_ptr<double>(), q.data_ptr<double>(), Strides(q), k.data_ptr<double>(),
+               Strides(k), v.data_ptr<double>(), Strides(v), out.data_ptr<double>(),
+               lse.data_ptr<double>(), m.defined() ? m.data_ptr<bool>() : nullptr, scale, dr,
+               dq.data_ptr<double>(), dk.data_ptr<double>(), dv.data_ptr<double>());
+    return {dq, dk, dv};
+  }
+  const at::Tensor bias = mask_bias(key_padding_mask, g);
+  const float* bp = bias.defined() ? bias.data_ptr<float>() : nullptr;
+  if (dt == at::kFloat) {
+    bwd_vec<float>(g, dout.data_ptr<float>(), q.data_ptr<float>(), Strides(q),
+                   k.data_ptr<float>(), Strides(k), v.data_ptr<float>(), Strides(v),
+                   out.data_ptr<float>(), lse.data_ptr<float>(), bp, static_cast<float>(scale), dr,
+                   dq.data_ptr<float>(), dk.data_ptr<float>(), dv.data_ptr<float>());
+  } else {
+    using BF = c10::BFloat16;
+    bwd_vec<BF>(g, dout.data_ptr<BF>(), q.data_ptr<BF>(), Strides(q), k.data_ptr<BF>(), Strides(k),
+                v.data_ptr<BF>(), Strides(v), out.data_ptr<BF>(), lse.data_ptr<float>(), bp,
+                static_cast<float>(scale), dr, dq.data_ptr<BF>(), dk.data_ptr<BF>(),
+                dv.data_ptr<BF>());
+  }
+  return {dq, dk, dv};
 }
 
 }  // namespace cpu

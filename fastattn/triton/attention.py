@@ -61,6 +61,17 @@ LOG2E = 1.4426950408889634
 
 # ----------------------------------------------------------------------------- helpers
 @triton.jit
+def _dot(a, b, PRECISION: tl.constexpr):
+    """tl.dot with fp32 accumulation. PRECISION "upcast" (the interpreter with 16-bit inputs,
+    whose tl.dot on bfloat16 returns garbage in Triton 3.9) multiplies in float32 instead:
+    the same result, as products of 16-bit floats are exact in float32."""
+    if PRECISION == "upcast":
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        return tl.dot(a, b, input_precision=PRECISION)
+
+
+@triton.jit
 def _keep_mask(
     seed_lo,
     seed_hi,
@@ -163,7 +174,7 @@ def _attn_fwd(
         kv_ok = (offs_n[:, None] < Tk) & d_ok[None, :]
         k = tl.load(k_base + offs_n[:, None] * stride_kt + offs_d[None, :], mask=kv_ok, other=0.0)
         v = tl.load(v_base + offs_n[:, None] * stride_vt + offs_d[None, :], mask=kv_ok, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        s = _dot(q, tl.trans(k), PRECISION) * qk_scale
         vis = _visible(offs_m, offs_n, Tq, Tk, KPM, stride_mb, b, CAUSAL, HAS_MASK)
         s = tl.where(vis, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -176,7 +187,7 @@ def _attn_fwd(
                 seed_lo, seed_hi, offset, bh, offs_m, offs_n, threshold, BLOCK_M, BLOCK_N
             )
             p = tl.where(keep, p * rp_keep, 0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PRECISION)
         m_i = m_new
 
     seen = l_i > 0.0
@@ -309,10 +320,10 @@ def _attn_bwd_dkdv(
             )
             lse = tl.load(LSE + bh * Tq + offs_m, mask=offs_m < Tq, other=float("inf"))
             delta = tl.load(DELTA + bh * Tq + offs_m, mask=offs_m < Tq, other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+            s = _dot(q, tl.trans(k), PRECISION) * qk_scale
             vis = _visible(offs_m, offs_n, Tq, Tk, KPM, stride_mb, b, CAUSAL, HAS_MASK)
             p = tl.where(vis, tl.math.exp2(s - lse[:, None] * 1.4426950408889634), 0.0)
-            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+            dp = _dot(do, tl.trans(v), PRECISION)
             if DROPOUT:
                 keep = _keep_mask(
                     seed_lo, seed_hi, offset, bh, offs_m, offs_n, threshold, BLOCK_M, BLOCK_N
@@ -321,9 +332,9 @@ def _attn_bwd_dkdv(
                 dp = tl.where(keep, dp * rp_keep, 0.0)
             else:
                 pd = p
-            dv += tl.dot(tl.trans(pd.to(do.dtype)), do, input_precision=PRECISION)
+            dv += _dot(tl.trans(pd.to(do.dtype)), do, PRECISION)
             ds = p * (dp - delta[:, None])
-            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
+            dk += _dot(tl.trans(ds.to(q.dtype)), q, PRECISION)
     dk = dk * scale
     out = (bhk * Tk + offs_n[:, None]) * D + offs_d[None, :]
     tl.store(DK + out, dk.to(DK.dtype.element_ty), mask=kv_ok)
@@ -407,17 +418,17 @@ def _attn_bwd_dq(
         kv_ok = (offs_n[:, None] < Tk) & d_ok[None, :]
         k = tl.load(k_base + offs_n[:, None] * stride_kt + offs_d[None, :], mask=kv_ok, other=0.0)
         v = tl.load(v_base + offs_n[:, None] * stride_vt + offs_d[None, :], mask=kv_ok, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        s = _dot(q, tl.trans(k), PRECISION) * qk_scale
         vis = _visible(offs_m, offs_n, Tq, Tk, KPM, stride_mb, b, CAUSAL, HAS_MASK)
         p = tl.where(vis, tl.math.exp2(s - lse[:, None] * 1.4426950408889634), 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        dp = _dot(do, tl.trans(v), PRECISION)
         if DROPOUT:
             keep = _keep_mask(
                 seed_lo, seed_hi, offset, bh, offs_m, offs_n, threshold, BLOCK_M, BLOCK_N
             )
             dp = tl.where(keep, dp * rp_keep, 0.0)
         ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+        dq += _dot(ds.to(k.dtype), k, PRECISION)
     dq = dq * scale
     tl.store(
         DQ + (bh * Tq + offs_m[:, None]) * D + offs_d[None, :],
@@ -452,7 +463,11 @@ def _bwd_blocks(block_d: int) -> tuple[int, int, int]:
 
 
 def _precision(dtype: torch.dtype) -> str:
-    return "ieee" if dtype == torch.float32 else "tf32"
+    """``tl.dot`` input precision: exact fp32 for fp32 inputs (no TF32); 16-bit inputs use the
+    tensor cores natively, or an fp32 upcast under the interpreter (see ``_dot``)."""
+    if dtype == torch.float32:
+        return "ieee"
+    return "upcast" if _triton_interpreting() else "tf32"
 
 
 def _dropout_args(dropout_p: float, seed: int, offset: int) -> tuple[float, int, int, int, int]:

@@ -107,6 +107,7 @@ class MultiheadAttention(nn.MultiheadAttention):
                 is_causal=is_causal,
             )
         causal, kpm = case
+        same_qkv, same_kv = query is key and key is value, key is value  # before reshaping
         batched = query.dim() == 3
         if not batched:  # (L, E) -> (1, L, E)
             query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
@@ -117,13 +118,13 @@ class MultiheadAttention(nn.MultiheadAttention):
         S = key.shape[1]
         H, Dh = self.num_heads, self.head_dim
         w, b = self.in_proj_weight, self.in_proj_bias
-        if query is key and key is value:
+        if same_qkv:  # self-attention: one fused in-projection
             q, k, v = F.linear(query, w, b).chunk(3, dim=-1)
         else:
             wq, wk, wv = w.chunk(3)
             bq, bk, bv = b.chunk(3) if b is not None else (None, None, None)
             q = F.linear(query, wq, bq)
-            if key is value:
+            if same_kv:
                 k, v = F.linear(
                     key, torch.cat([wk, wv]), None if b is None else torch.cat([bk, bv])
                 ).chunk(2, dim=-1)

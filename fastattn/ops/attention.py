@@ -170,6 +170,12 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
+    """lse is float32, float64 for float64 inputs (so float64 gradients stay exact for
+    gradcheck); the cpu kernel does the same."""
+    return _acc_dtype(dtype)
+
+
 class _Reference:
     """The ``reference`` backend: materialises ``[Tq, Tk]`` in float32 (float64 for float64).
 
@@ -205,7 +211,7 @@ class _Reference:
             keep = dropout_keep_mask(seed, offset, B, Hq, Tq, k.shape[2], dropout_p, q.device)
             p = p * keep / (1.0 - dropout_p)
         out = torch.matmul(p, vr.to(acc)).to(q.dtype).contiguous()
-        lse = torch.where(empty, float("inf"), lse).to(torch.float32).contiguous()
+        lse = torch.where(empty, float("inf"), lse).to(_lse_dtype(q.dtype)).contiguous()
         return out, lse
 
     def bwd(
@@ -297,7 +303,8 @@ def attention_fwd(
     seed: int,
     offset: int,
 ) -> tuple[Tensor, Tensor]:
-    """q [B,Hq,Tq,D], k/v [B,Hkv,Tk,D] -> (out [B,Hq,Tq,D], lse [B,Hq,Tq] float32)."""
+    """q [B,Hq,Tq,D], k/v [B,Hkv,Tk,D] -> (out [B,Hq,Tq,D], lse [B,Hq,Tq] float32, float64
+    for float64 inputs)."""
     impl = _impl(q, k, causal, dropout_p, key_padding_mask is not None)
     out, lse = impl.fwd(q, k, v, key_padding_mask, causal, scale, dropout_p, seed, offset)
     return out.contiguous(), lse.contiguous()
@@ -306,7 +313,7 @@ def attention_fwd(
 @attention_fwd.register_fake
 def _(q, k, v, key_padding_mask, causal, scale, dropout_p, seed, offset):
     B, Hq, Tq, D = q.shape
-    return q.new_empty((B, Hq, Tq, D)), q.new_empty((B, Hq, Tq), dtype=torch.float32)
+    return q.new_empty((B, Hq, Tq, D)), q.new_empty((B, Hq, Tq), dtype=_lse_dtype(q.dtype))
 
 
 @torch.library.custom_op("fastattn::attention_bwd", mutates_args=())

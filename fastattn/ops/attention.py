@@ -452,7 +452,9 @@ def attention(
     and a single query row against a KV cache sees every key). ``key_padding_mask`` (B, Tk) bool,
     True = padding (``torch.nn.MultiheadAttention``'s meaning). A query that sees no key gives 0.
     ``dropout_p`` drops attention probabilities (Philox mask seeded from torch's default
-    generator); pass 0 in evaluation.
+    generator); pass 0 in evaluation. Under ``torch.compile`` the seed draw is traced (no
+    graph break, a fresh seed per call); it then comes from the compiled program's RNG, so a
+    seeded run repeats itself but draws a different mask than the same call in eager mode.
     """
     _validate(q, k, v, key_padding_mask, scale, dropout_p)
     D = q.shape[-1]

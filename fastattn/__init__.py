@@ -13,9 +13,11 @@ from fastattn._dispatch import (  # noqa: E402
     set_backend,
     use_backend,
 )
+from fastattn.ops.attention import attention  # noqa: E402
 from fastattn.ops.layernorm import add_layer_norm, layer_norm  # noqa: E402
 
 __all__ = [
+    "attention",
     "add_layer_norm",
     "layer_norm",
     "nn",

@@ -1,5 +1,6 @@
 """Drop-in ``torch.nn`` modules backed by fastattn's kernels."""
 
+from fastattn.nn.attention import CausalSelfAttention, MultiheadAttention
 from fastattn.nn.layernorm import LayerNorm
 
-__all__ = ["LayerNorm"]
+__all__ = ["CausalSelfAttention", "LayerNorm", "MultiheadAttention"]

@@ -1,0 +1,474 @@
+"""Softmax attention (flash-attention semantics): reference, validation, custom ops, autograd.
+
+Maths, per batch b and query head h (kv head ``h // (Hq // Hkv)``: GQA / MQA)::
+
+    S = scale * Q K^T                       [Tq, Tk], scale = 1/sqrt(D) by default
+    S[i, j] = -inf where key j is hidden    (causal: j > i + Tk - Tq, bottom-right aligned;
+                                             key_padding_mask[b, j] True = padding)
+    lse_i = log sum_j exp(S[i, j])          natural log, +inf for a row that sees no key
+    P = exp(S - lse)                        (a row that sees no key is all zeros, not NaN)
+    O = (P * M / (1 - p)) V                 M: dropout keep mask, see dropout_keep_mask
+
+Backward (what every backend computes; Delta_i = sum_j P_ij dP_ij = rowsum(dO * O))::
+
+    dV = (P * M / (1-p))^T dO      dP = (dO V^T) * M / (1-p)      dS = P * (dP - Delta)
+    dQ = scale * dS K              dK = scale * dS^T Q            (dK, dV summed over the
+                                                                   query heads of a group)
+
+Dropout mask: Philox4x32-10 keyed by (seed, offset) with counter (j, i, b*Hq + h, offset), so
+every backend draws the same mask for the same seed without storing it. The seed comes from
+torch's default CPU generator (``torch.manual_seed`` makes a run repeatable).
+
+Layers, top to bottom:
+
+- :func:`attention`: the public function. Validates and calls the differentiable custom op.
+- ``torch.ops.fastattn.attention_fwd`` / ``attention_bwd``: ``torch.library`` custom ops with
+  fake implementations and a registered autograd formula; their bodies pick an implementation
+  through :mod:`fastattn._dispatch`.
+- ``NATIVE`` (C++ / CUDA via ``torch.ops.fastattn_C``), ``REFERENCE`` (below) and
+  ``fastattn.triton.attention.TRITON``: the implementations, one contract (``csrc/ops.cpp``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from fastattn import _dispatch
+from fastattn.ops._validate import check_same_device, check_tensor
+
+_MASK32 = 0xFFFFFFFF
+_PHILOX_ROUND_A = 0xD2511F53
+_PHILOX_ROUND_B = 0xCD9E8D57
+_PHILOX_KEY_A = 0x9E3779B9
+_PHILOX_KEY_B = 0xBB67AE85
+
+
+# ----------------------------------------------------------------------------- dropout mask
+def _umulhi32(a: int, b: Tensor) -> Tensor:
+    """High 32 bits of the 64-bit product of the uint32 constant ``a`` and uint32 values ``b``
+    (held in int64). ``b`` is split into 16-bit limbs so no partial product exceeds 2^48."""
+    b_lo, b_hi = b & 0xFFFF, b >> 16
+    return (a * b_hi + ((a * b_lo) >> 16)) >> 16
+
+
+def _mullo32(a: int, b: Tensor) -> Tensor:
+    """``a * b mod 2^32`` for a uint32 constant ``a`` and uint32 values ``b`` held in int64."""
+    b_lo, b_hi = b & 0xFFFF, b >> 16
+    return ((((a * b_hi) & 0xFFFF) << 16) + a * b_lo) & _MASK32
+
+
+def philox4x32(c0: Tensor, c1: Tensor, c2: Tensor, c3: Tensor, seed: int) -> tuple[Tensor, ...]:
+    """Philox4x32-10 on uint32 counters held in int64 tensors (broadcastable), key from ``seed``.
+
+    Bit-identical to ``triton.language.random.philox_impl`` on uint32 counters with key
+    ``(seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF)``.
+    """
+    k0, k1 = seed & _MASK32, (seed >> 32) & _MASK32
+    for _ in range(10):
+        _c0, _c2 = c0, c2
+        c0 = _umulhi32(_PHILOX_ROUND_B, _c2) ^ c1 ^ k0
+        c2 = _umulhi32(_PHILOX_ROUND_A, _c0) ^ c3 ^ k1
+        c1 = _mullo32(_PHILOX_ROUND_B, _c2)
+        c3 = _mullo32(_PHILOX_ROUND_A, _c0)
+        k0 = (k0 + _PHILOX_KEY_A) & _MASK32
+        k1 = (k1 + _PHILOX_KEY_B) & _MASK32
+    return c0, c1, c2, c3
+
+
+def dropout_threshold(p: float) -> int:
+    """Keep an element iff its 24-bit uniform integer ``c0 >> 8`` is >= this.
+
+    ``u = (c0 >> 8) * 2^-24 >= p``  <=>  ``(c0 >> 8) >= ceil(p * 2^24)`` (exact: the product is
+    a power-of-two scaling). Comparing integers keeps every backend identical even where ``p``
+    has no exact float32 form.
+    """
+    return math.ceil(p * 2**24)
+
+
+def dropout_keep_mask(
+    seed: int, offset: int, B: int, Hq: int, Tq: int, Tk: int, p: float, device=None
+) -> Tensor:
+    """The dropout keep mask ``[B, Hq, Tq, Tk]`` (bool, True = kept) every backend uses.
+
+    Element (b, h, i, j) runs Philox4x32-10 with key ``(seed lo, seed hi)`` on the counter
+    ``(j, i, b*Hq + h, offset & 0xFFFFFFFF)``; ``u = (c0 >> 8) * 2^-24``; kept iff ``u >= p``.
+    """
+    dev = torch.device("cpu") if device is None else torch.device(device)
+    i64 = dict(dtype=torch.int64, device=dev)
+    c0 = torch.arange(Tk, **i64).view(1, 1, 1, Tk)
+    c1 = torch.arange(Tq, **i64).view(1, 1, Tq, 1)
+    c2 = torch.arange(B * Hq, **i64).view(B, Hq, 1, 1)
+    c3 = torch.full((1, 1, 1, 1), offset & _MASK32, **i64)
+    shape = (B, Hq, Tq, Tk)
+    c0, c1, c2, c3 = (c.expand(shape) for c in (c0, c1, c2, c3))
+    r0 = philox4x32(c0, c1, c2, c3, int(seed))[0]
+    return (r0 >> 8) >= dropout_threshold(p)
+
+
+# ----------------------------------------------------------------------------- reference
+def _visible(
+    Tq: int, Tk: int, causal: bool, key_padding_mask: Tensor | None, device
+) -> Tensor | None:
+    """Bool [B or 1, 1, Tq, Tk]: True where query i may see key j (None: everything visible)."""
+    vis = None
+    if causal:
+        i = torch.arange(Tq, device=device).view(Tq, 1)
+        j = torch.arange(Tk, device=device).view(1, Tk)
+        vis = (j <= i + (Tk - Tq)).view(1, 1, Tq, Tk)
+    if key_padding_mask is not None:
+        keep = (~key_padding_mask).view(-1, 1, 1, Tk)
+        vis = keep if vis is None else vis & keep
+    return vis
+
+
+def attention_reference(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    causal: bool = False,
+    scale: float | None = None,
+    key_padding_mask: Tensor | None = None,
+    dropout_p: float = 0.0,
+    dropout_mask: Tensor | None = None,
+) -> Tensor:
+    """Plain-PyTorch attention materialising the ``[Tq, Tk]`` scores, in the inputs' dtype.
+
+    The ground truth for tests (run it in float64), docs and the ``reference`` backend.
+    q: (B, Hq, Tq, D); k, v: (B, Hkv, Tk, D); causal bottom-right aligned; key_padding_mask
+    (B, Tk) bool, True = padding; rows that see no key give 0. Dropout (only with a
+    ``dropout_mask`` [B, Hq, Tq, Tk], True = kept) scales kept probabilities by 1/(1-p).
+    Differentiable by autograd.
+    """
+    B, Hq, Tq, D = q.shape
+    Hkv, Tk = k.shape[1], k.shape[2]
+    if scale is None:
+        scale = 1.0 / math.sqrt(D)
+    if Hkv != Hq:
+        k = k.repeat_interleave(Hq // Hkv, dim=1)
+        v = v.repeat_interleave(Hq // Hkv, dim=1)
+    s = torch.matmul(q, k.transpose(-2, -1)) * scale  # (B, Hq, Tq, Tk)
+    vis = _visible(Tq, Tk, causal, key_padding_mask, q.device)
+    if vis is not None:
+        # Hidden scores -> -inf; rows that see nothing -> all zero scores (finite softmax),
+        # then their probabilities are zeroed: no NaN forward or backward.
+        any_vis = vis.any(-1, keepdim=True)
+        s = torch.where(vis, s, float("-inf"))
+        s = torch.where(any_vis, s, 0.0)
+        p = torch.softmax(s, dim=-1) * vis
+    else:
+        p = torch.softmax(s, dim=-1)
+    if dropout_mask is not None and dropout_p > 0:
+        p = p * dropout_mask / (1.0 - dropout_p)
+    return torch.matmul(p, v)
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
+    """lse is float32, float64 for float64 inputs (so float64 gradients stay exact for
+    gradcheck); the cpu kernel does the same."""
+    return _acc_dtype(dtype)
+
+
+class _Reference:
+    """The ``reference`` backend: materialises ``[Tq, Tk]`` in float32 (float64 for float64).
+
+    The backward is written out (custom-op bodies run below autograd). It is the fallback for
+    every case the kernels do not cover, so it favours clarity over memory.
+    """
+
+    name = "reference"
+
+    def unsupported(self, **case: object) -> str | None:
+        return None
+
+    @staticmethod
+    def _scores(q, k, key_padding_mask, causal, scale):
+        """S = scale * Q K^T with hidden entries -inf; k already repeated to Hq heads."""
+        acc = _acc_dtype(q.dtype)
+        s = torch.matmul(q.to(acc), k.to(acc).transpose(-2, -1)) * scale
+        vis = _visible(q.shape[2], k.shape[2], causal, key_padding_mask, q.device)
+        if vis is not None:
+            s = s.masked_fill(~vis, float("-inf"))
+        return s
+
+    def fwd(self, q, k, v, key_padding_mask, causal, scale, dropout_p, seed, offset):
+        B, Hq, Tq, D = q.shape
+        acc = _acc_dtype(q.dtype)
+        group = Hq // k.shape[1]
+        kr, vr = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+        s = self._scores(q, kr, key_padding_mask, causal, scale)
+        lse = torch.logsumexp(s, dim=-1)  # -inf for rows that see no key
+        empty = torch.isneginf(lse)
+        p = torch.exp(s - torch.where(empty, 0.0, lse)[..., None])
+        if dropout_p > 0:
+            keep = dropout_keep_mask(seed, offset, B, Hq, Tq, k.shape[2], dropout_p, q.device)
+            p = p * keep / (1.0 - dropout_p)
+        out = torch.matmul(p, vr.to(acc)).to(q.dtype).contiguous()
+        lse = torch.where(empty, float("inf"), lse).to(_lse_dtype(q.dtype)).contiguous()
+        return out, lse
+
+    def bwd(
+        self, dout, q, k, v, out, lse, key_padding_mask, causal, scale, dropout_p, seed, offset
+    ):
+        B, Hq, Tq, D = q.shape
+        Hkv, Tk = k.shape[1], k.shape[2]
+        acc = _acc_dtype(q.dtype)
+        group = Hq // Hkv
+        kr, vr = k.repeat_interleave(group, 1).to(acc), v.repeat_interleave(group, 1).to(acc)
+        s = self._scores(q, kr, key_padding_mask, causal, scale)
+        p = torch.exp(s - lse.to(acc)[..., None])  # lse = +inf -> row of zeros
+        do = dout.to(acc)
+        dp = torch.matmul(do, vr.transpose(-2, -1))
+        pd = p
+        if dropout_p > 0:
+            keep = dropout_keep_mask(seed, offset, B, Hq, Tq, Tk, dropout_p, q.device)
+            pd = p * keep / (1.0 - dropout_p)
+            dp = dp * keep / (1.0 - dropout_p)
+        delta = (do * out.to(acc)).sum(-1, keepdim=True)
+        ds = p * (dp - delta)
+        dq = torch.matmul(ds, kr) * scale
+        dk = (torch.matmul(ds.transpose(-2, -1), q.to(acc)) * scale).view(B, Hkv, group, Tk, D)
+        dv = torch.matmul(pd.transpose(-2, -1), do).view(B, Hkv, group, Tk, D)
+        return dq.to(q.dtype), dk.sum(2).to(k.dtype), dv.sum(2).to(v.dtype)
+
+
+class _Native:
+    """The ``cpu`` and ``cuda`` backends: C++ / CUDA kernels behind ``torch.ops.fastattn_C``."""
+
+    name = "native"
+    _dtypes = {
+        "cpu": (torch.float32, torch.bfloat16, torch.float64),
+        "cuda": (torch.float16, torch.bfloat16, torch.float32),
+    }
+    _max_head_dim = {"cpu": 256, "cuda": 128}
+
+    def unsupported(
+        self, device_type: str, dtype: torch.dtype, head_dim: int, **case: object
+    ) -> str | None:
+        if dtype not in self._dtypes[device_type]:
+            return f"dtype {dtype} on {device_type}"
+        if head_dim > self._max_head_dim[device_type]:
+            return f"head dim {head_dim} > {self._max_head_dim[device_type]} on {device_type}"
+        return None
+
+    def fwd(self, q, k, v, key_padding_mask, causal, scale, dropout_p, seed, offset):
+        return torch.ops.fastattn_C.attention_fwd(
+            q, k, v, key_padding_mask, causal, scale, dropout_p, seed, offset
+        )
+
+    def bwd(
+        self, dout, q, k, v, out, lse, key_padding_mask, causal, scale, dropout_p, seed, offset
+    ):
+        return torch.ops.fastattn_C.attention_bwd(
+            dout, q, k, v, out, lse, key_padding_mask, causal, scale, dropout_p, seed, offset
+        )
+
+
+REFERENCE = _Reference()
+NATIVE = _Native()
+
+
+# ----------------------------------------------------------------------------- custom ops
+def _impl(q: Tensor, k: Tensor, causal: bool, dropout_p: float, has_mask: bool):
+    return _dispatch.resolve(
+        "attention",
+        q.device,
+        device_type=q.device.type,
+        dtype=q.dtype,
+        head_dim=q.shape[-1],
+        q_len=q.shape[2],
+        kv_len=k.shape[2],
+        causal=causal,
+        dropout=dropout_p > 0,
+        key_padding_mask=has_mask,
+    )
+
+
+@torch.library.custom_op("fastattn::attention_fwd", mutates_args=())
+def attention_fwd(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    key_padding_mask: Tensor | None,
+    causal: bool,
+    scale: float,
+    dropout_p: float,
+    seed: int,
+    offset: int,
+) -> tuple[Tensor, Tensor]:
+    """q [B,Hq,Tq,D], k/v [B,Hkv,Tk,D] -> (out [B,Hq,Tq,D], lse [B,Hq,Tq] float32, float64
+    for float64 inputs)."""
+    impl = _impl(q, k, causal, dropout_p, key_padding_mask is not None)
+    out, lse = impl.fwd(q, k, v, key_padding_mask, causal, scale, dropout_p, seed, offset)
+    return out.contiguous(), lse.contiguous()
+
+
+@attention_fwd.register_fake
+def _(q, k, v, key_padding_mask, causal, scale, dropout_p, seed, offset):
+    B, Hq, Tq, D = q.shape
+    return q.new_empty((B, Hq, Tq, D)), q.new_empty((B, Hq, Tq), dtype=_lse_dtype(q.dtype))
+
+
+@torch.library.custom_op("fastattn::attention_bwd", mutates_args=())
+def attention_bwd(
+    dout: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    key_padding_mask: Tensor | None,
+    causal: bool,
+    scale: float,
+    dropout_p: float,
+    seed: int,
+    offset: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Returns (dq, dk, dv), contiguous, shaped like q, k, v."""
+    impl = _impl(q, k, causal, dropout_p, key_padding_mask is not None)
+    dq, dk, dv = impl.bwd(
+        dout, q, k, v, out, lse, key_padding_mask, causal, scale, dropout_p, seed, offset
+    )
+    return dq.contiguous(), dk.contiguous(), dv.contiguous()
+
+
+@attention_bwd.register_fake
+def _(dout, q, k, v, out, lse, key_padding_mask, causal, scale, dropout_p, seed, offset):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, key_padding_mask, causal, scale, dropout_p, seed, offset = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, key_padding_mask)
+    ctx.args = (causal, scale, dropout_p, seed, offset)
+
+
+def _backward(ctx, dout, _dlse):
+    q, k, v, out, lse, key_padding_mask = ctx.saved_tensors
+    causal, scale, dropout_p, seed, offset = ctx.args
+    dq, dk, dv = attention_bwd(
+        dout.contiguous(),
+        q,
+        k,
+        v,
+        out,
+        lse,
+        key_padding_mask,
+        causal,
+        scale,
+        dropout_p,
+        seed,
+        offset,
+    )
+    return dq, dk, dv, None, None, None, None, None, None
+
+
+attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------- public API
+def _validate(q, k, v, key_padding_mask, scale, dropout_p) -> None:
+    name = "fastattn.attention"
+    for what, t in (("q", q), ("k", k), ("v", v)):
+        check_tensor(name, what, t, floating=True)
+        if t.dim() != 4:
+            raise ValueError(
+                f"{name}: {what} must be 4-D (batch, heads, seq, head_dim), got shape "
+                f"{tuple(t.shape)}"
+            )
+    check_same_device(name, ("q", q), ("k", k), ("v", v))
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(
+            f"{name}: q, k, v must have the same dtype, got {q.dtype}, {k.dtype}, {v.dtype}"
+        )
+    B, Hq, Tq, D = q.shape
+    if k.shape != v.shape:
+        raise ValueError(
+            f"{name}: k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}"
+        )
+    Bk, Hkv, Tk, Dk = k.shape
+    if Bk != B:
+        raise ValueError(f"{name}: batch size mismatch: q has {B}, k/v have {Bk}")
+    if Dk != D:
+        raise ValueError(f"{name}: head dim mismatch: q has {D}, k/v have {Dk}")
+    if D == 0:
+        raise ValueError(f"{name}: head dim must be >= 1, got 0")
+    if Hkv == 0 or Hq % Hkv != 0:
+        raise ValueError(
+            f"{name}: the number of query heads ({Hq}) must be a multiple of the number of "
+            f"key/value heads ({Hkv})"
+        )
+    if key_padding_mask is not None:
+        if not isinstance(key_padding_mask, Tensor):
+            raise TypeError(
+                f"{name}: key_padding_mask must be a torch.Tensor, got "
+                f"{type(key_padding_mask).__name__}"
+            )
+        if key_padding_mask.dtype != torch.bool:
+            raise TypeError(
+                f"{name}: key_padding_mask must be a bool tensor (True = padding), got "
+                f"{key_padding_mask.dtype}"
+            )
+        if tuple(key_padding_mask.shape) != (B, Tk):
+            raise ValueError(
+                f"{name}: key_padding_mask must have shape (batch, kv_len) = ({B}, {Tk}), got "
+                f"{tuple(key_padding_mask.shape)}"
+            )
+        check_same_device(name, ("q", q), ("key_padding_mask", key_padding_mask))
+    if scale is not None and (not isinstance(scale, (int, float)) or not math.isfinite(scale)):
+        raise ValueError(f"{name}: scale must be a finite float or None, got {scale!r}")
+    if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"{name}: dropout_p must be in [0, 1), got {dropout_p!r}")
+
+
+def _draw_seed() -> int:
+    """A 62-bit Philox seed from torch's default CPU generator (``torch.manual_seed``)."""
+    return int(torch.randint(0, 2**62, (1,)).item())
+
+
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    causal: bool = False,
+    scale: float | None = None,
+    key_padding_mask: Tensor | None = None,
+    dropout_p: float = 0.0,
+) -> Tensor:
+    """Fused softmax attention, served by the fastest backend.
+
+    q: (B, Hq, Tq, D); k, v: (B, Hkv, Tk, D) with ``Hq % Hkv == 0`` (GQA / MQA); returns
+    (B, Hq, Tq, D). ``causal`` is bottom-right aligned (query i sees key j iff
+    ``j <= i + Tk - Tq``; for Tq == Tk this is ``F.scaled_dot_product_attention(is_causal=True)``,
+    and a single query row against a KV cache sees every key). ``key_padding_mask`` (B, Tk) bool,
+    True = padding (``torch.nn.MultiheadAttention``'s meaning). A query that sees no key gives 0.
+    ``dropout_p`` drops attention probabilities (Philox mask seeded from torch's default
+    generator); pass 0 in evaluation. Under ``torch.compile`` the seed draw is traced (no
+    graph break, a fresh seed per call); it then comes from the compiled program's RNG, so a
+    seeded run repeats itself but draws a different mask than the same call in eager mode.
+    """
+    _validate(q, k, v, key_padding_mask, scale, dropout_p)
+    D = q.shape[-1]
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    if q.numel() == 0 or k.shape[2] == 0:
+        # Nothing to attend: an exact, differentiable empty / zero result.
+        return attention_reference(
+            q, k, v, causal=causal, scale=scale, key_padding_mask=key_padding_mask
+        )
+    # Kernels need unit stride on the head dim; other strides are passed through as they are.
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    if key_padding_mask is not None:
+        key_padding_mask = key_padding_mask.contiguous()
+    dropout_p = float(dropout_p)
+    seed = _draw_seed() if dropout_p > 0 else 0
+    out, _ = attention_fwd(q, k, v, key_padding_mask, bool(causal), scale, dropout_p, seed, 0)
+    return out

@@ -12,11 +12,14 @@ from fastattn._dispatch import (  # noqa: E402
     set_backend,
     use_backend,
 )
+from fastattn.ops.gelu import bias_gelu, feed_forward  # noqa: E402
 from fastattn.ops.layernorm import add_layer_norm, layer_norm  # noqa: E402
 from fastattn import nn  # noqa: E402
 
 __all__ = [
     "add_layer_norm",
+    "bias_gelu",
+    "feed_forward",
     "layer_norm",
     "nn",
     "BackendError",

@@ -14,13 +14,20 @@ from fastattn._dispatch import (  # noqa: E402
     use_backend,
 )
 from fastattn.ops.attention import attention  # noqa: E402
+from fastattn.ops.gelu import bias_gelu, feed_forward  # noqa: E402
 from fastattn.ops.layernorm import add_layer_norm, layer_norm  # noqa: E402
+from fastattn.patch import PatchReport, patch, unpatch  # noqa: E402
 
 __all__ = [
     "attention",
     "add_layer_norm",
+    "bias_gelu",
+    "feed_forward",
     "layer_norm",
     "nn",
+    "patch",
+    "unpatch",
+    "PatchReport",
     "BackendError",
     "available_backends",
     "get_backend",

@@ -1,0 +1,109 @@
+"""The Triton LayerNorm and add_layer_norm against the float64 reference.
+
+On a CPU the kernels run through the Triton interpreter (TRITON_INTERPRET=1, set below before
+fastattn.triton.layernorm is imported), with small shapes; on a GPU the same tests run natively.
+Error rule as in DESIGN.md: max abs error <= 2 x torch's own error in the dtype + a small floor,
+for the output, the returned sum and every gradient.
+
+Run: pytest tests/test_layernorm_triton.py
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest
+import torch.nn.functional as F
+
+import fastattn
+from fastattn.ops.layernorm import layer_norm_reference
+
+pytestmark = [
+    pytest.mark.triton,
+    pytest.mark.skipif(
+        "triton" not in fastattn.available_backends(), reason="triton not usable here"
+    ),
+]
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _check(name, got, ref, torch_x):
+    assert got is not None and not torch.isnan(got).any(), f"{name}: missing or NaN"
+    err = (got.double() - ref).abs().max().item()
+    torch_err = (torch_x.double() - ref).abs().max().item()
+    bound = 2 * torch_err + 4 * torch.finfo(got.dtype).eps * max(1.0, ref.abs().max().item())
+    assert err <= bound, f"{name}: max error {err:.3g} > {bound:.3g} (torch's own {torch_err:.3g})"
+
+
+def _leaves(ts, dt):
+    return [
+        t.detach().to(DEVICE, dt).clone().requires_grad_() if t is not None else None for t in ts
+    ]
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (3, 7), (5, 33), (2, 3, 1023), (4, 130)])
+@pytest.mark.parametrize("affine", ["both", "weight", "bias", "none"])
+@pytest.mark.parametrize("residual", [False, True])
+def test_triton_layer_norm(shape, affine, residual):
+    torch.manual_seed(0)
+    m = shape[-1]
+    x, r, g, gs = (torch.randn(shape) for _ in range(4))
+    x = x * 2 + 0.5
+    w = torch.randn(m) if affine in ("both", "weight") else None
+    b = torch.randn(m) if affine in ("both", "bias") else None
+    results = {}
+    for tag, dt in (("ours", torch.float32), ("torch", torch.float32), ("ref", torch.float64)):
+        xx, rr, ww, bb = _leaves([x, r if residual else None, w, b], dt)
+        if tag == "ours":
+            with fastattn.use_backend("triton"):
+                if residual:
+                    y, s = fastattn.add_layer_norm(xx, rr, m, ww, bb)
+                else:
+                    y, s = fastattn.layer_norm(xx, m, ww, bb), None
+                assert fastattn.last_backend("layer_norm") == "triton"
+        else:
+            s = xx + rr if residual else None
+            inp = s if residual else xx
+            y = (
+                F.layer_norm(inp, (m,), ww, bb)
+                if tag == "torch"
+                else layer_norm_reference(inp, m, ww, bb)
+            )
+        outs, grads = [y], [g.to(DEVICE, dt)]
+        if residual:
+            outs.append(s)
+            grads.append(gs.to(DEVICE, dt))
+        torch.autograd.backward(outs, grads)
+        results[tag] = [y.detach(), s.detach() if residual else None] + [
+            t.grad if t is not None else None for t in (xx, rr, ww, bb)
+        ]
+    names = ("out", "sum", "dx", "dresidual", "dweight", "dbias")
+    for i, name in enumerate(names):
+        ref = results["ref"][i]
+        if ref is None:
+            continue
+        _check(
+            f"{name} {shape} {affine} res={residual}", results["ours"][i], ref, results["torch"][i]
+        )
+
+
+def test_triton_layer_norm_non_contiguous():
+    torch.manual_seed(1)
+    x = torch.randn(33, 6).t()  # (6, 33), row stride 1, column stride 6
+    w, b = torch.randn(33), torch.randn(33)
+    with fastattn.use_backend("triton"):
+        y = fastattn.layer_norm(x.to(DEVICE), 33, w.to(DEVICE), b.to(DEVICE))
+    torch.testing.assert_close(y.cpu(), F.layer_norm(x, (33,), w, b), rtol=1e-5, atol=1e-5)
+
+
+def test_triton_layer_norm_unsupported_row_length():
+    from fastattn.triton.layernorm import TRITON
+
+    assert "65536" in TRITON.unsupported(dtype=torch.float32, cols=70000)
+    assert TRITON.unsupported(dtype=torch.float32, cols=65536) is None
+    assert "float64" in TRITON.unsupported(dtype=torch.float64, cols=8)

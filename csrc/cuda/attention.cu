@@ -408,7 +408,7 @@ __device__ __forceinline__ void softmax_grad_tile(const AttentionBwdArgs& a, con
     const int i = i0 + r, j = j0 + c;
     const bool ok = i < a.Tq && sKeyOk[c] && causal_ok(a.causal, i, j, a.Tq, a.Tk);
     // sLse2 = lse * log2 e; +inf (row without keys, or past Tq) gives p = 0.
-    const float p = ok ? exp2f(sS[r * LDS + c] * scale_log2 - sLse2[r]) : 0.f;
+    const float p = ok ? exp2f(fmaf(sS[r * LDS + c], scale_log2, -sLse2[r])) : 0.f;
     float z = 1.f;
     if (dropout) z = dropout_keep(a.seed, a.offset, bhq, i, j, a.dropout_p) ? inv_keep : 0.f;
     const float ds = p * (sdP[r * LDS + c] * z - sDelta[r]);

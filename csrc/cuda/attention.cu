@@ -1,0 +1,692 @@
+// Scaled dot-product attention on the GPU, FlashAttention-2 style: forward (out, lse) and
+// backward (dq, dk, dv). Framework-free (launchers in kernels.cuh); contract of attention_fwd /
+// attention_bwd in csrc/ops.cpp.
+//
+// Maths, per (batch b, query head h, kv head hk = h / (Hq / Hkv)), S = scale * Q K^T:
+//   visible(i, j) = j < Tk, !key_padding_mask[b, j], and (causal => j <= i + Tk - Tq)
+//   m_i = max_j S_ij, l_i = sum_j exp(S_ij - m_i) over visible j;  lse_i = m_i + log l_i
+//   P_ij = exp(S_ij - lse_i);  Z_ij = keep(b, h, i, j) / (1 - p) (1 without dropout)
+//   out_i = sum_j P_ij Z_ij V_j;  a row with no visible key: out = 0, lse = +inf
+// Forward streams key blocks with the online softmax: m and l are updated per block and the
+// float accumulator O is rescaled by exp(m_old - m_new) before O += P~ V_block.
+// Backward, with Delta_i = sum_d dO_id O_id (preprocess kernel):
+//   dV = (P o Z)^T dO,  dP = dO V^T,  dS = P o (dP o Z - Delta),  dQ = scale dS K,  dK = scale dS^T Q
+//   dK/dV kernel: one block per (key block, b, hk) walks the query blocks of every query head
+//   of its group (GQA: dK, dV sum over the group without atomics); dQ kernel: one block per
+//   (query block, b, h) walks the key blocks. Both recompute P from Q, K and lse.
+// Dropout: keep(b, h, i, j) = philox4x32_10(counter = (j, i, b*Hq + h, offset mod 2^32),
+//   key = (seed mod 2^32, seed >> 32)), output word 0: u = (c0 >> 8) * 2^-24, keep iff u >= p.
+//   Every backend draws the same mask; the backward regenerates it.
+//
+// Launch configuration (128 threads = 4 warps per block, everything staged in shared memory):
+// - Head dims are padded up to Dp in {16, 32, 64, 128} (template parameter); the padding
+//   columns are loaded as zeros and never written back.
+// - Tiles (rows of Q x rows of K): forward 64 x 64 (fp32 with Dp = 128: 64 x 32), dQ 64 x 64
+//   (Dp = 128: 64 x 32; fp32 Dp = 128: 32 x 32), dK/dV 64 x 64 (Dp = 128 or fp32: 64 x 32;
+//   fp32 Dp = 128: 32 x 32): the largest tiles whose shared memory stays under ~150 KB (sm_80
+//   allows 163 KB per block). The sizes of every buffer are compile-time (static_asserted).
+// - fp16 / bf16: every product (Q K^T, P V, dO V^T, dS K, P^T dO, dS^T Q) runs on tensor cores
+//   through nvcuda::wmma 16x16x16 fragments with fp32 accumulation; each warp owns a set of
+//   16x16 output tiles, the accumulators (O, dQ, dK, dV) live in fp32 shared memory and are
+//   loaded into / stored from the accumulator fragments around each product. P and dS are
+//   rounded to the input type before their products (as in FlashAttention). fp32: the same
+//   products by plain FMAs from shared memory (no TF32, which would be less accurate than
+//   PyTorch's fp32 attention).
+// - The softmax step works on rows: a warp per row, lanes across the key block, shuffles for
+//   the row max and sum. Rows of shared-memory tiles are padded by 16 bytes (bank spread; wmma
+//   needs 32-byte aligned fragments and a leading dimension multiple of 16 bytes).
+// - Global loads are 16-byte vectors when D, the strides and the pointers allow it.
+//
+// Compile-check (registers, spills): bash scripts/cuda_check.sh
+// Test (needs a GPU): pytest tests/test_cuda.py -k attention
+#include "common.cuh"
+
+#include <mma.h>
+
+#include <type_traits>
+
+namespace fastattn {
+namespace cuda {
+namespace {
+
+using namespace detail;
+
+constexpr int kThreads = 128;
+constexpr int kWarps = kThreads / 32;
+constexpr size_t kMaxSmem = 160 * 1024;  // under sm_80's 163 KB opt-in limit per block
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+constexpr float kInf = __builtin_huge_valf();
+
+constexpr size_t align128(size_t n) { return (n + 127) / 128 * 128; }
+
+// Tile shapes and shared-memory row strides for element type T and padded head dim Dp.
+template <typename T, int Dp>
+struct Cfg {
+  static constexpr bool k16 = sizeof(T) == 2;
+  static constexpr int kPadT = 16 / sizeof(T);  // 16 bytes of padding per row
+  static constexpr int kLdT = Dp + kPadT;       // [rows][Dp] tiles of T
+  static constexpr int kLdF = Dp + 4;           // [rows][Dp] float accumulators
+
+  static constexpr int kFwdBM = 64;
+  static constexpr int kFwdBN = (!k16 && Dp == 128) ? 32 : 64;
+  static constexpr int kDqBM = (!k16 && Dp == 128) ? 32 : 64;
+  static constexpr int kDqBN = Dp == 128 ? 32 : 64;
+  static constexpr int kKvBM = (!k16 && Dp == 128) ? 32 : 64;
+  static constexpr int kKvBN = (Dp == 128 || !k16) ? 32 : 64;
+};
+
+// Shared-memory layouts: byte offsets of each buffer, each 128-byte aligned.
+template <typename T, int Dp>
+struct FwdSmem {
+  using C = Cfg<T, Dp>;
+  static constexpr int BM = C::kFwdBM, BN = C::kFwdBN;
+  static constexpr int LDS = BN + 4, LDP = BN + C::kPadT;
+  static constexpr size_t q = 0;
+  static constexpr size_t k = q + align128(sizeof(T) * BM * C::kLdT);
+  static constexpr size_t v = k + align128(sizeof(T) * BN * C::kLdT);
+  static constexpr size_t s = v + align128(sizeof(T) * BN * C::kLdT);
+  static constexpr size_t p = s + align128(sizeof(float) * BM * LDS);
+  static constexpr size_t o = p + align128(sizeof(T) * BM * LDP);
+  static constexpr size_t m = o + align128(sizeof(float) * BM * C::kLdF);
+  static constexpr size_t l = m + align128(sizeof(float) * BM);
+  static constexpr size_t key_ok = l + align128(sizeof(float) * BM);
+  static constexpr size_t bytes = key_ok + align128(BN);
+  static_assert(bytes <= kMaxSmem, "forward tile does not fit in shared memory");
+};
+
+template <typename T, int Dp>
+struct DqSmem {
+  using C = Cfg<T, Dp>;
+  static constexpr int BM = C::kDqBM, BN = C::kDqBN;
+  static constexpr int LDS = BN + 4, LDP = BN + C::kPadT;
+  static constexpr size_t q = 0;
+  static constexpr size_t dout = q + align128(sizeof(T) * BM * C::kLdT);
+  static constexpr size_t k = dout + align128(sizeof(T) * BM * C::kLdT);
+  static constexpr size_t v = k + align128(sizeof(T) * BN * C::kLdT);
+  static constexpr size_t s = v + align128(sizeof(T) * BN * C::kLdT);
+  static constexpr size_t dp = s + align128(sizeof(float) * BM * LDS);
+  static constexpr size_t ds = dp + align128(sizeof(float) * BM * LDS);
+  static constexpr size_t dq = ds + align128(sizeof(T) * BM * LDP);
+  static constexpr size_t lse = dq + align128(sizeof(float) * BM * C::kLdF);
+  static constexpr size_t delta = lse + align128(sizeof(float) * BM);
+  static constexpr size_t key_ok = delta + align128(sizeof(float) * BM);
+  static constexpr size_t bytes = key_ok + align128(BN);
+  static_assert(bytes <= kMaxSmem, "dQ tile does not fit in shared memory");
+};
+
+template <typename T, int Dp>
+struct KvSmem {
+  using C = Cfg<T, Dp>;
+  static constexpr int BM = C::kKvBM, BN = C::kKvBN;
+  static constexpr int LDS = BN + 4, LDP = BN + C::kPadT;
+  static constexpr size_t k = 0;
+  static constexpr size_t v = k + align128(sizeof(T) * BN * C::kLdT);
+  static constexpr size_t q = v + align128(sizeof(T) * BN * C::kLdT);
+  static constexpr size_t dout = q + align128(sizeof(T) * BM * C::kLdT);
+  static constexpr size_t s = dout + align128(sizeof(T) * BM * C::kLdT);
+  static constexpr size_t dp = s + align128(sizeof(float) * BM * LDS);
+  static constexpr size_t pd = dp + align128(sizeof(float) * BM * LDS);
+  static constexpr size_t ds = pd + align128(sizeof(T) * BM * LDP);
+  static constexpr size_t dk = ds + align128(sizeof(T) * BM * LDP);
+  static constexpr size_t dv = dk + align128(sizeof(float) * BN * C::kLdF);
+  static constexpr size_t lse = dv + align128(sizeof(float) * BN * C::kLdF);
+  static constexpr size_t delta = lse + align128(sizeof(float) * BM);
+  static constexpr size_t key_ok = delta + align128(sizeof(float) * BM);
+  static constexpr size_t bytes = key_ok + align128(BN);
+  static_assert(bytes <= kMaxSmem, "dK/dV tile does not fit in shared memory");
+};
+
+// ------------------------------------------------------------------ dropout
+__device__ __forceinline__ uint32_t philox_word0(uint32_t c0, uint32_t c1, uint32_t c2,
+                                                 uint32_t c3, uint32_t k0, uint32_t k1) {
+#pragma unroll
+  for (int round = 0; round < 10; ++round) {
+    const uint32_t c0_old = c0, c2_old = c2;
+    c0 = __umulhi(0xCD9E8D57u, c2_old) ^ c1 ^ k0;
+    c2 = __umulhi(0xD2511F53u, c0_old) ^ c3 ^ k1;
+    c1 = 0xCD9E8D57u * c2_old;
+    c3 = 0xD2511F53u * c0_old;
+    k0 += 0x9E3779B9u;
+    k1 += 0xBB67AE85u;
+  }
+  return c0;
+}
+
+// keep(b, h, i, j) with bh = b * Hq + h (h: the query head).
+__device__ __forceinline__ bool dropout_keep(uint64_t seed, uint64_t offset, uint32_t bh, int i,
+                                             int j, float p) {
+  const uint32_t c0 = philox_word0(static_cast<uint32_t>(j), static_cast<uint32_t>(i), bh,
+                                   static_cast<uint32_t>(offset & 0xFFFFFFFFull),
+                                   static_cast<uint32_t>(seed & 0xFFFFFFFFull),
+                                   static_cast<uint32_t>((seed >> 32) & 0xFFFFFFFFull));
+  const float u = static_cast<float>(c0 >> 8) * 5.9604644775390625e-08f;  // 2^-24
+  return u >= p;
+}
+
+__device__ __forceinline__ bool causal_ok(bool causal, int i, int j, int Tq, int Tk) {
+  return !causal || static_cast<long long>(j) <= static_cast<long long>(i) + Tk - Tq;
+}
+
+// ------------------------------------------------------------------ shared-memory products
+// C[M][N] (+)= A[M][K] B[K][N], all in shared memory, by the whole block.
+//   A(m, k) = TA ? A[k * lda + m] : A[m * lda + k];  B(k, n) = TB ? B[n * ldb + k] : B[k * ldb + n]
+//   C: float, row-major with leading dimension ldc.
+// fp16 / bf16: wmma 16x16x16 on tensor cores, fp32 accumulate; each warp owns 16x16 tiles of C.
+// fp32: plain FMAs, one output element per thread at a time.
+template <typename T, int M, int N, int K, bool TA, bool TB, bool ACC>
+__device__ __forceinline__ void block_gemm(const T* __restrict__ A, int lda,
+                                           const T* __restrict__ B, int ldb,
+                                           float* __restrict__ C, int ldc) {
+  static_assert(M % 16 == 0 && N % 16 == 0 && K % 16 == 0, "tiles are multiples of 16");
+  if constexpr (std::is_same_v<T, float>) {
+    for (int e = threadIdx.x; e < M * N; e += kThreads) {
+      const int m = e / N, n = e % N;
+      float acc = ACC ? C[m * ldc + n] : 0.f;
+#pragma unroll 8
+      for (int k = 0; k < K; ++k) {
+        const float a = TA ? A[k * lda + m] : A[m * lda + k];
+        const float b = TB ? B[n * ldb + k] : B[k * ldb + n];
+        acc = fmaf(a, b, acc);
+      }
+      C[m * ldc + n] = acc;
+    }
+  } else {
+    namespace wmma = nvcuda::wmma;
+    using LA = std::conditional_t<TA, wmma::col_major, wmma::row_major>;
+    using LB = std::conditional_t<TB, wmma::col_major, wmma::row_major>;
+    constexpr int kTilesN = N / 16;
+    const int warp = threadIdx.x / 32;
+    for (int tile = warp; tile < (M / 16) * kTilesN; tile += kWarps) {
+      const int m0 = (tile / kTilesN) * 16, n0 = (tile % kTilesN) * 16;
+      wmma::fragment<wmma::accumulator, 16, 16, 16, float> c;
+      if constexpr (ACC) {
+        wmma::load_matrix_sync(c, C + m0 * ldc + n0, ldc, wmma::mem_row_major);
+      } else {
+        wmma::fill_fragment(c, 0.f);
+      }
+#pragma unroll
+      for (int k0 = 0; k0 < K; k0 += 16) {
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, LA> a;
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, LB> b;
+        wmma::load_matrix_sync(a, TA ? A + k0 * lda + m0 : A + m0 * lda + k0, lda);
+        wmma::load_matrix_sync(b, TB ? B + n0 * ldb + k0 : B + k0 * ldb + n0, ldb);
+        wmma::mma_sync(c, a, b, c);
+      }
+      wmma::store_matrix_sync(C + m0 * ldc + n0, c, ldc, wmma::mem_row_major);
+    }
+  }
+}
+
+// s[ROWS][Dp] (row stride Cfg::kLdT) <- rows [0, rows) x cols [0, D) of g (row stride `stride`),
+// zeros elsewhere. vec: 16-byte loads (D, stride and g are multiples of 16 bytes).
+template <typename T, int ROWS, int Dp>
+__device__ __forceinline__ void load_tile(T* __restrict__ s, const T* __restrict__ g,
+                                          int64_t stride, int rows, int D, bool vec) {
+  constexpr int kLd = Cfg<T, Dp>::kLdT;
+  if (vec) {
+    constexpr int V = kVec<T>;
+    constexpr int kChunks = Dp / V;
+    for (int idx = threadIdx.x; idx < ROWS * kChunks; idx += kThreads) {
+      const int r = idx / kChunks, c = (idx % kChunks) * V;
+      Pack<T, V> val;
+      if (r < rows && c < D) {
+        val = *reinterpret_cast<const Pack<T, V>*>(g + r * stride + c);
+      } else {
+#pragma unroll
+        for (int e = 0; e < V; ++e) val.v[e] = from_float<T>(0.f);
+      }
+      *reinterpret_cast<Pack<T, V>*>(s + r * kLd + c) = val;
+    }
+  } else {
+    for (int idx = threadIdx.x; idx < ROWS * Dp; idx += kThreads) {
+      const int r = idx / Dp, c = idx % Dp;
+      s[r * kLd + c] = (r < rows && c < D) ? g[r * stride + c] : from_float<T>(0.f);
+    }
+  }
+}
+
+// key_ok[c] = key j0 + c exists and is not padding.
+template <int BN>
+__device__ __forceinline__ void load_key_ok(uint8_t* key_ok, const uint8_t* mask_row, int j0,
+                                            int Tk) {
+  for (int c = threadIdx.x; c < BN; c += kThreads) {
+    const int j = j0 + c;
+    key_ok[c] = j < Tk && (mask_row == nullptr || mask_row[j] == 0);
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ T* at(unsigned char* base, size_t off) {
+  return reinterpret_cast<T*>(base + off);
+}
+
+// ------------------------------------------------------------------ forward
+// grid: (B * Hq, ceil(Tq / BM)).
+template <typename T, int Dp>
+__global__ void __launch_bounds__(kThreads)
+    attention_fwd_kernel(const AttentionFwdArgs a, bool vec) {
+  using C = Cfg<T, Dp>;
+  using L = FwdSmem<T, Dp>;
+  constexpr int BM = L::BM, BN = L::BN, LDS = L::LDS, LDP = L::LDP;
+  constexpr int LDT = C::kLdT, LDF = C::kLdF;
+  extern __shared__ __align__(128) unsigned char smem[];
+  T* sQ = at<T>(smem, L::q);
+  T* sK = at<T>(smem, L::k);
+  T* sV = at<T>(smem, L::v);
+  float* sS = at<float>(smem, L::s);
+  T* sP = at<T>(smem, L::p);
+  float* sO = at<float>(smem, L::o);
+  float* sM = at<float>(smem, L::m);
+  float* sL = at<float>(smem, L::l);
+  uint8_t* sKeyOk = at<uint8_t>(smem, L::key_ok);
+
+  const int bh = blockIdx.x, b = bh / a.Hq, h = bh % a.Hq, hk = h / (a.Hq / a.Hkv);
+  const int i0 = blockIdx.y * BM;
+  const int Tq = a.Tq, Tk = a.Tk, D = a.D;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const T* q = static_cast<const T*>(a.q) + b * a.q_stride.b + h * a.q_stride.h;
+  const T* k = static_cast<const T*>(a.k) + b * a.k_stride.b + hk * a.k_stride.h;
+  const T* v = static_cast<const T*>(a.v) + b * a.v_stride.b + hk * a.v_stride.h;
+  const uint8_t* mask_row =
+      a.key_padding_mask != nullptr ? a.key_padding_mask + b * a.mask_stride_b : nullptr;
+  const bool dropout = a.dropout_p > 0.f;
+  const float inv_keep = dropout ? 1.0f / (1.0f - a.dropout_p) : 1.0f;
+  const float scale_log2 = a.scale * kLog2e;  // softmax in base 2: exp(x) = exp2(x log2 e)
+
+  load_tile<T, BM, Dp>(sQ, q + static_cast<int64_t>(i0) * a.q_stride.t, a.q_stride.t,
+                       min(BM, Tq - i0), D, vec);
+  for (int r = threadIdx.x; r < BM; r += kThreads) {
+    sM[r] = -kInf;
+    sL[r] = 0.f;
+  }
+  for (int e = threadIdx.x; e < BM * LDF; e += kThreads) sO[e] = 0.f;
+
+  // Keys past the last one visible to this block's last row are skipped.
+  const long long last = a.causal ? static_cast<long long>(i0) + BM + Tk - Tq : Tk;
+  const int n_end = static_cast<int>(last < Tk ? last : Tk);
+  for (int j0 = 0; j0 < n_end; j0 += BN) {
+    __syncthreads();  // the previous block's readers of sK, sV, sP are done
+    const int nk = min(BN, Tk - j0);
+    load_tile<T, BN, Dp>(sK, k + static_cast<int64_t>(j0) * a.k_stride.t, a.k_stride.t, nk, D, vec);
+    load_tile<T, BN, Dp>(sV, v + static_cast<int64_t>(j0) * a.v_stride.t, a.v_stride.t, nk, D, vec);
+    load_key_ok<BN>(sKeyOk, mask_row, j0, Tk);
+    __syncthreads();
+    block_gemm<T, BM, BN, Dp, false, true, false>(sQ, LDT, sK, LDT, sS, LDS);  // S = Q K^T
+    __syncthreads();
+    // Online softmax, a warp per row: new max, rescale factor, P (dropped) into sP, O *= alpha.
+    for (int r = warp; r < BM; r += kWarps) {
+      const int i = i0 + r;
+      float sv[BN / 32];
+      float mx = -kInf;
+#pragma unroll
+      for (int c = 0; c < BN / 32; ++c) {
+        const int jj = lane + 32 * c;
+        const bool ok = i < Tq && sKeyOk[jj] && causal_ok(a.causal, i, j0 + jj, Tq, Tk);
+        sv[c] = ok ? sS[r * LDS + jj] * scale_log2 : -kInf;
+        mx = fmaxf(mx, sv[c]);
+      }
+      mx = warp_max(mx);
+      const float m_old = sM[r];
+      const float m_new = fmaxf(m_old, mx);
+      // m_new == -inf: nothing visible yet; keep O (zero) and l (zero) as they are.
+      const float alpha = m_new == -kInf ? 1.f : exp2f(m_old - m_new);
+      float rowsum = 0.f;
+#pragma unroll
+      for (int c = 0; c < BN / 32; ++c) {
+        const int jj = lane + 32 * c;
+        const float p = sv[c] == -kInf ? 0.f : exp2f(sv[c] - m_new);
+        rowsum += p;
+        float pd = p;
+        if (dropout) {
+          pd = dropout_keep(a.seed, a.offset, static_cast<uint32_t>(bh), i, j0 + jj, a.dropout_p)
+                   ? p * inv_keep
+                   : 0.f;
+        }
+        sP[r * LDP + jj] = from_float<T>(pd);
+      }
+      rowsum = warp_sum(rowsum);  // also orders every lane's read of sM[r] before the write
+      if (lane == 0) {
+        sM[r] = m_new;
+        sL[r] = sL[r] * alpha + rowsum;
+      }
+      for (int d = lane; d < Dp; d += 32) sO[r * LDF + d] *= alpha;
+    }
+    __syncthreads();
+    block_gemm<T, BM, Dp, BN, false, false, true>(sP, LDP, sV, LDT, sO, LDF);  // O += P~ V
+  }
+  __syncthreads();
+
+  // out = O / l (0 for rows that saw no key), lse = m + log l (+inf for them).
+  T* out = static_cast<T*>(a.out) + (static_cast<int64_t>(bh) * Tq + i0) * D;
+  const int rows = min(BM, Tq - i0);
+  for (int e = threadIdx.x; e < rows * D; e += kThreads) {
+    const int r = e / D, d = e % D;
+    const float l = sL[r];
+    out[e] = from_float<T>(l > 0.f ? sO[r * LDF + d] / l : 0.f);
+  }
+  for (int r = threadIdx.x; r < rows; r += kThreads) {
+    const float l = sL[r];
+    a.lse[static_cast<int64_t>(bh) * Tq + i0 + r] = l > 0.f ? (sM[r] + log2f(l)) * kLn2 : kInf;
+  }
+}
+
+// ------------------------------------------------------------------ backward
+// Delta[bh, i] = sum_d dout[b, h, i, d] * out[b, h, i, d]: a warp per row, 4 rows per block.
+template <typename T>
+__global__ void __launch_bounds__(kThreads) attention_bwd_preprocess_kernel(const AttentionBwdArgs a) {
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  const int64_t rows = static_cast<int64_t>(a.B) * a.Hq * a.Tq;
+  if (row >= rows) return;
+  const int64_t bh = row / a.Tq;
+  const int i = static_cast<int>(row % a.Tq);
+  const int b = static_cast<int>(bh / a.Hq), h = static_cast<int>(bh % a.Hq);
+  const T* dor = static_cast<const T*>(a.dout) + b * a.dout_stride.b + h * a.dout_stride.h +
+                 i * a.dout_stride.t;
+  const T* orow = static_cast<const T*>(a.out) + b * a.out_stride.b + h * a.out_stride.h +
+                  i * a.out_stride.t;
+  float s = 0.f;
+  for (int d = lane; d < a.D; d += 32) s += to_float(dor[d]) * to_float(orow[d]);
+  s = warp_sum(s);
+  if (lane == 0) a.delta[row] = s;
+}
+
+// Shared by the dQ and dK/dV kernels: from S (sS) and dP (sdP) of a BM x BN tile, write
+// P o Z (if sPd) and scale * dS into shared memory, both rounded to T.
+//   P = exp(S scale - lse) on visible (i, j), else 0;  dS = P (dP Z - Delta)
+template <typename T, int BM, int BN, int LDS, int LDP>
+__device__ __forceinline__ void softmax_grad_tile(const AttentionBwdArgs& a, const float* sS,
+                                                  const float* sdP, const float* sLse2,
+                                                  const float* sDelta, const uint8_t* sKeyOk,
+                                                  T* sPd, T* sdS, int i0, int j0, uint32_t bhq) {
+  const bool dropout = a.dropout_p > 0.f;
+  const float inv_keep = dropout ? 1.0f / (1.0f - a.dropout_p) : 1.0f;
+  const float scale_log2 = a.scale * kLog2e;
+  for (int e = threadIdx.x; e < BM * BN; e += kThreads) {
+    const int r = e / BN, c = e % BN;
+    const int i = i0 + r, j = j0 + c;
+    const bool ok = i < a.Tq && sKeyOk[c] && causal_ok(a.causal, i, j, a.Tq, a.Tk);
+    // sLse2 = lse * log2 e; +inf (row without keys, or past Tq) gives p = 0.
+    const float p = ok ? exp2f(fmaf(sS[r * LDS + c], scale_log2, -sLse2[r])) : 0.f;
+    float z = 1.f;
+    if (dropout) z = dropout_keep(a.seed, a.offset, bhq, i, j, a.dropout_p) ? inv_keep : 0.f;
+    const float ds = p * (sdP[r * LDS + c] * z - sDelta[r]);
+    if (sPd != nullptr) sPd[r * LDP + c] = from_float<T>(p * z);
+    sdS[r * LDP + c] = from_float<T>(ds * a.scale);
+  }
+}
+
+// dQ: grid (B * Hq, ceil(Tq / BM)); walks the key blocks this query block can see.
+template <typename T, int Dp>
+__global__ void __launch_bounds__(kThreads) attention_bwd_dq_kernel(const AttentionBwdArgs a,
+                                                                    bool vec) {
+  using C = Cfg<T, Dp>;
+  using L = DqSmem<T, Dp>;
+  constexpr int BM = L::BM, BN = L::BN, LDS = L::LDS, LDP = L::LDP;
+  constexpr int LDT = C::kLdT, LDF = C::kLdF;
+  extern __shared__ __align__(128) unsigned char smem[];
+  T* sQ = at<T>(smem, L::q);
+  T* sdO = at<T>(smem, L::dout);
+  T* sK = at<T>(smem, L::k);
+  T* sV = at<T>(smem, L::v);
+  float* sS = at<float>(smem, L::s);
+  float* sdP = at<float>(smem, L::dp);
+  T* sdS = at<T>(smem, L::ds);
+  float* sdQ = at<float>(smem, L::dq);
+  float* sLse2 = at<float>(smem, L::lse);
+  float* sDelta = at<float>(smem, L::delta);
+  uint8_t* sKeyOk = at<uint8_t>(smem, L::key_ok);
+
+  const int bh = blockIdx.x, b = bh / a.Hq, h = bh % a.Hq, hk = h / (a.Hq / a.Hkv);
+  const int i0 = blockIdx.y * BM;
+  const int Tq = a.Tq, Tk = a.Tk, D = a.D;
+  const int rows = min(BM, Tq - i0);
+  const T* q = static_cast<const T*>(a.q) + b * a.q_stride.b + h * a.q_stride.h;
+  const T* dout = static_cast<const T*>(a.dout) + b * a.dout_stride.b + h * a.dout_stride.h;
+  const T* k = static_cast<const T*>(a.k) + b * a.k_stride.b + hk * a.k_stride.h;
+  const T* v = static_cast<const T*>(a.v) + b * a.v_stride.b + hk * a.v_stride.h;
+  const uint8_t* mask_row =
+      a.key_padding_mask != nullptr ? a.key_padding_mask + b * a.mask_stride_b : nullptr;
+
+  load_tile<T, BM, Dp>(sQ, q + static_cast<int64_t>(i0) * a.q_stride.t, a.q_stride.t, rows, D, vec);
+  load_tile<T, BM, Dp>(sdO, dout + static_cast<int64_t>(i0) * a.dout_stride.t, a.dout_stride.t,
+                       rows, D, vec);
+  for (int r = threadIdx.x; r < BM; r += kThreads) {
+    const int64_t idx = static_cast<int64_t>(bh) * Tq + i0 + r;
+    sLse2[r] = r < rows ? a.lse[idx] * kLog2e : kInf;
+    sDelta[r] = r < rows ? a.delta[idx] : 0.f;
+  }
+  for (int e = threadIdx.x; e < BM * LDF; e += kThreads) sdQ[e] = 0.f;
+
+  const long long last = a.causal ? static_cast<long long>(i0) + BM + Tk - Tq : Tk;
+  const int n_end = static_cast<int>(last < Tk ? last : Tk);
+  for (int j0 = 0; j0 < n_end; j0 += BN) {
+    __syncthreads();
+    const int nk = min(BN, Tk - j0);
+    load_tile<T, BN, Dp>(sK, k + static_cast<int64_t>(j0) * a.k_stride.t, a.k_stride.t, nk, D, vec);
+    load_tile<T, BN, Dp>(sV, v + static_cast<int64_t>(j0) * a.v_stride.t, a.v_stride.t, nk, D, vec);
+    load_key_ok<BN>(sKeyOk, mask_row, j0, Tk);
+    __syncthreads();
+    block_gemm<T, BM, BN, Dp, false, true, false>(sQ, LDT, sK, LDT, sS, LDS);    // S = Q K^T
+    block_gemm<T, BM, BN, Dp, false, true, false>(sdO, LDT, sV, LDT, sdP, LDS);  // dP = dO V^T
+    __syncthreads();
+    softmax_grad_tile<T, BM, BN, LDS, LDP>(a, sS, sdP, sLse2, sDelta, sKeyOk, nullptr, sdS, i0,
+                                           j0, static_cast<uint32_t>(bh));
+    __syncthreads();
+    block_gemm<T, BM, Dp, BN, false, false, true>(sdS, LDP, sK, LDT, sdQ, LDF);  // dQ += dS K
+  }
+  __syncthreads();
+  T* dq = static_cast<T*>(a.dq) + (static_cast<int64_t>(bh) * Tq + i0) * D;
+  for (int e = threadIdx.x; e < rows * D; e += kThreads) {
+    dq[e] = from_float<T>(sdQ[(e / D) * LDF + e % D]);
+  }
+}
+
+// dK, dV: grid (B * Hkv, ceil(Tk / BN)); walks, for every query head of the kv head's group,
+// the query blocks that can see this key block.
+template <typename T, int Dp>
+__global__ void __launch_bounds__(kThreads) attention_bwd_dkdv_kernel(const AttentionBwdArgs a,
+                                                                      bool vec) {
+  using C = Cfg<T, Dp>;
+  using L = KvSmem<T, Dp>;
+  constexpr int BM = L::BM, BN = L::BN, LDS = L::LDS, LDP = L::LDP;
+  constexpr int LDT = C::kLdT, LDF = C::kLdF;
+  extern __shared__ __align__(128) unsigned char smem[];
+  T* sK = at<T>(smem, L::k);
+  T* sV = at<T>(smem, L::v);
+  T* sQ = at<T>(smem, L::q);
+  T* sdO = at<T>(smem, L::dout);
+  float* sS = at<float>(smem, L::s);
+  float* sdP = at<float>(smem, L::dp);
+  T* sPd = at<T>(smem, L::pd);
+  T* sdS = at<T>(smem, L::ds);
+  float* sdK = at<float>(smem, L::dk);
+  float* sdV = at<float>(smem, L::dv);
+  float* sLse2 = at<float>(smem, L::lse);
+  float* sDelta = at<float>(smem, L::delta);
+  uint8_t* sKeyOk = at<uint8_t>(smem, L::key_ok);
+
+  const int bhk = blockIdx.x, b = bhk / a.Hkv, hk = bhk % a.Hkv;
+  const int group = a.Hq / a.Hkv;
+  const int j0 = blockIdx.y * BN;
+  const int Tq = a.Tq, Tk = a.Tk, D = a.D;
+  const int nk = min(BN, Tk - j0);
+  const T* k = static_cast<const T*>(a.k) + b * a.k_stride.b + hk * a.k_stride.h;
+  const T* v = static_cast<const T*>(a.v) + b * a.v_stride.b + hk * a.v_stride.h;
+  const uint8_t* mask_row =
+      a.key_padding_mask != nullptr ? a.key_padding_mask + b * a.mask_stride_b : nullptr;
+
+  load_tile<T, BN, Dp>(sK, k + static_cast<int64_t>(j0) * a.k_stride.t, a.k_stride.t, nk, D, vec);
+  load_tile<T, BN, Dp>(sV, v + static_cast<int64_t>(j0) * a.v_stride.t, a.v_stride.t, nk, D, vec);
+  load_key_ok<BN>(sKeyOk, mask_row, j0, Tk);
+  for (int e = threadIdx.x; e < BN * LDF; e += kThreads) {
+    sdK[e] = 0.f;
+    sdV[e] = 0.f;
+  }
+
+  // First query that sees key j0 (causal): i >= j0 - (Tk - Tq); start at its block.
+  int m_begin = 0;
+  if (a.causal) {
+    const long long first = static_cast<long long>(j0) - Tk + Tq;
+    m_begin = first > 0 ? static_cast<int>(first / BM) * BM : 0;
+  }
+  for (int h = hk * group; h < (hk + 1) * group; ++h) {
+    const int bh = b * a.Hq + h;
+    const T* q = static_cast<const T*>(a.q) + b * a.q_stride.b + h * a.q_stride.h;
+    const T* dout = static_cast<const T*>(a.dout) + b * a.dout_stride.b + h * a.dout_stride.h;
+    for (int i0 = m_begin; i0 < Tq; i0 += BM) {
+      __syncthreads();  // the previous block's readers of sQ, sdO, sPd, sdS are done
+      const int rows = min(BM, Tq - i0);
+      load_tile<T, BM, Dp>(sQ, q + static_cast<int64_t>(i0) * a.q_stride.t, a.q_stride.t, rows,
+                           D, vec);
+      load_tile<T, BM, Dp>(sdO, dout + static_cast<int64_t>(i0) * a.dout_stride.t,
+                           a.dout_stride.t, rows, D, vec);
+      for (int r = threadIdx.x; r < BM; r += kThreads) {
+        const int64_t idx = static_cast<int64_t>(bh) * Tq + i0 + r;
+        sLse2[r] = r < rows ? a.lse[idx] * kLog2e : kInf;
+        sDelta[r] = r < rows ? a.delta[idx] : 0.f;
+      }
+      __syncthreads();
+      block_gemm<T, BM, BN, Dp, false, true, false>(sQ, LDT, sK, LDT, sS, LDS);    // S = Q K^T
+      block_gemm<T, BM, BN, Dp, false, true, false>(sdO, LDT, sV, LDT, sdP, LDS);  // dP = dO V^T
+      __syncthreads();
+      softmax_grad_tile<T, BM, BN, LDS, LDP>(a, sS, sdP, sLse2, sDelta, sKeyOk, sPd, sdS, i0, j0,
+                                             static_cast<uint32_t>(bh));
+      __syncthreads();
+      block_gemm<T, BN, Dp, BM, true, false, true>(sPd, LDP, sdO, LDT, sdV, LDF);  // dV += P~^T dO
+      block_gemm<T, BN, Dp, BM, true, false, true>(sdS, LDP, sQ, LDT, sdK, LDF);   // dK += dS^T Q
+    }
+  }
+  __syncthreads();
+  const int64_t base = (static_cast<int64_t>(bhk) * Tk + j0) * D;
+  T* dk = static_cast<T*>(a.dk) + base;
+  T* dv = static_cast<T*>(a.dv) + base;
+  for (int e = threadIdx.x; e < nk * D; e += kThreads) {
+    const int s = (e / D) * LDF + e % D;
+    dk[e] = from_float<T>(sdK[s]);
+    dv[e] = from_float<T>(sdV[s]);
+  }
+}
+
+// ------------------------------------------------------------------ launchers
+template <typename T>
+bool strides_vec_ok(const void* p, const Strides3& s, int D) {
+  constexpr int V = kVec<T>;
+  return aligned(p, 16) && D % V == 0 && s.b % V == 0 && s.h % V == 0 && s.t % V == 0;
+}
+
+template <typename K>
+cudaError_t set_smem(K kernel, size_t bytes) {
+  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                              static_cast<int>(bytes));
+}
+
+template <typename T, int Dp>
+cudaError_t fwd_dp(const AttentionFwdArgs& a, cudaStream_t stream) {
+  using L = FwdSmem<T, Dp>;
+  const bool vec = strides_vec_ok<T>(a.q, a.q_stride, a.D) &&
+                   strides_vec_ok<T>(a.k, a.k_stride, a.D) &&
+                   strides_vec_ok<T>(a.v, a.v_stride, a.D);
+  auto kernel = attention_fwd_kernel<T, Dp>;
+  cudaError_t err = set_smem(kernel, L::bytes);
+  if (err != cudaSuccess) return err;
+  const dim3 grid(static_cast<unsigned>(a.B * a.Hq), static_cast<unsigned>((a.Tq + L::BM - 1) / L::BM));
+  if (grid.y > 65535) return cudaErrorInvalidConfiguration;
+  kernel<<<grid, kThreads, L::bytes, stream>>>(a, vec);
+  return cudaGetLastError();
+}
+
+template <typename T, int Dp>
+cudaError_t bwd_dp(const AttentionBwdArgs& a, cudaStream_t stream) {
+  using LQ = DqSmem<T, Dp>;
+  using LK = KvSmem<T, Dp>;
+  const bool vec = strides_vec_ok<T>(a.q, a.q_stride, a.D) &&
+                   strides_vec_ok<T>(a.k, a.k_stride, a.D) &&
+                   strides_vec_ok<T>(a.v, a.v_stride, a.D) &&
+                   strides_vec_ok<T>(a.dout, a.dout_stride, a.D);
+  const int64_t rows = static_cast<int64_t>(a.B) * a.Hq * a.Tq;
+  const dim3 grid_q(static_cast<unsigned>(a.B * a.Hq), static_cast<unsigned>((a.Tq + LQ::BM - 1) / LQ::BM));
+  const dim3 grid_kv(static_cast<unsigned>(a.B * a.Hkv), static_cast<unsigned>((a.Tk + LK::BN - 1) / LK::BN));
+  if (grid_q.y > 65535 || grid_kv.y > 65535) return cudaErrorInvalidConfiguration;
+
+  attention_bwd_preprocess_kernel<T>
+      <<<static_cast<unsigned>((rows + kWarps - 1) / kWarps), kThreads, 0, stream>>>(a);
+  cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) return err;
+
+  auto dq_kernel = attention_bwd_dq_kernel<T, Dp>;
+  if ((err = set_smem(dq_kernel, LQ::bytes)) != cudaSuccess) return err;
+  dq_kernel<<<grid_q, kThreads, LQ::bytes, stream>>>(a, vec);
+  if ((err = cudaGetLastError()) != cudaSuccess) return err;
+
+  if (a.Tk == 0) return cudaSuccess;
+  auto kv_kernel = attention_bwd_dkdv_kernel<T, Dp>;
+  if ((err = set_smem(kv_kernel, LK::bytes)) != cudaSuccess) return err;
+  kv_kernel<<<grid_kv, kThreads, LK::bytes, stream>>>(a, vec);
+  return cudaGetLastError();
+}
+
+// Padded head dim: the smallest of 16, 32, 64, 128 that holds D.
+inline int padded_head_dim(int D) { return D <= 16 ? 16 : D <= 32 ? 32 : D <= 64 ? 64 : 128; }
+
+template <typename T>
+cudaError_t fwd_typed(const AttentionFwdArgs& a, cudaStream_t stream) {
+  switch (padded_head_dim(a.D)) {
+    case 16: return fwd_dp<T, 16>(a, stream);
+    case 32: return fwd_dp<T, 32>(a, stream);
+    case 64: return fwd_dp<T, 64>(a, stream);
+    default: return fwd_dp<T, 128>(a, stream);
+  }
+}
+
+template <typename T>
+cudaError_t bwd_typed(const AttentionBwdArgs& a, cudaStream_t stream) {
+  switch (padded_head_dim(a.D)) {
+    case 16: return bwd_dp<T, 16>(a, stream);
+    case 32: return bwd_dp<T, 32>(a, stream);
+    case 64: return bwd_dp<T, 64>(a, stream);
+    default: return bwd_dp<T, 128>(a, stream);
+  }
+}
+
+template <typename A>
+bool shapes_ok(const A& a) {
+  return a.B >= 0 && a.Hq > 0 && a.Hkv > 0 && a.Hq % a.Hkv == 0 && a.Tq >= 0 && a.Tk >= 0 &&
+         attention_head_dim_supported(a.D) && a.dropout_p >= 0.f && a.dropout_p < 1.f;
+}
+
+}  // namespace
+
+bool attention_head_dim_supported(int D) { return D >= 1 && D <= kAttentionMaxHeadDim; }
+
+cudaError_t attention_fwd(DType dt, const AttentionFwdArgs& a, cudaStream_t stream) {
+  if (!shapes_ok(a)) return cudaErrorInvalidValue;
+  if (a.B == 0 || a.Tq == 0) return cudaSuccess;
+  switch (dt) {
+    case DType::kFloat32: return fwd_typed<float>(a, stream);
+    case DType::kFloat16: return fwd_typed<__half>(a, stream);
+    case DType::kBFloat16: return fwd_typed<__nv_bfloat16>(a, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+cudaError_t attention_bwd(DType dt, const AttentionBwdArgs& a, cudaStream_t stream) {
+  if (!shapes_ok(a)) return cudaErrorInvalidValue;
+  if (a.B == 0) return cudaSuccess;
+  if (a.Tq == 0) {  // no query: dq is empty, dk and dv are zero
+    const size_t n = static_cast<size_t>(a.B) * a.Hkv * a.Tk * a.D *
+                     (dt == DType::kFloat32 ? 4 : 2);
+    cudaError_t err = cudaMemsetAsync(a.dk, 0, n, stream);
+    return err != cudaSuccess ? err : cudaMemsetAsync(a.dv, 0, n, stream);
+  }
+  switch (dt) {
+    case DType::kFloat32: return bwd_typed<float>(a, stream);
+    case DType::kFloat16: return bwd_typed<__half>(a, stream);
+    case DType::kBFloat16: return bwd_typed<__nv_bfloat16>(a, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace cuda
+}  // namespace fastattn

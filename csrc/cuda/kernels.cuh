@@ -1,0 +1,105 @@
+// Launchers of the framework-free CUDA kernels in csrc/cuda/*.cu.
+//
+// Plain C++: raw device pointers, sizes, strides (in elements) and a stream; every launcher
+// returns the cudaError_t of its launches (cudaSuccess when nothing went wrong). The torch glue
+// (csrc/cuda/bindings.cpp) checks inputs, allocates outputs and workspaces and calls these.
+// Contracts are those of the kernel-op schemas in csrc/ops.cpp.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <cstdint>
+
+namespace fastattn {
+namespace cuda {
+
+// Element type of the activations. Parameters (LayerNorm weight/bias, GELU bias) are passed as
+// float; statistics (mean, rstd, lse) are float.
+enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+
+// layernorm.cu ----------------------------------------------------------------
+// x, residual, out, sum: [N, M] contiguous rows of `dt`. residual/sum, weight, bias may be null
+// (sum must be non-null iff residual is). mean, rstd: [N] float.
+cudaError_t layer_norm_fwd(DType dt, const void* x, const void* residual, const float* weight,
+                           const float* bias, void* out, void* sum, float* mean, float* rstd,
+                           int64_t N, int64_t M, float eps, cudaStream_t stream);
+
+// Floats of workspace layer_norm_bwd needs for dweight/dbias partials (0 if neither is wanted).
+size_t layer_norm_bwd_workspace(int64_t N, int64_t M, bool need_weight_grad, bool need_bias_grad);
+
+// dout, x (the normalised input, i.e. sum), dsum (nullable), dx: [N, M] contiguous of `dt`.
+// weight (nullable), dweight, dbias (nullable = not wanted): [M] float.
+cudaError_t layer_norm_bwd(DType dt, const void* dout, const void* x, const float* weight,
+                           const float* mean, const float* rstd, const void* dsum, void* dx,
+                           float* dweight, float* dbias, float* workspace, int64_t N, int64_t M,
+                           cudaStream_t stream);
+
+// attention.cu ----------------------------------------------------------------
+// Largest head dim the attention kernels take (head dims are padded up to 16, 32, 64 or 128).
+constexpr int kAttentionMaxHeadDim = 128;
+
+// Strides in elements of a [B, H, T, D] tensor whose D stride is 1.
+struct Strides3 {
+  int64_t b, h, t;
+};
+
+struct AttentionFwdArgs {
+  const void* q;  // [B, Hq, Tq, D]
+  const void* k;  // [B, Hkv, Tk, D]
+  const void* v;  // [B, Hkv, Tk, D]
+  Strides3 q_stride, k_stride, v_stride;
+  const uint8_t* key_padding_mask;  // [B, Tk] bool (1 = ignored), rows mask_stride_b apart; or null
+  int64_t mask_stride_b;
+  void* out;   // [B, Hq, Tq, D] contiguous
+  float* lse;  // [B, Hq, Tq] contiguous
+  int B, Hq, Hkv, Tq, Tk, D;
+  bool causal;  // bottom-right aligned: query i sees key j iff j <= i + Tk - Tq
+  float scale;
+  float dropout_p;
+  uint64_t seed, offset;
+};
+
+struct AttentionBwdArgs {
+  const void* dout;  // [B, Hq, Tq, D]
+  const void* q;     // [B, Hq, Tq, D]
+  const void* k;     // [B, Hkv, Tk, D]
+  const void* v;     // [B, Hkv, Tk, D]
+  const void* out;   // [B, Hq, Tq, D]
+  const float* lse;  // [B, Hq, Tq] contiguous
+  Strides3 dout_stride, q_stride, k_stride, v_stride, out_stride;
+  const uint8_t* key_padding_mask;
+  int64_t mask_stride_b;
+  void* dq;      // [B, Hq, Tq, D] contiguous
+  void* dk;      // [B, Hkv, Tk, D] contiguous
+  void* dv;      // [B, Hkv, Tk, D] contiguous
+  float* delta;  // workspace: [B, Hq, Tq] floats
+  int B, Hq, Hkv, Tq, Tk, D;
+  bool causal;
+  float scale;
+  float dropout_p;
+  uint64_t seed, offset;
+};
+
+// Whether head dim D is supported (1 <= D <= kAttentionMaxHeadDim).
+bool attention_head_dim_supported(int D);
+
+cudaError_t attention_fwd(DType dt, const AttentionFwdArgs& args, cudaStream_t stream);
+cudaError_t attention_bwd(DType dt, const AttentionBwdArgs& args, cudaStream_t stream);
+
+// gelu.cu ---------------------------------------------------------------------
+// approximate: false = erf ("none"), true = tanh. x, out, dout, dx: [N, M] contiguous of `dt`;
+// bias: [M] float or null.
+cudaError_t bias_gelu_fwd(DType dt, const void* x, const float* bias, void* out, int64_t N,
+                          int64_t M, bool tanh_approx, cudaStream_t stream);
+
+// Floats of workspace bias_gelu_bwd needs for the dbias partials (0 if !need_bias_grad).
+size_t bias_gelu_bwd_workspace(int64_t N, int64_t M, bool need_bias_grad);
+
+// dbias: [M] float, or null when not wanted.
+cudaError_t bias_gelu_bwd(DType dt, const void* dout, const void* x, const float* bias, void* dx,
+                          float* dbias, float* workspace, int64_t N, int64_t M, bool tanh_approx,
+                          cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace fastattn

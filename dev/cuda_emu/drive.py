@@ -1,0 +1,267 @@
+"""Run the host-emulated CUDA kernels (see run.sh) on CPU tensors against float64 references.
+
+Usage: python drive.py LIB [ln|gelu|attn|f32|all] [SEED]. Same cases and error rule as
+tests/test_cuda.py (whose helpers it imports).
+"""
+
+import ctypes as C
+import importlib.util
+import math
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+spec = importlib.util.spec_from_file_location("tc", os.path.join(ROOT, "tests", "test_cuda.py"))
+tc = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(tc)
+lib = C.CDLL(sys.argv[1])
+DT = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+P = lambda t: C.c_void_p(t.data_ptr()) if t is not None else None  # noqa: E731
+I64 = C.c_int64
+lib.ln_ws.restype = I64
+lib.gelu_ws.restype = I64
+fails = []
+
+
+def rule(name, a, t, r):
+    try:
+        tc.assert_rule(name, a, t, r)
+    except AssertionError as e:
+        fails.append(str(e))
+        print("FAIL", e)
+
+
+def poison(*shape, dtype):
+    return torch.full(shape, float("nan"), dtype=dtype)
+
+
+def ln(dtype, N, M, affine, residual):
+    x = torch.randn(N, M, dtype=torch.float64).mul(2).add(0.5).to(dtype)
+    res = torch.randn(N, M).to(dtype) if residual else None
+    w = torch.randn(M) if affine else None
+    b = torch.randn(M) if affine else None
+    out, s = poison(N, M, dtype=dtype), (poison(N, M, dtype=dtype) if residual else None)
+    mean, rstd = poison(N, dtype=torch.float32), poison(N, dtype=torch.float32)
+    assert (
+        lib.ln_fwd(
+            DT[dtype],
+            P(x),
+            P(res),
+            P(w),
+            P(b),
+            P(out),
+            P(s),
+            P(mean),
+            P(rstd),
+            I64(N),
+            I64(M),
+            C.c_float(1e-5),
+        )
+        == 0
+    )
+    s_in = s if residual else x
+    s64 = s_in.double().requires_grad_(True)
+    w64 = w.double().requires_grad_(True) if affine else None
+    b64 = b.double().requires_grad_(True) if affine else None
+    ref = F.layer_norm(s64, (M,), w64, b64, 1e-5)
+    sx = s_in.clone().requires_grad_(True)
+    wx = w.to(dtype).requires_grad_(True) if affine else None
+    bx = b.to(dtype).requires_grad_(True) if affine else None
+    tx = F.layer_norm(sx, (M,), wx, bx, 1e-5)
+    tag = f"ln {dtype} {N}x{M} affine={affine} res={residual}"
+    if residual:
+        rule(tag + " sum", s, x + res, x.double() + res.double())
+    rule(tag + " out", out, tx, ref)
+    dout = torch.randn(N, M).to(dtype)
+    dsum = torch.randn(N, M).to(dtype) if residual else None
+    dx = poison(N, M, dtype=dtype)
+    dw = poison(M, dtype=torch.float32) if affine else None
+    db = poison(M, dtype=torch.float32) if affine else None
+    ws = poison(max(1, lib.ln_ws(I64(N), I64(M), int(affine), int(affine))), dtype=torch.float32)
+    assert (
+        lib.ln_bwd(
+            DT[dtype],
+            P(dout),
+            P(s_in),
+            P(w),
+            P(mean),
+            P(rstd),
+            P(dsum),
+            P(dx),
+            P(dw),
+            P(db),
+            P(ws),
+            I64(N),
+            I64(M),
+        )
+        == 0
+    )
+    ins = [t for t in (s64, w64, b64) if t is not None]
+    gr = torch.autograd.grad(ref, ins, dout.double())
+    gx = torch.autograd.grad(tx, [t for t in (sx, wx, bx) if t is not None], dout)
+    rule(
+        tag + " dx",
+        dx,
+        gx[0] + (dsum if residual else 0),
+        gr[0] + (dsum.double() if residual else 0),
+    )
+    if affine:
+        rule(tag + " dw", dw.to(dtype), gx[1], gr[1])
+        rule(tag + " db", db.to(dtype), gx[2], gr[2])
+
+
+def gelu(dtype, N, M, approx, with_bias):
+    x = (torch.randn(N, M) * 3).to(dtype)
+    bias = torch.randn(M).to(dtype) if with_bias else None
+    bf = bias.float() if with_bias else None
+    out = poison(N, M, dtype=dtype)
+    t = int(approx == "tanh")
+    assert lib.gelu_fwd(DT[dtype], P(x), P(bf), P(out), I64(N), I64(M), t) == 0
+    x64 = x.double().requires_grad_(True)
+    b64 = bias.double().requires_grad_(True) if with_bias else None
+    ref = F.gelu(x64 + b64 if with_bias else x64, approximate=approx)
+    xx = x.clone().requires_grad_(True)
+    bx = bias.clone().requires_grad_(True) if with_bias else None
+    tx = F.gelu(xx + bx if with_bias else xx, approximate=approx)
+    tag = f"gelu {dtype} {N}x{M} {approx} bias={with_bias}"
+    rule(tag + " out", out, tx, ref)
+    dout = torch.randn(N, M).to(dtype)
+    dx = poison(N, M, dtype=dtype)
+    db = poison(M, dtype=torch.float32) if with_bias else None
+    ws = poison(max(1, lib.gelu_ws(I64(N), I64(M), int(with_bias))), dtype=torch.float32)
+    assert (
+        lib.gelu_bwd(DT[dtype], P(dout), P(x), P(bf), P(dx), P(db), P(ws), I64(N), I64(M), t) == 0
+    )
+    gr = torch.autograd.grad(ref, [u for u in (x64, b64) if u is not None], dout.double())
+    gx = torch.autograd.grad(tx, [u for u in (xx, bx) if u is not None], dout)
+    rule(tag + " dx", dx, gx[0], gr[0])
+    if with_bias:
+        rule(tag + " db", db.to(dtype), gx[1], gr[1])
+
+
+def st(*ts):
+    return (I64 * (3 * len(ts)))(*[s for t in ts for s in t.stride()[:3]])
+
+
+def attn(dtype, case, p, layout):
+    B, Hq, Hkv, Tq, Tk, D, causal, padding = case
+    if layout == "bthd":
+        q = torch.randn(B, Tq, Hq, D).to(dtype).transpose(1, 2)
+        k = torch.randn(B, Tk, Hkv, D).to(dtype).transpose(1, 2)
+        v = torch.randn(B, Tk, Hkv, D).to(dtype).transpose(1, 2)
+    else:
+        q, k, v = (torch.randn(B, H, T, D).to(dtype) for H, T in ((Hq, Tq), (Hkv, Tk), (Hkv, Tk)))
+    kpm = None
+    if padding:
+        kpm = torch.rand(B, Tk) < 0.3
+        kpm[0] = True
+    scale = 1.0 / math.sqrt(D)
+    seed, offset = 0x1234_5678_9ABC, 7
+    keep = tc._philox_keep(seed, offset, B, Hq, Tq, Tk, p) if p > 0 else None
+    out = poison(B, Hq, Tq, D, dtype=dtype)
+    lse = poison(B, Hq, Tq, dtype=torch.float32)
+    sh = (C.c_int * 6)(B, Hq, Hkv, Tq, Tk, D)
+    mk = kpm.contiguous() if padding else None
+    assert (
+        lib.attn_fwd(
+            DT[dtype],
+            P(q),
+            P(k),
+            P(v),
+            st(q, k, v),
+            P(mk),
+            I64(Tk),
+            P(out),
+            P(lse),
+            sh,
+            int(causal),
+            C.c_float(scale),
+            C.c_float(p),
+            C.c_uint64(seed),
+            C.c_uint64(offset),
+        )
+        == 0
+    )
+    q64, k64, v64 = (t.double().requires_grad_(True) for t in (q, k, v))
+    ref, lse_ref = tc._attn_math(q64, k64, v64, kpm, causal, scale, keep, p)
+    qx, kx, vx = (t.clone().requires_grad_(True) for t in (q, k, v))
+    tx, _ = tc._attn_math(qx, kx, vx, kpm, causal, scale, keep, p)
+    tag = f"attn {dtype} {case} p={p} {layout}"
+    rule(tag + " out", out, tx, ref)
+    fin = torch.isfinite(lse_ref)
+    ok = torch.equal(torch.isfinite(lse), fin) and bool((lse[~fin] > 0).all())
+    if ok:
+        ok = torch.allclose(lse[fin].double(), lse_ref[fin].detach(), rtol=1e-4, atol=1e-4)
+    if not ok:
+        fails.append(tag + " lse")
+        print("FAIL", tag, "lse")
+    dout = torch.randn(B, Hq, Tq, D).to(dtype)
+    dq, dk, dv = (
+        poison(B, Hq, Tq, D, dtype=dtype),
+        poison(B, Hkv, Tk, D, dtype=dtype),
+        poison(B, Hkv, Tk, D, dtype=dtype),
+    )
+    delta = poison(B, Hq, Tq, dtype=torch.float32)
+    assert (
+        lib.attn_bwd(
+            DT[dtype],
+            P(dout),
+            P(q),
+            P(k),
+            P(v),
+            P(out),
+            P(lse),
+            st(dout, q, k, v, out),
+            P(mk),
+            I64(Tk),
+            P(dq),
+            P(dk),
+            P(dv),
+            P(delta),
+            sh,
+            int(causal),
+            C.c_float(scale),
+            C.c_float(p),
+            C.c_uint64(seed),
+            C.c_uint64(offset),
+        )
+        == 0
+    )
+    gr = torch.autograd.grad(ref, (q64, k64, v64), dout.double())
+    gx = torch.autograd.grad(tx, (qx, kx, vx), dout)
+    for name, a, t, r in zip(("dq", "dk", "dv"), (dq, dk, dv), gx, gr, strict=True):
+        rule(tag + " " + name, a, t, r)
+
+
+which = sys.argv[2] if len(sys.argv) > 2 else "all"
+torch.manual_seed(int(sys.argv[3]) if len(sys.argv) > 3 else 0)
+if which in ("all", "ln"):
+    for dtype in tc.DTYPES:
+        for N, M in [(1, 1), (7, 33), (13, 768), (5, 1500), (3, 4104)]:
+            for affine, residual in [(True, False), (False, False), (True, True)]:
+                ln(dtype, N, M, affine, residual)
+    print("ln done")
+if which in ("all", "gelu"):
+    for dtype in tc.DTYPES:
+        for N, M in [(1, 1), (7, 33), (129, 256), (3, 1001)]:
+            for approx in ("none", "tanh"):
+                for wb in (True, False):
+                    gelu(dtype, N, M, approx, wb)
+    print("gelu done")
+if which in ("all", "attn"):
+    for dtype in tc.DTYPES:
+        for case in tc.CASES:
+            for p in (0.0, 0.3):
+                for layout in ("contiguous", "bthd"):
+                    attn(dtype, case, p, layout)
+        print("attn done", dtype, flush=True)
+if which == "f32":
+    for s in range(6):
+        torch.manual_seed(100 + s)
+        for case in tc.CASES[1:]:
+            attn(torch.float32, case, 0.0, "contiguous")
+print("FAILURES:", len(fails))
+sys.exit(1 if fails else 0)

@@ -1,0 +1,46 @@
+#include "kernels.cuh"
+using namespace fastattn::cuda;
+extern "C" {
+int ln_fwd(int dt, const void* x, const void* r, const float* w, const float* b, void* out, void* sum,
+           float* mean, float* rstd, int64_t N, int64_t M, float eps) {
+  return layer_norm_fwd(DType(dt), x, r, w, b, out, sum, mean, rstd, N, M, eps, nullptr);
+}
+int64_t ln_ws(int64_t N, int64_t M, int nw, int nb) { return layer_norm_bwd_workspace(N, M, nw, nb); }
+int ln_bwd(int dt, const void* dout, const void* x, const float* w, const float* mean, const float* rstd,
+           const void* dsum, void* dx, float* dw, float* db, float* ws, int64_t N, int64_t M) {
+  return layer_norm_bwd(DType(dt), dout, x, w, mean, rstd, dsum, dx, dw, db, ws, N, M, nullptr);
+}
+int gelu_fwd(int dt, const void* x, const float* b, void* out, int64_t N, int64_t M, int t) {
+  return bias_gelu_fwd(DType(dt), x, b, out, N, M, t, nullptr);
+}
+int64_t gelu_ws(int64_t N, int64_t M, int nb) { return bias_gelu_bwd_workspace(N, M, nb); }
+int gelu_bwd(int dt, const void* dout, const void* x, const float* b, void* dx, float* db, float* ws,
+             int64_t N, int64_t M, int t) {
+  return bias_gelu_bwd(DType(dt), dout, x, b, dx, db, ws, N, M, t, nullptr);
+}
+int attn_fwd(int dt, const void* q, const void* k, const void* v, const int64_t* st,
+             const uint8_t* mask, int64_t msb, void* out, float* lse, const int* sh, int causal,
+             float scale, float p, uint64_t seed, uint64_t offset) {
+  AttentionFwdArgs a{};
+  a.q = q; a.k = k; a.v = v;
+  a.q_stride = {st[0], st[1], st[2]}; a.k_stride = {st[3], st[4], st[5]}; a.v_stride = {st[6], st[7], st[8]};
+  a.key_padding_mask = mask; a.mask_stride_b = msb; a.out = out; a.lse = lse;
+  a.B = sh[0]; a.Hq = sh[1]; a.Hkv = sh[2]; a.Tq = sh[3]; a.Tk = sh[4]; a.D = sh[5];
+  a.causal = causal; a.scale = scale; a.dropout_p = p; a.seed = seed; a.offset = offset;
+  return attention_fwd(DType(dt), a, nullptr);
+}
+int attn_bwd(int dt, const void* dout, const void* q, const void* k, const void* v, const void* out,
+             const float* lse, const int64_t* st, const uint8_t* mask, int64_t msb, void* dq, void* dk,
+             void* dv, float* delta, const int* sh, int causal, float scale, float p, uint64_t seed,
+             uint64_t offset) {
+  AttentionBwdArgs a{};
+  a.dout = dout; a.q = q; a.k = k; a.v = v; a.out = out; a.lse = lse;
+  a.dout_stride = {st[0], st[1], st[2]}; a.q_stride = {st[3], st[4], st[5]};
+  a.k_stride = {st[6], st[7], st[8]}; a.v_stride = {st[9], st[10], st[11]};
+  a.out_stride = {st[12], st[13], st[14]};
+  a.key_padding_mask = mask; a.mask_stride_b = msb; a.dq = dq; a.dk = dk; a.dv = dv; a.delta = delta;
+  a.B = sh[0]; a.Hq = sh[1]; a.Hkv = sh[2]; a.Tq = sh[3]; a.Tk = sh[4]; a.D = sh[5];
+  a.causal = causal; a.scale = scale; a.dropout_p = p; a.seed = seed; a.offset = offset;
+  return attention_bwd(DType(dt), a, nullptr);
+}
+}

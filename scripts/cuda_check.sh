@@ -1,0 +1,126 @@
+#!/usr/bin/env bash
+# Compile-check the CUDA kernels: every csrc/cuda/*.cu with nvcc for sm_80 and sm_90, then a
+# table of registers, spill stores / loads and static shared memory per kernel and arch
+# (attention's tiles use dynamic shared memory, sized at compile time and static_asserted
+# <= 160 KB in csrc/cuda/attention.cu; ptxas does not report it).
+#
+# Exit 1 on any compile error, or if an attention kernel for head dim 64 or 128 spills.
+# Usage: bash scripts/cuda_check.sh   (env NVCC to pick the compiler, default: nvcc on PATH)
+# Flags are those of setup.py's nvcc build (-O3 --use_fast_math, C++17).
+set -u -o pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+NVCC="${NVCC:-nvcc}"
+OUT="$(mktemp -d /tmp/fastattn_cuda_check.XXXXXX)"
+trap 'rm -rf "$OUT"' EXIT
+
+if ! command -v "$NVCC" >/dev/null 2>&1; then
+  echo "cuda_check: $NVCC not found (set NVCC=/path/to/nvcc)" >&2
+  exit 1
+fi
+echo "cuda_check: $("$NVCC" --version | tail -1)"
+
+shopt -s nullglob
+sources=("$ROOT"/csrc/cuda/*.cu)
+if [ ${#sources[@]} -eq 0 ]; then
+  echo "cuda_check: no .cu files under csrc/cuda" >&2
+  exit 1
+fi
+
+# Compile the files in parallel (ptxas is single-threaded; attention.cu dominates).
+pids=()
+for src in "${sources[@]}"; do
+  name="$(basename "$src" .cu)"
+  "$NVCC" -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90 \
+    -Xptxas -v -std=c++17 -O3 --use_fast_math -I"$ROOT/csrc" \
+    -c -o "$OUT/$name.o" "$src" >"$OUT/$name.log" 2>&1 &
+  pids+=("$!")
+done
+status=0
+i=0
+for src in "${sources[@]}"; do
+  if ! wait "${pids[$i]}"; then
+    echo "cuda_check: FAILED to compile $(basename "$src"):" >&2
+    grep -v "^ptxas info" "$OUT/$(basename "$src" .cu).log" >&2
+    status=1
+  fi
+  i=$((i + 1))
+done
+[ $status -eq 0 ] || exit 1
+
+python3 - "$OUT" "${sources[@]}" <<'PY'
+import os
+import re
+import subprocess
+import sys
+
+out_dir, sources = sys.argv[1], sys.argv[2:]
+entry = re.compile(r"Compiling entry function '(\S+)' for '(sm_\d+)'")
+spill = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
+used = re.compile(r"Used (\d+) registers")
+smem = re.compile(r"(\d+) bytes smem")
+
+
+def demangle(names):
+    try:
+        res = subprocess.run(["c++filt"], input="\n".join(names), capture_output=True, text=True,
+                             check=True)
+        out = res.stdout.splitlines()
+        if len(out) == len(names):
+            return out
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    return names
+
+
+def short(name):
+    name = re.sub(r"\(anonymous namespace\)::|fastattn::cuda::(detail::)?", "", name)
+    name = re.sub(r"\(.*\)$", "", name)  # argument list
+    name = re.sub(r"^void ", "", name)
+    return name.replace("__nv_bfloat16", "bf16").replace("__half", "fp16").replace("float", "fp32")
+
+
+rows = []  # (file, kernel, arch, regs, spill_st, spill_ld, smem)
+for src in sources:
+    base = os.path.splitext(os.path.basename(src))[0]
+    cur = None
+    with open(os.path.join(out_dir, base + ".log")) as f:
+        for line in f:
+            m = entry.search(line)
+            if m:
+                cur = [base, m.group(1), m.group(2), None, None, None, 0]
+                rows.append(cur)
+                continue
+            if cur is None:
+                continue
+            m = spill.search(line)
+            if m:
+                cur[4], cur[5] = int(m.group(1)), int(m.group(2))
+            m = used.search(line)
+            if m:
+                cur[3] = int(m.group(1))
+                s = smem.search(line)
+                cur[6] = int(s.group(1)) if s else 0
+
+names = demangle([r[1] for r in rows])
+for r, n in zip(rows, names):
+    r[1] = short(n)
+rows.sort(key=lambda r: (r[0], r[1], r[2]))
+
+w = max(len(r[1]) for r in rows)
+print(f"{'file':<10} {'kernel':<{w}} {'arch':<6} {'regs':>4} {'spill st':>8} {'spill ld':>8} {'smem':>6}")
+bad = []
+for r in rows:
+    print(f"{r[0]:<10} {r[1]:<{w}} {r[2]:<6} {r[3]:>4} {r[4]:>8} {r[5]:>8} {r[6]:>6}")
+    spills = (r[4] or 0) + (r[5] or 0)
+    if r[3] is None or r[4] is None:
+        bad.append(f"{r[1]} {r[2]}: could not parse ptxas output")
+    elif spills and r[0] == "attention" and re.search(r"\b(64|128)>", r[1]):
+        bad.append(f"{r[1]} {r[2]}: spills {r[4]} B stored / {r[5]} B loaded")
+spilling = sum(1 for r in rows if (r[4] or 0) + (r[5] or 0))
+print(f"cuda_check: {len(rows)} kernel builds, {spilling} with spills")
+if bad:
+    print("cuda_check: FAIL\n  " + "\n  ".join(bad), file=sys.stderr)
+    sys.exit(1)
+print("cuda_check: OK")
+PY

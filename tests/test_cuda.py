@@ -1,0 +1,268 @@
+"""Numeric tests of the CUDA backend (csrc/cuda) against float64 references computed inline.
+
+They call the kernel ops torch.ops.fastattn_C.* directly on CUDA tensors and apply the
+DESIGN.md rule: error vs the float64 reference <= 2 x PyTorch's own error in the same dtype
+(the same formula run in that dtype on the GPU) + a small floor. Skipped (with the reason)
+unless a GPU is visible and fastattn._C was built with the CUDA kernels.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+try:
+    from fastattn import _C
+except ImportError as e:  # pragma: no cover - depends on the build
+    _C, _why = None, f"fastattn._C not importable ({e})"
+else:
+    _why = None if getattr(_C, "with_cuda", False) else "fastattn._C built without CUDA kernels"
+if _why is None and not torch.cuda.is_available():
+    _why = "no CUDA device"
+pytestmark = pytest.mark.skipif(_why is not None, reason=_why or "")
+
+try:
+    from tests.rule import assert_rule
+except ImportError:  # the same rule as tests/rule.py, for a tree without it
+
+    def assert_rule(name, actual, torch_x, ref64):
+        assert actual.shape == ref64.shape, (
+            f"{name}: shape {tuple(actual.shape)} != {tuple(ref64.shape)}"
+        )
+        assert not torch.isnan(actual).any(), f"{name}: NaN in output"
+        err = (
+            (actual.double().cpu() - ref64.double().cpu()).abs().max().item()
+            if actual.numel()
+            else 0.0
+        )
+        base = (
+            (torch_x.double().cpu() - ref64.double().cpu()).abs().max().item()
+            if actual.numel()
+            else 0.0
+        )
+        scale = max(1.0, ref64.abs().max().item()) if ref64.numel() else 1.0
+        floor = 4.0 * torch.finfo(actual.dtype).eps * scale
+        assert err <= 2 * base + floor, f"{name}: error {err:.3g} > 2 x {base:.3g} + {floor:.3g}"
+
+
+OPS = torch.ops.fastattn_C
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def _rand(*shape, dtype, scale=1.0):
+    return (torch.randn(*shape, dtype=torch.float64) * scale).to("cuda", dtype)
+
+
+# ---------------------------------------------------------------- layer norm
+def _ln_ref(x, w, b, res, eps):
+    """out, sum, mean, rstd with plain torch in x's dtype (float64: the reference)."""
+    s = x + res if res is not None else x
+    mean = s.float().mean(-1) if s.dtype != torch.float64 else s.mean(-1)
+    out = F.layer_norm(s, (s.shape[-1],), w, b, eps)
+    return out, s, mean
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 1), (7, 33), (13, 768), (5, 1500), (3, 4104)])
+@pytest.mark.parametrize("affine,residual", [(True, False), (False, False), (True, True)])
+def test_layer_norm(dtype, shape, affine, residual):
+    N, M = shape
+    x = _rand(N, M, dtype=dtype, scale=2.0) + 0.5
+    res = _rand(N, M, dtype=dtype) if residual else None
+    w = _rand(M, dtype=torch.float32) if affine else None
+    b = _rand(M, dtype=torch.float32) if affine else None
+    eps = 1e-5
+    out, s, mean, rstd = OPS.layer_norm_fwd(x, w, b, res, eps)
+    # Reference from the rounded sum the kernel returns (the contract: sum in x's dtype).
+    s_in = s if residual else x
+    if residual:
+        assert_rule("sum", s, (x + res), x.double() + res.double())
+    w64 = w.double() if w is not None else None
+    b64 = b.double() if b is not None else None
+    s64 = s_in.double().requires_grad_(True)
+    w64r = w64.clone().requires_grad_(True) if w64 is not None else None
+    b64r = b64.clone().requires_grad_(True) if b64 is not None else None
+    ref = F.layer_norm(s64, (M,), w64r, b64r, eps)
+    sx = s_in.detach().clone().requires_grad_(True)
+    wx = w.to(dtype).requires_grad_(True) if w is not None else None
+    bx = b.to(dtype).requires_grad_(True) if b is not None else None
+    tx = F.layer_norm(sx, (M,), wx, bx, eps)
+    assert_rule("out", out, tx, ref)
+    torch.testing.assert_close(mean.double(), s64.detach().mean(-1), rtol=1e-4, atol=1e-4)
+    var = s64.detach().var(-1, unbiased=False)
+    torch.testing.assert_close(rstd.double(), 1 / torch.sqrt(var + eps), rtol=1e-3, atol=1e-4)
+
+    dout = _rand(N, M, dtype=dtype)
+    dsum = _rand(N, M, dtype=dtype) if residual else None
+    dx, dw, db = OPS.layer_norm_bwd(dout, s_in, w, mean, rstd, dsum, affine, affine)
+    gr = torch.autograd.grad(ref, [t for t in (s64, w64r, b64r) if t is not None], dout.double())
+    gx = torch.autograd.grad(tx, [t for t in (sx, wx, bx) if t is not None], dout)
+    dx_ref = gr[0] + (dsum.double() if residual else 0)
+    dx_tx = gx[0] + (dsum if residual else 0)
+    assert_rule("dx", dx, dx_tx, dx_ref)
+    if affine:
+        assert_rule("dweight", dw.to(dtype), gx[1], gr[1])
+        assert_rule("dbias", db.to(dtype), gx[2], gr[2])
+    else:
+        assert dw.numel() == 0 and db.numel() == 0
+
+
+def test_layer_norm_rejects_bad_input():
+    x = torch.randn(4, 8, device="cuda")
+    with pytest.raises(RuntimeError, match="float32, float16 or bfloat16"):
+        OPS.layer_norm_fwd(x.double(), None, None, None, 1e-5)
+    with pytest.raises(RuntimeError, match="shape"):
+        OPS.layer_norm_fwd(x, torch.ones(7, device="cuda"), None, None, 1e-5)
+    with pytest.raises(RuntimeError, match="CUDA"):
+        OPS.layer_norm_fwd(x, torch.ones(8), None, None, 1e-5)
+
+
+# ---------------------------------------------------------------- bias + GELU
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 1), (7, 33), (129, 256), (3, 1001)])
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_bias_gelu(dtype, shape, approximate, with_bias):
+    N, M = shape
+    x = _rand(N, M, dtype=dtype, scale=3.0)
+    bias = _rand(M, dtype=dtype) if with_bias else None
+    out = OPS.bias_gelu_fwd(x, bias, approximate)
+    x64 = x.double().requires_grad_(True)
+    b64 = bias.double().requires_grad_(True) if with_bias else None
+    ref = F.gelu(x64 + b64 if with_bias else x64, approximate=approximate)
+    xx = x.clone().requires_grad_(True)
+    bx = bias.clone().requires_grad_(True) if with_bias else None
+    tx = F.gelu(xx + bx if with_bias else xx, approximate=approximate)
+    assert_rule("out", out, tx, ref)
+    dout = _rand(N, M, dtype=dtype)
+    dx, db = OPS.bias_gelu_bwd(dout, x, bias, approximate, with_bias)
+    gr = torch.autograd.grad(ref, [t for t in (x64, b64) if t is not None], dout.double())
+    gx = torch.autograd.grad(tx, [t for t in (xx, bx) if t is not None], dout)
+    assert_rule("dx", dx, gx[0], gr[0])
+    if with_bias:
+        assert db.dtype == bias.dtype
+        assert_rule("dbias", db, gx[1], gr[1])
+
+
+# ---------------------------------------------------------------- attention
+def _philox_keep(seed, offset, B, Hq, Tq, Tk, p):
+    """keep[b, h, i, j] exactly as the kernels draw it (csrc/ops.cpp, fastattn/ops/attention.py)."""
+    M32 = np.uint64(0xFFFFFFFF)
+    b, h, i, j = np.meshgrid(
+        np.arange(B), np.arange(Hq), np.arange(Tq), np.arange(Tk), indexing="ij"
+    )
+    c0 = j.astype(np.uint64)
+    c1 = i.astype(np.uint64)
+    c2 = (b * Hq + h).astype(np.uint64)
+    c3 = np.full_like(c0, offset & 0xFFFFFFFF)
+    k0 = np.uint64(seed & 0xFFFFFFFF)
+    k1 = np.uint64((seed >> 32) & 0xFFFFFFFF)
+    A, Bm = np.uint64(0xCD9E8D57), np.uint64(0xD2511F53)
+    for _ in range(10):
+        _c0, _c2 = c0, c2
+        c0 = ((A * _c2) >> np.uint64(32)) ^ c1 ^ k0
+        c2 = ((Bm * _c0) >> np.uint64(32)) ^ c3 ^ k1
+        c1 = (A * _c2) & M32
+        c3 = (Bm * _c0) & M32
+        k0 = (k0 + np.uint64(0x9E3779B9)) & M32
+        k1 = (k1 + np.uint64(0xBB67AE85)) & M32
+    u = (c0 >> np.uint64(8)).astype(np.float64) * 2.0**-24
+    return torch.from_numpy(u >= np.float32(p))
+
+
+def _attn_math(q, k, v, kpm, causal, scale, keep, p):
+    """out, lse in q's dtype with plain torch ops (float64 inputs: the reference)."""
+    B, Hq, Tq, D = q.shape
+    Hkv, Tk = k.shape[1], k.shape[2]
+    k = k.repeat_interleave(Hq // Hkv, dim=1)
+    v = v.repeat_interleave(Hq // Hkv, dim=1)
+    s = (q @ k.transpose(-1, -2)) * scale
+    vis = torch.ones(B, 1, Tq, Tk, dtype=torch.bool, device=q.device)
+    if causal:
+        i = torch.arange(Tq, device=q.device)[:, None]
+        j = torch.arange(Tk, device=q.device)[None, :]
+        vis = vis & (j <= i + Tk - Tq)
+    if kpm is not None:
+        vis = vis & ~kpm[:, None, None, :]
+    any_vis = vis.any(-1, keepdim=True)
+    s = torch.where(vis, s, float("-inf"))
+    s = torch.where(any_vis, s, 0.0)
+    lse = torch.where(
+        any_vis.squeeze(-1),
+        torch.logsumexp(s.float() if s.dtype != torch.float64 else s, -1).to(s.dtype),
+        float("inf"),
+    )
+    pm = torch.softmax(s, -1) * any_vis
+    if keep is not None:
+        pm = pm * keep.to(q.device) / (1 - p)
+    return pm @ v, lse
+
+
+CASES = [
+    # B, Hq, Hkv, Tq, Tk, D, causal, padding
+    (1, 1, 1, 1, 1, 16, False, False),
+    (2, 4, 2, 17, 23, 64, False, True),
+    (1, 2, 1, 65, 130, 32, True, False),
+    (2, 2, 2, 130, 65, 128, True, True),  # Tq > Tk: the first rows see no key
+    (1, 3, 1, 33, 33, 80, True, False),  # padded head dim, MQA
+    (1, 2, 2, 40, 70, 24, False, False),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3])
+@pytest.mark.parametrize("layout", ["contiguous", "bthd"])
+def test_attention(dtype, case, dropout_p, layout):
+    B, Hq, Hkv, Tq, Tk, D, causal, padding = case
+    if layout == "bthd":  # non-contiguous [B, H, T, D] views of [B, T, H, D] storage
+        q = _rand(B, Tq, Hq, D, dtype=dtype).transpose(1, 2)
+        k = _rand(B, Tk, Hkv, D, dtype=dtype).transpose(1, 2)
+        v = _rand(B, Tk, Hkv, D, dtype=dtype).transpose(1, 2)
+    else:
+        q, k, v = (_rand(B, H, T, D, dtype=dtype) for H, T in ((Hq, Tq), (Hkv, Tk), (Hkv, Tk)))
+    kpm = None
+    if padding:
+        kpm = torch.rand(B, Tk, device="cuda") < 0.3
+        kpm[0] = True  # batch 0 sees no key at all: out 0, lse +inf, zero gradients
+    scale = 1.0 / math.sqrt(D)
+    seed, offset = 0x1234_5678_9ABC, 7
+    keep = _philox_keep(seed, offset, B, Hq, Tq, Tk, dropout_p) if dropout_p > 0 else None
+
+    out, lse = OPS.attention_fwd(q, k, v, kpm, causal, scale, dropout_p, seed, offset)
+    assert out.is_contiguous() and lse.dtype == torch.float32
+    q64, k64, v64 = (t.detach().double().requires_grad_(True) for t in (q, k, v))
+    ref, lse_ref = _attn_math(q64, k64, v64, kpm, causal, scale, keep, dropout_p)
+    qx, kx, vx = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
+    tx, _ = _attn_math(qx, kx, vx, kpm, causal, scale, keep, dropout_p)
+    assert_rule("out", out, tx, ref)
+    fin = torch.isfinite(lse_ref)
+    assert torch.equal(torch.isfinite(lse), fin) and (lse[~fin] > 0).all()
+    torch.testing.assert_close(lse[fin].double(), lse_ref[fin].detach(), rtol=1e-4, atol=1e-4)
+
+    dout = _rand(B, Hq, Tq, D, dtype=dtype)
+    dq, dk, dv = OPS.attention_bwd(
+        dout, q, k, v, out, lse, kpm, causal, scale, dropout_p, seed, offset
+    )
+    gr = torch.autograd.grad(ref, (q64, k64, v64), dout.double())
+    gx = torch.autograd.grad(tx, (qx, kx, vx), dout)
+    for name, a, t, r in zip(("dq", "dk", "dv"), (dq, dk, dv), gx, gr, strict=True):
+        assert_rule(name, a, t, r)
+
+
+def test_attention_rejects_bad_input():
+    q = torch.randn(1, 2, 8, 256, device="cuda", dtype=torch.float16)
+    with pytest.raises(RuntimeError, match="head dim 256"):
+        OPS.attention_fwd(q, q, q, None, False, 1.0, 0.0, 0, 0)
+    q = torch.randn(1, 3, 8, 64, device="cuda", dtype=torch.float16)
+    k = torch.randn(1, 2, 8, 64, device="cuda", dtype=torch.float16)
+    with pytest.raises(RuntimeError, match="multiple of key/value heads"):
+        OPS.attention_fwd(q, k, k, None, False, 1.0, 0.0, 0, 0)
+    with pytest.raises(RuntimeError, match="stride 1"):
+        OPS.attention_fwd(
+            q.transpose(2, 3), q.transpose(2, 3), q.transpose(2, 3), None, False, 1.0, 0.0, 0, 0
+        )

@@ -89,20 +89,36 @@ COMMON_DEFAULTS = dict(
 
 
 # ----------------------------------------------------------------------------- arguments
+class _HelpFormatter(argparse.HelpFormatter):
+    """Shows each flag's default: the preset values, a common default, or nothing."""
+
+    def _get_help_string(self, action):
+        key, text = action.dest, action.help or ""
+        if key in PRESETS["cpu_small"]:
+            vals = ", ".join(f"{name} {PRESETS[name][key]}" for name in sorted(PRESETS))
+            return f"{text} (preset: {vals})"
+        if key in COMMON_DEFAULTS and "default" not in text:
+            return f"{text} (default: {COMMON_DEFAULTS[key]})"
+        if action.default not in (None, False, argparse.SUPPRESS) and "default" not in text:
+            return f"{text} (default: {action.default})"
+        return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="fastattn-train",
         description="Train a small character-level GPT with fastattn's kernels (or plain torch).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     a = p.add_argument
     a(
         "--preset",
         default="cpu_small",
         choices=sorted(PRESETS),
-        help="model/optimiser settings to start from; the flags below override them",
+        help="model/optimiser settings to start from; the flags below override them. "
+        "shakespeare_char is nanoGPT's GPU recipe (on a CPU add --batch-size 8)",
     )
-    g = p.add_argument_group("model (default: from the preset; ignored with --resume)")
+    g = p.add_argument_group("model (ignored with --resume: the checkpoint has it)")
     g.add_argument("--n-layer", type=int, help="number of transformer blocks")
     g.add_argument("--n-head", type=int, help="attention heads per block (must divide --n-embd)")
     g.add_argument("--n-embd", type=int, help="model width")
@@ -112,14 +128,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--bias",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="biases in Linear and LayerNorm layers (default: on)",
+        help="biases in Linear and LayerNorm layers",
     )
     g.add_argument(
         "--kernels",
         choices=["fastattn", "torch"],
-        help="fastattn modules or plain torch ones (default: fastattn)",
+        help="fastattn modules or plain torch ones (--compare runs both)",
     )
-    t = p.add_argument_group("optimisation (default: from the preset)")
+    t = p.add_argument_group("optimisation")
     t.add_argument("--batch-size", type=int, help="sequences per step per process")
     t.add_argument("--max-iters", type=int, help="total optimiser steps")
     t.add_argument("--lr", type=float, help="peak learning rate")
@@ -130,14 +146,10 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         help="step at which the cosine decay reaches --min-lr (default: --max-iters)",
     )
-    t.add_argument(
-        "--weight-decay", type=float, help="AdamW weight decay on 2-D weights (default 0.1)"
-    )
-    t.add_argument("--beta1", type=float, help="AdamW beta1 (default 0.9)")
-    t.add_argument("--beta2", type=float, help="AdamW beta2 (default 0.99)")
-    t.add_argument(
-        "--grad-clip", type=float, help="clip the gradient norm to this; 0 = off (default 1.0)"
-    )
+    t.add_argument("--weight-decay", type=float, help="AdamW weight decay on 2-D weights")
+    t.add_argument("--beta1", type=float, help="AdamW beta1")
+    t.add_argument("--beta2", type=float, help="AdamW beta2")
+    t.add_argument("--grad-clip", type=float, help="clip the gradient norm to this; 0 = off")
     r = p.add_argument_group("run")
     r.add_argument(
         "--eval-interval", type=int, help="evaluate and checkpoint every this many steps"
@@ -146,19 +158,17 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument(
         "--log-interval",
         type=int,
-        help="write an 'iter' metrics line every this many steps (default 10)",
+        help="write an 'iter' metrics line every this many steps",
     )
-    r.add_argument("--device", help="cpu (default), cuda or cuda:N")
+    r.add_argument("--device", help="cpu, cuda or cuda:N")
     r.add_argument(
         "--dtype",
         choices=["float32", "bfloat16"],
-        help="float32 (default) or bfloat16 autocast for the forward pass",
+        help="float32 or bfloat16 autocast for the forward pass",
     )
     r.add_argument("--compile", action="store_true", help="torch.compile the model")
     r.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
-    r.add_argument(
-        "--seed", type=int, help="random seed (default 1337); rank r uses seed + r for its data"
-    )
+    r.add_argument("--seed", type=int, help="random seed; rank r uses seed + r for its data")
     r.add_argument(
         "--out-dir", help="where metrics, checkpoints and samples go (default: out-<preset>)"
     )
@@ -169,9 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="continue from <out-dir>/ckpt.pt (model shape from the checkpoint)",
     )
-    r.add_argument(
-        "--sample-tokens", type=int, help="characters to generate at the end (default 300)"
-    )
+    r.add_argument("--sample-tokens", type=int, help="characters to generate at the end")
     r.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
     r.add_argument(
         "--compare",

@@ -1,0 +1,5 @@
+"""Models built from fastattn modules."""
+
+from fastattn.models.gpt import GPT, GPTConfig
+
+__all__ = ["GPT", "GPTConfig"]

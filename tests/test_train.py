@@ -1,0 +1,260 @@
+"""The trainer and its data: errors, exact resume, --compare outputs, 2-process DDP (gloo).
+
+Run: PYTHONPATH=. python -m pytest tests/test_train.py -q
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from fastattn import train
+from fastattn.data import DEFAULT_TEXT, CharTokenizer, DataError, load_text_dataset
+from fastattn.models.gpt import GPT, GPTConfig
+
+pytestmark = pytest.mark.filterwarnings("ignore:fastattn.nn")
+
+TINY_FLAGS = [
+    "--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--block-size", "16",
+    "--batch-size", "4", "--eval-iters", "2", "--sample-tokens", "0", "--no-progress",
+    "--threads", "1",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def small_text(tmp_path_factory):
+    """The first 20k characters of tinyshakespeare (fast to prepare)."""
+    p = tmp_path_factory.mktemp("data") / "small.txt"
+    p.write_text(DEFAULT_TEXT.read_text(encoding="utf-8")[:20_000], encoding="utf-8")
+    return p
+
+
+def flags(tmp_path, small_text, *extra, out="out"):
+    return [*TINY_FLAGS, "--data", str(small_text), "--cache-dir", str(tmp_path / "cache"),
+            "--out-dir", str(tmp_path / out), *extra]  # fmt: skip
+
+
+def read_metrics(path):
+    return [json.loads(line) for line in open(path)]
+
+
+# ----------------------------------------------------------------------------- data
+def test_tokenizer_split_and_cache(tmp_path, small_text):
+    ds = load_text_dataset(small_text, tmp_path)
+    text = small_text.read_text(encoding="utf-8")
+    assert ds.vocab_size == len(set(text))
+    assert len(ds.train) == int(0.9 * len(text)) and len(ds.train) + len(ds.val) == len(text)
+    assert ds.tokenizer.decode(ds.train[:100]) == text[:100]
+    assert ds.tokenizer.decode(ds.val[:50]) == text[len(ds.train) : len(ds.train) + 50]
+    assert ds.train.dtype == np.uint16 and isinstance(ds.train, np.memmap)
+    vocab = CharTokenizer.load(ds.directory / "vocab.json")
+    assert vocab.chars == ds.tokenizer.chars
+    assert vocab.decode(vocab.encode("First Citizen")) == "First Citizen"
+    mtime = (ds.directory / "train.bin").stat().st_mtime_ns
+    again = load_text_dataset(small_text, tmp_path)  # prepared once: files reused
+    assert again.directory == ds.directory
+    assert (ds.directory / "train.bin").stat().st_mtime_ns == mtime
+    assert not [f for f in os.listdir(ds.directory) if f.endswith(".tmp")]
+    g1, g2 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    x, y = ds.get_batch("val", 5, 8, g1)
+    x2, _ = ds.get_batch("val", 5, 8, g2)
+    assert x.shape == (5, 8) and x.dtype == torch.long and torch.equal(x, x2)
+    assert torch.equal(x[:, 1:], y[:, :-1])
+
+
+def test_data_errors(tmp_path):
+    with pytest.raises(DataError, match="not found"):
+        load_text_dataset(tmp_path / "nope.txt", tmp_path)
+    (tmp_path / "empty.txt").write_bytes(b"")
+    with pytest.raises(DataError, match="empty"):
+        load_text_dataset(tmp_path / "empty.txt", tmp_path)
+    (tmp_path / "latin1.txt").write_bytes("café au lait".encode("latin-1"))
+    with pytest.raises(DataError, match="not valid UTF-8.*byte 3"):
+        load_text_dataset(tmp_path / "latin1.txt", tmp_path)
+    (tmp_path / "short.txt").write_text("abcdefghij" * 10)
+    ds = load_text_dataset(tmp_path / "short.txt", tmp_path)  # 90 / 10 tokens
+    with pytest.raises(DataError, match="block size 10 is too large.*val split has 10 tokens"):
+        ds.get_batch("val", 2, 10, torch.Generator())
+    with pytest.raises(DataError, match="not in the vocabulary"):
+        ds.tokenizer.encode("xyz")
+
+
+# ----------------------------------------------------------------------------- flags
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--n-layer", "-1"], "--n-layer must be >= 1"),
+        (["--batch-size", "0"], "--batch-size must be >= 1"),
+        (["--max-iters", "-5"], "--max-iters must be >= 0"),
+        (["--n-embd", "30", "--n-head", "4"], "--n-embd (30) must be divisible by --n-head (4)"),
+        (["--preset", "huge"], "invalid choice: 'huge'"),
+        (["--dropout", "1.5"], "--dropout must be in [0, 1)"),
+        (["--lr", "0"], "--lr must be > 0"),
+        (["--kernels", "cuda"], "invalid choice: 'cuda'"),
+        (["--device", "tpu"], "--device must be cpu, cuda or cuda:N"),
+        (["--data", "/no/such/file.txt"], "--data: file not found: /no/such/file.txt"),
+        (["--compare", "--resume"], "--compare and --resume cannot be combined"),
+        (["--resume", "--out-dir", "/no/such/dir"], "--resume: no checkpoint at /no/such/dir"),
+    ],
+)
+def test_bad_flags_exit_with_a_message(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        train.main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_bad_data_files_exit_with_a_message(tmp_path, small_text, capsys):
+    (tmp_path / "empty.txt").write_bytes(b"")
+    (tmp_path / "bin.txt").write_bytes(b"\xff\xfe\x00abc")
+    (tmp_path / "short.txt").write_text("to be or not to be " * 5)  # 95 chars: val has 10
+    cases = [
+        ("empty.txt", [], "data file is empty"),
+        ("bin.txt", [], "not valid UTF-8"),
+        ("short.txt", [], "block size 16 is too large for the data: the val split has 10 tokens"),
+    ]
+    for name, extra, message in cases:
+        argv = [*TINY_FLAGS, "--data", str(tmp_path / name), "--cache-dir", str(tmp_path / "c"),
+                "--out-dir", str(tmp_path / "o"), "--max-iters", "1", *extra]  # fmt: skip
+        with pytest.raises(SystemExit) as e:
+            train.main(argv)
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert message in err, err
+    assert train.build_parser().format_help().count("--") > 30  # every flag has help text
+
+
+# ----------------------------------------------------------------------------- resume
+def test_resume_continues_exactly(tmp_path, small_text):
+    """10 steps straight == 5 steps, then --resume to 10: identical losses and weights.
+    Dropout is on, so the restored torch RNG state matters too."""
+    common = ["--eval-interval", "5", "--log-interval", "1", "--lr-decay-iters", "10",
+              "--warmup-iters", "2", "--dropout", "0.1", "--seed", "11"]  # fmt: skip
+    train.main(flags(tmp_path, small_text, *common, "--max-iters", "10", out="straight"))
+    train.main(flags(tmp_path, small_text, *common, "--max-iters", "5", out="resumed"))
+    first = torch.load(tmp_path / "resumed" / "ckpt.pt", weights_only=False)
+    assert first["step"] == 5 and len(first["rng"]) == 1
+    assert {"model", "optimizer", "rng", "config", "args", "elapsed_s"} <= set(first)
+    assert {"torch", "numpy", "python", "data"} <= set(first["rng"][0])
+    train.main(flags(tmp_path, small_text, *common, "--max-iters", "10", "--resume", out="resumed"))
+
+    a = read_metrics(tmp_path / "straight" / "metrics.jsonl")
+    b = read_metrics(tmp_path / "resumed" / "metrics.jsonl")
+    iters = lambda m: [(r["step"], r["loss"]) for r in m if r["kind"] == "iter"]
+    evals = lambda m: [
+        (r["step"], r["train_loss"], r["val_loss"]) for r in m if r["kind"] == "eval"
+    ]
+    assert [s for s, _ in iters(a)] == list(range(10))
+    assert iters(a) == iters(b)  # exact equality, not a tolerance
+    assert evals(a) == evals(b) and [s for s, *_ in evals(a)] == [0, 5, 10]
+    sa = torch.load(tmp_path / "straight" / "ckpt.pt", weights_only=False)["model"]
+    sb = torch.load(tmp_path / "resumed" / "ckpt.pt", weights_only=False)["model"]
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+# ----------------------------------------------------------------------------- --compare
+def test_compare_writes_table_json_and_plot(tmp_path, small_text, capsys):
+    argv = flags(tmp_path, small_text, "--compare", "--max-iters", "6", "--eval-interval", "3",
+                 "--sample-tokens", "20")  # fmt: skip
+    train.main(argv)
+    out = capsys.readouterr().out
+    assert "speed-up" in out and "tokens/s" in out and "--- sample" in out
+    rec = json.loads((tmp_path / "out" / "compare.json").read_text())
+    rows = {r["kernels"]: r for r in rec["rows"]}
+    assert set(rows) == {"torch", "fastattn"} and rows["torch"]["speedup"] == pytest.approx(1.0)
+    assert rows["fastattn"]["timed_iters"] == 6 - train.TIMING_WARMUP_ITERS
+    # same seed and config: the two runs learn the same thing
+    assert rows["fastattn"]["final_val_loss"] == pytest.approx(
+        rows["torch"]["final_val_loss"], rel=1e-4
+    )
+    assert (tmp_path / "out" / "compare.png").stat().st_size > 1000
+    for k in ("torch", "fastattn"):
+        assert (tmp_path / "out" / k / "ckpt.pt").exists()
+        assert (
+            len(
+                [
+                    r
+                    for r in read_metrics(tmp_path / "out" / k / "metrics.jsonl")
+                    if r["kind"] == "eval"
+                ]
+            )
+            == 3
+        )
+
+
+# ----------------------------------------------------------------------------- DDP
+TINY_CFG = dict(block_size=16, vocab_size=65, n_layer=2, n_head=2, n_embd=32)
+
+
+def _fixed_batches():
+    g = torch.Generator().manual_seed(123)
+    x = torch.randint(0, 65, (3, 4, 16), generator=g)  # 3 steps of a global batch of 4
+    return x, (7 * x + 3) % 65
+
+
+def _manual_steps(model, x, y, world=1, rank=0):
+    # plain SGD: Adam's g / sqrt(v) would blow float noise on near-zero gradients up to lr
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    n = x.shape[1] // world
+    for s in range(x.shape[0]):
+        _, loss = model(x[s, rank * n : (rank + 1) * n], y[s, rank * n : (rank + 1) * n])
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+
+def _ddp_worker(rank, world, port, tmp, argv):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))  # fmt: skip
+    warnings.simplefilter("ignore")
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    dist.init_process_group("gloo")
+    # 1) DDP on this rank's half of a fixed global batch
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**TINY_CFG), kernels="fastattn")
+    _manual_steps(DDP(model), *_fixed_batches(), world=world, rank=rank)
+    # 2) the trainer end to end (it reuses the open process group)
+    summary = train.run(argv)
+    torch.save(
+        {"manual": model.state_dict(), "trained": summary["model"].state_dict()},
+        os.path.join(tmp, f"rank{rank}.pt"),
+    )
+    dist.destroy_process_group()
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_process_gloo_ddp(tmp_path, small_text):
+    import torch.multiprocessing as mp
+
+    argv = flags(tmp_path, small_text, "--max-iters", "4", "--eval-interval", "2")
+    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path), argv), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    for key in ("manual", "trained"):  # replicas stay identical, bit for bit
+        assert all(torch.equal(r0[key][k], r1[key][k]) for k in r0[key]), key
+    # DDP's gradient averaging == one process on the whole global batch
+    torch.manual_seed(0)
+    single = GPT(GPTConfig(**TINY_CFG), kernels="fastattn")
+    _manual_steps(single, *_fixed_batches())
+    for k, v in single.state_dict().items():
+        torch.testing.assert_close(r0["manual"][k], v, rtol=1e-5, atol=1e-6)
+    # only rank 0 wrote; the checkpoint holds both ranks' RNG streams
+    ckpt = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=False)
+    assert ckpt["step"] == 4 and len(ckpt["rng"]) == 2
+    assert not torch.equal(ckpt["rng"][0]["data"], ckpt["rng"][1]["data"])
+    evals = [r for r in read_metrics(tmp_path / "out" / "metrics.jsonl") if r["kind"] == "eval"]
+    assert [r["step"] for r in evals] == [0, 2, 4]

@@ -18,6 +18,7 @@ from tests.rule import assert_rule
 def _fwd_bwd(model, *args, **kwargs):
     model.zero_grad(set_to_none=True)
     out = model(*args, **kwargs)
+    out = getattr(out, "logits", out)  # Hugging Face model outputs
     out = out[0] if isinstance(out, tuple) else out
     out.backward(torch.ones_like(out) * 0.01 + torch.linspace(0, 1, out.numel()).view_as(out))
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}

@@ -79,7 +79,9 @@ def test_threads_agree_with_sequential():
         except BaseException as e:  # surfaced below
             errors.append(e)
 
-    threads = [threading.Thread(target=work, args=(op, i)) for op in OPS for i in range(len(inputs))]
+    threads = [
+        threading.Thread(target=work, args=(op, i)) for op in OPS for i in range(len(inputs))
+    ]
     for t in threads:
         t.start()
     for t in threads:
@@ -119,8 +121,13 @@ print(json.dumps({"T": T, "extra_kib": peak - base, "backend": fastattn.last_bac
 @pytest.mark.parametrize("T", [4096, 16384])
 def test_attention_memory_is_linear(T):
     """Forward+backward at T=16384 (B=H=1, D=64): a score matrix would take 1 GiB in float32."""
-    res = subprocess.run([sys.executable, "-c", _PEAK, str(T)], capture_output=True, text=True,
-                         timeout=600, check=True)
+    res = subprocess.run(
+        [sys.executable, "-c", _PEAK, str(T)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=True,
+    )
     info = json.loads(res.stdout.strip().splitlines()[-1])
     assert info["backend"] == "cpu"
     # q, k, v, out, lse and their gradients are ~10 x T x 64 x 4 bytes (42 MiB at 16k).
@@ -134,21 +141,80 @@ def _q(*shape, dtype=torch.float32):
 
 
 BAD = [
-    ("attention rank", lambda: fastattn.attention(_q(2, 3, 4), _q(2, 3, 4), _q(2, 3, 4)), "4-D|rank|dim"),
-    ("attention batch", lambda: fastattn.attention(_q(2, 2, 4, 8), _q(3, 2, 4, 8), _q(3, 2, 4, 8)), "batch"),
-    ("attention head dim", lambda: fastattn.attention(_q(1, 2, 4, 8), _q(1, 2, 4, 16), _q(1, 2, 4, 16)), "head dim"),
-    ("attention GQA", lambda: fastattn.attention(_q(1, 3, 4, 8), _q(1, 2, 4, 8), _q(1, 2, 4, 8)), "multiple|divisible|%"),
-    ("attention dtypes", lambda: fastattn.attention(_q(1, 2, 4, 8), _q(1, 2, 4, 8).double(), _q(1, 2, 4, 8)), "dtype"),
-    ("attention int", lambda: fastattn.attention(*(torch.ones(1, 1, 2, 4, dtype=torch.int64),) * 3), "floating"),
-    ("attention complex", lambda: fastattn.attention(*(torch.ones(1, 1, 2, 4, dtype=torch.complex64),) * 3), "floating"),
-    ("attention device", lambda: fastattn.attention(_q(1, 2, 4, 8), _q(1, 2, 4, 8).to("meta"), _q(1, 2, 4, 8)), "device"),
-    ("attention mask shape", lambda: fastattn.attention(_q(1, 2, 4, 8), _q(1, 2, 5, 8), _q(1, 2, 5, 8), key_padding_mask=torch.zeros(1, 4, dtype=torch.bool)), "key_padding_mask"),
-    ("attention mask dtype", lambda: fastattn.attention(_q(1, 2, 4, 8), _q(1, 2, 5, 8), _q(1, 2, 5, 8), key_padding_mask=torch.zeros(1, 5)), "bool"),
-    ("attention dropout", lambda: fastattn.attention(_q(1, 2, 4, 8), _q(1, 2, 4, 8), _q(1, 2, 4, 8), dropout_p=1.5), "dropout"),
+    (
+        "attention rank",
+        lambda: fastattn.attention(_q(2, 3, 4), _q(2, 3, 4), _q(2, 3, 4)),
+        "4-D|rank|dim",
+    ),
+    (
+        "attention batch",
+        lambda: fastattn.attention(_q(2, 2, 4, 8), _q(3, 2, 4, 8), _q(3, 2, 4, 8)),
+        "batch",
+    ),
+    (
+        "attention head dim",
+        lambda: fastattn.attention(_q(1, 2, 4, 8), _q(1, 2, 4, 16), _q(1, 2, 4, 16)),
+        "head dim",
+    ),
+    (
+        "attention GQA",
+        lambda: fastattn.attention(_q(1, 3, 4, 8), _q(1, 2, 4, 8), _q(1, 2, 4, 8)),
+        "multiple|divisible|%",
+    ),
+    (
+        "attention dtypes",
+        lambda: fastattn.attention(_q(1, 2, 4, 8), _q(1, 2, 4, 8).double(), _q(1, 2, 4, 8)),
+        "dtype",
+    ),
+    (
+        "attention int",
+        lambda: fastattn.attention(*(torch.ones(1, 1, 2, 4, dtype=torch.int64),) * 3),
+        "floating",
+    ),
+    (
+        "attention complex",
+        lambda: fastattn.attention(*(torch.ones(1, 1, 2, 4, dtype=torch.complex64),) * 3),
+        "floating",
+    ),
+    (
+        "attention device",
+        lambda: fastattn.attention(_q(1, 2, 4, 8), _q(1, 2, 4, 8).to("meta"), _q(1, 2, 4, 8)),
+        "device",
+    ),
+    (
+        "attention mask shape",
+        lambda: fastattn.attention(
+            _q(1, 2, 4, 8),
+            _q(1, 2, 5, 8),
+            _q(1, 2, 5, 8),
+            key_padding_mask=torch.zeros(1, 4, dtype=torch.bool),
+        ),
+        "key_padding_mask",
+    ),
+    (
+        "attention mask dtype",
+        lambda: fastattn.attention(
+            _q(1, 2, 4, 8), _q(1, 2, 5, 8), _q(1, 2, 5, 8), key_padding_mask=torch.zeros(1, 5)
+        ),
+        "bool",
+    ),
+    (
+        "attention dropout",
+        lambda: fastattn.attention(_q(1, 2, 4, 8), _q(1, 2, 4, 8), _q(1, 2, 4, 8), dropout_p=1.5),
+        "dropout",
+    ),
     ("layer_norm shape", lambda: fastattn.layer_norm(_q(3, 5), (4,)), "normalized_shape"),
-    ("layer_norm int", lambda: fastattn.layer_norm(torch.ones(3, 5, dtype=torch.int32), (5,)), "floating"),
+    (
+        "layer_norm int",
+        lambda: fastattn.layer_norm(torch.ones(3, 5, dtype=torch.int32), (5,)),
+        "floating",
+    ),
     ("bias_gelu bias", lambda: fastattn.bias_gelu(_q(3, 5), _q(4)), "bias"),
-    ("bias_gelu approximate", lambda: fastattn.bias_gelu(_q(3, 5), approximate="fast"), "approximate"),
+    (
+        "bias_gelu approximate",
+        lambda: fastattn.bias_gelu(_q(3, 5), approximate="fast"),
+        "approximate",
+    ),
     ("bias_gelu int", lambda: fastattn.bias_gelu(torch.ones(3, 5, dtype=torch.int32)), "floating"),
 ]
 
@@ -211,7 +277,9 @@ def test_odd_strides():
     out = fastattn.attention(q, k1.expand(2, 4, 7, 16), k1.expand(2, 4, 7, 16))
     torch.testing.assert_close(out, fastattn.attention(q, k1, k1))
     x = torch.randn(9, 12).t()  # transposed
-    torch.testing.assert_close(fastattn.layer_norm(x, (9,)), fastattn.layer_norm(x.contiguous(), (9,)))
+    torch.testing.assert_close(
+        fastattn.layer_norm(x, (9,)), fastattn.layer_norm(x.contiguous(), (9,))
+    )
 
 
 # ----------------------------------------------------------------------------- export
@@ -219,8 +287,12 @@ def test_export_demo_gpt():
     from fastattn.models.gpt import GPT, GPTConfig
 
     torch.manual_seed(0)
-    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=65,
-                          dropout=0.0, bias=True), kernels="fastattn").eval()
+    model = GPT(
+        GPTConfig(
+            n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=65, dropout=0.0, bias=True
+        ),
+        kernels="fastattn",
+    ).eval()
     idx = torch.randint(0, 65, (2, 16))
     exported = torch.export.export(model, (idx,))
     with torch.no_grad():

@@ -59,7 +59,7 @@ bench: build
 	$(PY) -m benchmarks.run
 
 demo: build
-	$(PY) -m fastattn.train --preset cpu_small --compare --out-dir out/demo
+	$(PY) -m fastattn.train --preset cpu_small --compare --max-iters 800 --out-dir out/demo
 
 clean:
 	rm -rf build fastattn/*.so *.egg-info .pytest_cache

@@ -19,7 +19,7 @@
 // attention_fwd(q[B,Hq,Tq,D], k[B,Hkv,Tk,D], v[B,Hkv,Tk,D], key_padding_mask?[B,Tk] bool
 //               (True = padding, ignored: torch.nn.MultiheadAttention's meaning), causal,
 //               scale, dropout_p, seed, offset)
-//     -> (out[B,Hq,Tq,D] contiguous, lse[B,Hq,Tq] fp32)
+//     -> (out[B,Hq,Tq,D] contiguous, lse[B,Hq,Tq] fp32 (fp64 for fp64 inputs), natural log)
 //     q/k/v may have any strides with stride(-1) == 1; Hq % Hkv == 0 (head h reads kv head
 //     h / (Hq / Hkv)). Causal is bottom-right aligned (flash-attn): query i sees key j iff
 //     j <= i + Tk - Tq. A query row that sees no key gives out = 0 and lse = +inf (so the

@@ -36,16 +36,9 @@
 #include "cpu/kernels.h"
 #include "cpu/vec.h"
 
-#include <ATen/EmptyTensor.h>
-#include <c10/core/Allocator.h>
-
 #include <cmath>
 #include <cstdlib>
 #include <vector>
-
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
 
 namespace fastattn {
 namespace cpu {
@@ -65,35 +58,13 @@ constexpr float kTwoK = 1.59576912160573071176f;        // 2 sqrt(2 / pi)
 constexpr float kC = 0.044715f;
 constexpr float kTanhClamp = 10.0f;
 
-// Outputs of >= 4 MiB are allocated 2 MiB-aligned and marked MADV_HUGEPAGE (Linux THP in
-// "madvise" mode, the common default). A fresh [8192, 3072] float output from the default
-// allocator takes 25K first-touch page faults, which cost more than the GELU itself (measured
-// in dev/gelu_cpu/RESULTS.md); with huge pages it takes 50. torch does the same for all its
-// tensors when THP_MEM_ALLOC_ENABLE=1 is set; this does it for this op's outputs only.
-struct HugePageAllocator final : c10::Allocator {
-  static constexpr size_t kAlign = size_t(2) << 20;
-  static void release(void* p) { std::free(p); }
-  c10::DataPtr allocate(size_t n) override {
-    void* p = nullptr;
-    if (n > 0 && posix_memalign(&p, kAlign, n) != 0) p = nullptr;
-    TORCH_CHECK(n == 0 || p != nullptr, "fastattn: out of memory allocating ", n, " bytes");
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-    if (p != nullptr) madvise(p, n, MADV_HUGEPAGE);
-#endif
-    return {p, p, &release, at::Device(at::kCPU)};
-  }
-  c10::DeleterFnPtr raw_deleter() const override { return &release; }
-  void copy_data(void* dest, const void* src, std::size_t count) const override {
-    default_copy_data(dest, src, count);
-  }
-};
-
+// Outputs come from torch's allocator (at::empty). A fresh [8192, 3072] float output takes
+// ~25K first-touch page faults, which cost about as much as the GELU itself (measured in
+// dev/gelu_cpu/RESULTS.md); THP_MEM_ALLOC_ENABLE=1 makes torch back large tensors with huge
+// pages, for every op alike. A private caching allocator here was tried and refused: it hid
+// hundreds of MiB from the user and made the speed-up an allocator effect, not a kernel one.
 at::Tensor empty_out(int64_t N, int64_t M, const at::Tensor& like) {
-  const int64_t bytes = N * M * static_cast<int64_t>(like.element_size());
-  if (bytes < (int64_t(4) << 20)) return at::empty({N, M}, like.options());
-  static HugePageAllocator alloc;
-  return at::detail::empty_generic({N, M}, &alloc, c10::DispatchKeySet(c10::DispatchKey::CPU),
-                                   like.scalar_type(), std::nullopt);
+  return at::empty({N, M}, like.options());
 }
 
 // Rows per parallel task: enough work (~16K elements) to amortise scheduling.

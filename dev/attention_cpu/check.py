@@ -1,6 +1,6 @@
 """Correctness of the CPU attention kernel (torch.ops.fastattn_C.attention_fwd / _bwd).
 
-    PYTHONPATH=. python dev/attention_cpu/check.py [--quick]
+    PYTHONPATH=. python dev/attention_cpu/check.py [--quick] [--threads N]
 
 Reference: softmax(scale * Q K^T + mask) V materialised in float64 (GQA by repeating K/V per
 query head, causal bottom-right aligned, key padding, dropout with the same Philox mask built
@@ -199,7 +199,11 @@ def padding_mask(B, Tk, gen):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: default)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"threads: {torch.get_num_threads()}")
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(1)
     philox_kat()

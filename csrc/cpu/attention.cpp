@@ -70,6 +70,7 @@ constexpr int64_t kBK = 128;  // keys per block (a multiple of 16)
 constexpr int kMR = 4;       // micro-kernel rows
 constexpr int kNV = 4;       // micro-kernel vectors per row
 constexpr int64_t kMaxHeadDim = 256;
+constexpr int64_t kMaxSplitBytes = int64_t(256) << 20;  // backward dK / dV partials, all splits
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
@@ -441,9 +442,12 @@ void bwd_vec(const Geom& g, const T* dout, const T* q, Strides qs, const T* k, S
   const int64_t groups = g.B * g.Hkv;
   const int64_t pairs = g.G * g.nQB;  // (query head, query block) pairs per group
   const int64_t threads = at::get_num_threads();
-  // Split a group's pairs only when the groups alone cannot keep every thread busy.
-  const int64_t splits =
-      groups >= 4 * threads ? 1 : std::max<int64_t>(1, std::min<int64_t>(pairs, ceil_div(4 * threads, groups)));
+  // Split a group's pairs only when the groups alone cannot keep every thread busy (two items
+  // per thread balance well), and keep the dK / dV partials under kMaxSplitBytes.
+  const int64_t want = groups >= 2 * threads ? 1 : ceil_div(2 * threads, groups);
+  const int64_t split_bytes = 2 * groups * g.Tkp * Dp * static_cast<int64_t>(sizeof(float));
+  const int64_t mem_cap = std::max<int64_t>(1, kMaxSplitBytes / std::max<int64_t>(1, split_bytes));
+  const int64_t splits = std::max<int64_t>(1, std::min({want, pairs, mem_cap}));
   const auto pair_cost = [&](int64_t pr) { return g.cost(pr % g.nQB); };
   const auto split_bounds = balanced_bounds(pairs, splits, pair_cost);
   int64_t split_cost_max = 1;

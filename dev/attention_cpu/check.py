@@ -1,6 +1,6 @@
 """Correctness of the CPU attention kernel (torch.ops.fastattn_C.attention_fwd / _bwd).
 
-    PYTHONPATH=. python dev/attention_cpu/check.py [--quick]
+    PYTHONPATH=. python dev/attention_cpu/check.py [--quick] [--threads N]
 
 Reference: softmax(scale * Q K^T + mask) V materialised in float64 (GQA by repeating K/V per
 query head, causal bottom-right aligned, key padding, dropout with the same Philox mask built
@@ -199,10 +199,32 @@ def padding_mask(B, Tk, gen):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: default)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"threads: {torch.get_num_threads()}")
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(1)
     philox_kat()
+
+    # Long sequence, memory linear in T: a T x T float matrix would be 1 GiB. Run first, so the
+    # peak RSS has not already been raised by the other cases.
+    T = 16384
+    q, k, v, do = (torch.randn(1, 1, T, 64) for _ in range(4))
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    o, lse = OP.attention_fwd(q, k, v, None, True, 0.125, 0.0, 0, 0)
+    dq, dk, dv = OP.attention_bwd(do, q, k, v, o, lse, None, True, 0.125, 0.0, 0, 0)
+    grew = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    rows = [0, 5000, T - 1]
+    qd, kd, vd = q.double(), k.double(), v.double()
+    for i in rows:
+        s = (qd[0, 0, i] @ kd[0, 0, : i + 1].T) * 0.125
+        ref = torch.softmax(s, -1) @ vd[0, 0, : i + 1]
+        assert (o[0, 0, i].double() - ref).abs().max() < 1e-5
+    assert all(torch.isfinite(x).all() for x in (dq, dk, dv))
+    assert grew < 256, f"peak memory grew by {grew:.0f} MiB"
+    print(f"T=16384 fwd+bwd: ok, peak RSS grew {grew:.0f} MiB")
 
     n = 0
     heads = [(1, 1), (4, 4), (8, 2), (8, 1)]
@@ -229,6 +251,13 @@ def main():
         check_case(B, Hq, Hkv, Tq, Tk, D, causal, torch.float32, kpm=kpm)
         n += 1
     print(f"float32 shapes: {n} cases ok")
+
+    # Odd head dims (padding to the vector width, micro-kernel column tails), with dropout too.
+    for D, causal in itertools.product((1, 3, 200, 255), (False, True)):
+        check_case(2, 4, 2, 70, 131, D, causal, torch.float32)
+        check_case(1, 2, 1, 50, 33, D, causal, torch.float32, p=0.25, seed=5, offset=1)
+        n += 2
+    print("odd head dims 1, 3, 200, 255: ok")
 
     # Every head layout with and without mask, causal both ways, fixed shape.
     for (Hq, Hkv), causal, use_mask in itertools.product(heads, (False, True), (False, True)):
@@ -353,22 +382,6 @@ def main():
             raise AssertionError(f"no error for case expecting '{word}'")
     print("input validation: ok")
 
-    # Long sequence, memory linear in T: a T x T float matrix would be 1 GiB.
-    T = 16384
-    q, k, v, do = (torch.randn(1, 1, T, 64) for _ in range(4))
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    o, lse = OP.attention_fwd(q, k, v, None, True, 0.125, 0.0, 0, 0)
-    dq, dk, dv = OP.attention_bwd(do, q, k, v, o, lse, None, True, 0.125, 0.0, 0, 0)
-    grew = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
-    rows = [0, 5000, T - 1]
-    qd, kd, vd = q.double(), k.double(), v.double()
-    for i in rows:
-        s = (qd[0, 0, i] @ kd[0, 0, : i + 1].T) * 0.125
-        ref = torch.softmax(s, -1) @ vd[0, 0, : i + 1]
-        assert (o[0, 0, i].double() - ref).abs().max() < 1e-5
-    assert all(torch.isfinite(x).all() for x in (dq, dk, dv))
-    assert grew < 256, f"peak memory grew by {grew:.0f} MiB"
-    print(f"T=16384 fwd+bwd: ok, peak RSS grew {grew:.0f} MiB")
     print(f"ALL OK ({n} shape cases)")
 
 

@@ -35,3 +35,13 @@ for T in (512, 1024, 2048):
         f"T={T}: fwd {flop / f / 1e9:6.1f} GF/s  bwd {2.5 * flop / b / 1e9:6.1f} GF/s  "
         f"fwd+bwd {3.5 * flop / (f + b) / 1e9:6.1f} GF/s"
     )
+
+# The same metric for a large float32 matmul: the machine's ceiling under the same load.
+a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+a @ b
+ts = []
+for _ in range(reps):
+    t0 = time.process_time()
+    a @ b
+    ts.append((time.process_time() - t0) / 2)
+print(f"fp32 matmul 2048^3 ceiling: {2 * 2048**3 / min(ts) / 1e9:6.1f} GF/s")

@@ -197,16 +197,18 @@ inline uint32_t philox_c0(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, ui
   }
   return c0;
 }
-inline float philox_uniform(uint32_t w) { return static_cast<float>(w >> 8) * (1.0f / 16777216.0f); }
+// keep iff u = (c0 >> 8) * 2^-24 >= p, done as the exact integer compare (c0 >> 8) >= ceil(p 2^24):
+// identical on every backend whatever the rounding of p to float.
+inline uint32_t keep_threshold(double p) { return static_cast<uint32_t>(std::ceil(p * 16777216.0)); }
 
 struct Dropout {
   bool on = false;
-  float p = 0.f, inv_keep = 1.f;
+  float inv_keep = 1.f;
   double p64 = 0.0;
-  uint32_t k0 = 0, k1 = 0, c3 = 0;
+  uint32_t k0 = 0, k1 = 0, c3 = 0, thr = 0;
   Dropout(double dropout_p, int64_t seed, int64_t offset) {
     on = dropout_p > 0;
-    p = static_cast<float>(dropout_p);
+    thr = keep_threshold(dropout_p);
     p64 = dropout_p;
     inv_keep = static_cast<float>(1.0 / (1.0 - dropout_p));
     const uint64_t s = static_cast<uint64_t>(seed);
@@ -215,7 +217,7 @@ struct Dropout {
     c3 = static_cast<uint32_t>(static_cast<uint64_t>(offset) & 0xFFFFFFFFu);
   }
   bool keep(uint32_t j, uint32_t i, uint32_t bh) const {
-    return philox_uniform(philox_c0(j, i, bh, c3, k0, k1)) >= p;
+    return (philox_c0(j, i, bh, c3, k0, k1) >> 8) >= thr;
   }
 };
 
@@ -247,9 +249,8 @@ inline __mmask16 keep16(const Dropout& dr, uint32_t j0, uint32_t i, uint32_t bh)
     k0 = _mm512_add_epi32(k0, w0);
     k1 = _mm512_add_epi32(k1, w1);
   }
-  const __m512 u = _mm512_mul_ps(_mm512_cvtepu32_ps(_mm512_srli_epi32(c0, 8)),
-                                 _mm512_set1_ps(1.0f / 16777216.0f));
-  return _mm512_cmp_ps_mask(u, _mm512_set1_ps(dr.p), _CMP_GE_OQ);
+  return _mm512_cmpge_epu32_mask(_mm512_srli_epi32(c0, 8),
+                                 _mm512_set1_epi32(static_cast<int>(dr.thr)));
 }
 #endif
 

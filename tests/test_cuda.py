@@ -58,14 +58,6 @@ def _rand(*shape, dtype, scale=1.0):
 
 
 # ---------------------------------------------------------------- layer norm
-def _ln_ref(x, w, b, res, eps):
-    """out, sum, mean, rstd with plain torch in x's dtype (float64: the reference)."""
-    s = x + res if res is not None else x
-    mean = s.float().mean(-1) if s.dtype != torch.float64 else s.mean(-1)
-    out = F.layer_norm(s, (s.shape[-1],), w, b, eps)
-    return out, s, mean
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(1, 1), (7, 33), (13, 768), (5, 1500), (3, 4104)])
 @pytest.mark.parametrize("affine,residual", [(True, False), (False, False), (True, True)])

@@ -6,7 +6,8 @@
 #
 # Exit 1 on any compile error, or if an attention kernel for head dim 64 or 128 spills.
 # Usage: bash scripts/cuda_check.sh   (env NVCC to pick the compiler, default: nvcc on PATH)
-# Flags are those of setup.py's nvcc build (-O3 --use_fast_math, C++17).
+# Flags are those of the real build: setup.py's (-O3 --use_fast_math, C++17) plus the ones
+# torch.utils.cpp_extension always adds (no implicit half / bfloat16 conversions or operators).
 set -u -o pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -33,6 +34,8 @@ for src in "${sources[@]}"; do
   name="$(basename "$src" .cu)"
   "$NVCC" -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90 \
     -Xptxas -v -std=c++17 -O3 --use_fast_math -I"$ROOT/csrc" \
+    -D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__ -D__CUDA_NO_BFLOAT16_CONVERSIONS__ \
+    -D__CUDA_NO_HALF2_OPERATORS__ --expt-relaxed-constexpr \
     -c -o "$OUT/$name.o" "$src" >"$OUT/$name.log" 2>&1 &
   pids+=("$!")
 done

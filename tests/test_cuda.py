@@ -58,14 +58,6 @@ def _rand(*shape, dtype, scale=1.0):
 
 
 # ---------------------------------------------------------------- layer norm
-def _ln_ref(x, w, b, res, eps):
-    """out, sum, mean, rstd with plain torch in x's dtype (float64: the reference)."""
-    s = x + res if res is not None else x
-    mean = s.float().mean(-1) if s.dtype != torch.float64 else s.mean(-1)
-    out = F.layer_norm(s, (s.shape[-1],), w, b, eps)
-    return out, s, mean
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(1, 1), (7, 33), (13, 768), (5, 1500), (3, 4104)])
 @pytest.mark.parametrize("affine,residual", [(True, False), (False, False), (True, True)])
@@ -204,7 +196,10 @@ def _attn_math(q, k, v, kpm, causal, scale, keep, p):
 
 CASES = [
     # B, Hq, Hkv, Tq, Tk, D, causal, padding
-    (1, 1, 1, 1, 1, 16, False, False),
+    # Tq = 1 with 3 keys, not 1 key: with a single visible key PyTorch's softmax gradient is
+    # exactly 0 (its error too), while the flash backward's Delta = rowsum(dO * O) identity
+    # leaves rounding noise of order eps |dO| |V| in dq, above the rule's floor.
+    (1, 1, 1, 1, 3, 16, False, False),
     (2, 4, 2, 17, 23, 64, False, True),
     (1, 2, 1, 65, 130, 32, True, False),
     (2, 2, 2, 130, 65, 128, True, True),  # Tq > Tk: the first rows see no key

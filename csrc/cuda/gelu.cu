@@ -1,12 +1,12 @@
 // Bias + GELU on the GPU: forward and backward. Framework-free (launchers in kernels.cuh).
 //
 // Maths, elementwise on v = x + bias (bias broadcast over rows; v is formed in float):
-//   "none": gelu(v) = v * Phi(v) = 0.5 v (1 + erf(v / sqrt 2))
+//   "none": gelu(v) = v * Phi(v) = 0.5 v (1 + erf(v / sqrt 2)) = 0.5 v erfc(-v / sqrt 2)
 //           gelu'(v) = Phi(v) + v phi(v),  phi(v) = exp(-v^2 / 2) / sqrt(2 pi)
 //   "tanh": gelu(v) = 0.5 v (1 + tanh(u)) = v sigmoid(2u),  u = sqrt(2/pi) (v + 0.044715 v^3)
 //           gelu'(v) = s + 2 v s (1 - s) u',  s = sigmoid(2u),  u' = sqrt(2/pi) (1 + 3*0.044715 v^2)
 //   The sigmoid form avoids tanhf (which fast-math builds may approximate) and the cancellation
-//   in 1 + tanh(u) for very negative u.
+//   in 1 + tanh(u) for very negative u; erfc avoids it in 1 + erf; 1 - s is sigmoid(-2u).
 // Backward: dx = dout * gelu'(v); dbias[j] = sum over rows of dx[:, j] (from the float dx).
 //
 // Launch configuration:
@@ -42,17 +42,19 @@ __device__ __forceinline__ float gelu(float v, bool tanh_approx) {
     const float s = 1.0f / (1.0f + expf(-2.0f * u));
     return v * s;
   }
-  return 0.5f * v * (1.0f + erff(v * kInvSqrt2));
+  return 0.5f * v * erfcf(-v * kInvSqrt2);  // Phi(v) without the 1 + erf cancellation for v < 0
 }
 
 __device__ __forceinline__ float gelu_grad(float v, bool tanh_approx) {
   if (tanh_approx) {
     const float u = kSqrt2OverPi * (v + kTanhCoef * v * v * v);
     const float du = kSqrt2OverPi * (1.0f + 3.0f * kTanhCoef * v * v);
+    // 1 - s = sigmoid(-2u), computed directly: no cancellation when s -> 1, no inf * 0.
     const float s = 1.0f / (1.0f + expf(-2.0f * u));
-    return s + 2.0f * v * s * (1.0f - s) * du;
+    const float one_minus_s = 1.0f / (1.0f + expf(2.0f * u));
+    return s + 2.0f * v * (s * one_minus_s) * du;
   }
-  const float cdf = 0.5f * (1.0f + erff(v * kInvSqrt2));
+  const float cdf = 0.5f * erfcf(-v * kInvSqrt2);
   const float pdf = kInvSqrt2Pi * expf(-0.5f * v * v);
   return cdf + v * pdf;
 }

@@ -73,6 +73,9 @@ def machine() -> dict[str, object]:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "fastattn_cpu_build": cap,
+        # torch backs large CPU tensors with transparent huge pages when this is set, which
+        # removes most first-touch page faults of fresh outputs (for every op alike).
+        "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE", "0"),
     }
 
 
@@ -87,6 +90,8 @@ class Report:
     notes: list[str] = field(default_factory=list)
     machine: dict[str, object] = field(default_factory=machine)
     date: str = field(default_factory=lambda: _dt.datetime.now().strftime("%Y-%m-%d %H:%M"))
+    # Optional: a function path -> None that draws this run's figure (not saved in the JSON).
+    plot: Callable[[Path], None] | None = field(default=None, repr=False, compare=False)
 
     def add(self, *row: object) -> None:
         self.rows.append(list(row))
@@ -98,7 +103,8 @@ class Report:
             "",
             f"Run {self.date} on {self.machine['cpu']} "
             f"({self.machine['threads']} threads), torch {self.machine['torch']}, "
-            f"fastattn CPU build {self.machine['fastattn_cpu_build']}.",
+            f"fastattn CPU build {self.machine['fastattn_cpu_build']}, "
+            f"THP_MEM_ALLOC_ENABLE={self.machine.get('THP_MEM_ALLOC_ENABLE', '0')}.",
             "",
         ]
         if self.ceilings:
@@ -119,7 +125,8 @@ class Report:
     def save(self, stem: str) -> Path:
         """Write ``results/<stem>.json`` and ``.md`` atomically (temp file, then rename)."""
         RESULTS.mkdir(parents=True, exist_ok=True)
-        atomic_write(RESULTS / f"{stem}.json", json.dumps(asdict(self), indent=1))
+        data = {k: v for k, v in asdict(self).items() if k != "plot"}
+        atomic_write(RESULTS / f"{stem}.json", json.dumps(data, indent=1))
         path = RESULTS / f"{stem}.md"
         atomic_write(path, self.markdown())
         return path

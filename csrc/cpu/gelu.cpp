@@ -233,17 +233,6 @@ void bwd_vec(const T* dout, const T* x, const float* b, T* dx, float* db_part, i
   });
 }
 
-// Sum the [chunks, M] partials over chunks, in chunk order, in parallel over columns.
-void reduce_chunks(const float* part, float* outp, int64_t chunks, int64_t M) {
-  at::parallel_for(0, M, 2048, [&](int64_t begin, int64_t end) {
-    for (int64_t j = begin; j < end; ++j) {
-      float s = 0.f;
-      for (int64_t c = 0; c < chunks; ++c) s += part[c * M + j];
-      outp[j] = s;
-    }
-  });
-}
-
 // ---------------------------------------------------------------- float64 (gradcheck) path
 void fwd_double(const double* x, const double* b, double* out, int64_t N, int64_t M, Approx a) {
   at::parallel_for(0, N, row_grain(M), [&](int64_t begin, int64_t end) {

@@ -86,5 +86,17 @@ inline void chunk_range(int64_t n, int64_t chunks, int64_t c, int64_t& begin, in
   end = begin + base + (c < rem ? 1 : 0);
 }
 
+// Sum per-chunk partial column sums [chunks, M] over chunks, in chunk order (deterministic),
+// in parallel over columns: the second stage of the dweight / dbias reductions.
+inline void reduce_chunks(const float* part, float* outp, int64_t chunks, int64_t M) {
+  at::parallel_for(0, M, 2048, [&](int64_t begin, int64_t end) {
+    for (int64_t j = begin; j < end; ++j) {
+      float s = 0.f;
+      for (int64_t c = 0; c < chunks; ++c) s += part[c * M + j];
+      outp[j] = s;
+    }
+  });
+}
+
 }  // namespace cpu
 }  // namespace fastattn

@@ -46,6 +46,10 @@ def _maybe_strided(x: torch.Tensor, how: int) -> torch.Tensor:
     scale=st.sampled_from([1e-3, 1.0, 1e3]),
 )
 def test_layer_norm_property(rows, m, dtype, affine, bias, strided, residual, scale):
+    check_layer_norm(BACKEND, rows, m, dtype, affine, bias, strided, residual, scale)
+
+
+def check_layer_norm(backend, rows, m, dtype, affine, bias, strided, residual, scale):
     x = _maybe_strided((torch.randn(*rows, m) * scale + scale).to(dtype), strided)
     r = torch.randn(x.shape).to(dtype) if residual else None
     w = torch.randn(m).to(dtype) if affine else None
@@ -69,7 +73,7 @@ def test_layer_norm_property(rows, m, dtype, affine, bias, strided, residual, sc
     def theirs(x, r, w, b):
         return F.layer_norm(x + r if r is not None else x, (m,), w, b)
 
-    with fastattn.use_backend(BACKEND):
+    with fastattn.use_backend(backend):
         out, grads = run(ours, dtype)
     t_out, t_grads = run(theirs, dtype)
     r_out, r_grads = run(theirs, torch.float64)
@@ -93,6 +97,10 @@ def test_layer_norm_property(rows, m, dtype, affine, bias, strided, residual, sc
     strided=st.booleans(),
 )
 def test_attention_property(b, hkv, group, tq, tk, d, causal, padded, dtype, strided):
+    check_attention(BACKEND, b, hkv, group, tq, tk, d, causal, padded, dtype, strided)
+
+
+def check_attention(backend, b, hkv, group, tq, tk, d, causal, padded, dtype, strided):
     from fastattn.ops.attention import attention_reference
 
     hq = hkv * group
@@ -109,7 +117,7 @@ def test_attention_property(b, hkv, group, tq, tk, d, causal, padded, dtype, str
         out = fn(*leaves, causal=causal, key_padding_mask=kpm)
         return out.detach(), torch.autograd.grad(out, leaves, dout.to(dt))
 
-    with fastattn.use_backend(BACKEND):
+    with fastattn.use_backend(backend):
         out, grads = run(fastattn.attention, dtype)
     t_out, t_grads = run(attention_reference, dtype)
     r_out, r_grads = run(attention_reference, torch.float64)
@@ -130,6 +138,10 @@ def test_attention_property(b, hkv, group, tq, tk, d, causal, padded, dtype, str
     scale=st.sampled_from([1e-2, 1.0, 30.0]),
 )
 def test_bias_gelu_property(rows, m, dtype, bias, approximate, strided, scale):
+    check_bias_gelu(BACKEND, rows, m, dtype, bias, approximate, strided, scale)
+
+
+def check_bias_gelu(backend, rows, m, dtype, bias, approximate, strided, scale):
     x = _maybe_strided((torch.randn(*rows, m) * scale).to(dtype), strided)
     bb = torch.randn(m).to(dtype) if bias else None
     dout = torch.randn(x.shape).to(dtype)
@@ -145,10 +157,50 @@ def test_bias_gelu_property(rows, m, dtype, bias, approximate, strided, scale):
     def theirs(x, b=None):
         return F.gelu(x + b if b is not None else x, approximate=approximate)
 
-    with fastattn.use_backend(BACKEND):
+    with fastattn.use_backend(backend):
         out, grads = run(ours, dtype)
     t_out, t_grads = run(theirs, dtype)
     r_out, r_grads = run(theirs, torch.float64)
     assert_rule("out", out, t_out, r_out)
     for g, tg, rg in zip(grads, t_grads, r_grads, strict=True):
         assert_rule("grad", g, tg, rg)
+
+
+# ----------------------------------------------------------------------------- Triton
+# A smaller set through the Triton interpreter (slow): float32, small shapes.
+TRITON = "triton" in fastattn.available_backends("cpu")
+needs_triton = pytest.mark.skipif(not TRITON, reason="Triton interpreter not available")
+_few = settings(
+    max_examples=12,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+
+
+@needs_triton
+@_few
+@given(rows=st.integers(1, 9), m=st.integers(1, 300), affine=st.booleans(), residual=st.booleans())
+def test_layer_norm_property_triton(rows, m, affine, residual):
+    check_layer_norm("triton", [rows], m, torch.float32, affine, affine, 0, residual, 1.0)
+
+
+@needs_triton
+@_few
+@given(
+    hkv=st.integers(1, 2),
+    group=st.sampled_from([1, 2]),
+    tq=st.integers(1, 40),
+    tk=st.integers(1, 40),
+    d=st.sampled_from([16, 24, 32]),
+    causal=st.booleans(),
+    padded=st.booleans(),
+)
+def test_attention_property_triton(hkv, group, tq, tk, d, causal, padded):
+    check_attention("triton", 1, hkv, group, tq, tk, d, causal, padded, torch.float32, False)
+
+
+@needs_triton
+@_few
+@given(rows=st.integers(1, 9), m=st.integers(1, 300), approximate=st.sampled_from(["none", "tanh"]))
+def test_bias_gelu_property_triton(rows, m, approximate):
+    check_bias_gelu("triton", [rows], m, torch.float32, True, approximate, 0, 1.0)

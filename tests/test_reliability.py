@@ -118,7 +118,7 @@ print(json.dumps({"T": T, "extra_kib": peak - base, "backend": fastattn.last_bac
 
 
 @needs_cpu
-@pytest.mark.parametrize("T", [4096, 16384])
+@pytest.mark.parametrize("T", [1024, 4096, 16384])
 def test_attention_memory_is_linear(T):
     """Forward+backward at T=16384 (B=H=1, D=64): a score matrix would take 1 GiB in float32."""
     res = subprocess.run(

@@ -13,13 +13,14 @@ PKG    := $(VENV)/.pkg-stamp
 NVCC   := $(shell command -v nvcc 2>/dev/null)
 PYTEST_ARGS ?=
 
-.PHONY: demo test lint build bench cuda-check clean help
+.PHONY: demo test lint build bench cuda-check asan clean help
 
 help:
 	@echo "make demo        train the demo GPT with torch and with fastattn kernels, compare speed"
 	@echo "make test        lint, build, cuda-check (where nvcc exists) and the whole test-suite"
 	@echo "make bench       microbenchmarks; tables and plots in benchmarks/results/"
 	@echo "make cuda-check  compile csrc/cuda/*.cu for sm_80 and sm_90, print registers and spills"
+	@echo "make asan        the CPU kernels' tests against an AddressSanitizer build"
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -57,6 +58,9 @@ test: lint build cuda-check
 
 bench: build
 	$(PY) -m benchmarks.run
+
+asan: $(PKG)
+	PY=$(abspath $(PY)) bash scripts/asan_check.sh
 
 demo: build
 	$(PY) -m fastattn.train --preset cpu_small --compare --max-iters 800 --out-dir out/demo

@@ -26,9 +26,3 @@ def check_same_device(op: str, *named: tuple[str, Tensor]) -> None:
                 f"{op}: {name} is on {t.device} but {first_name} is on {first.device}; "
                 f"all tensors must be on the same device"
             )
-
-
-def check_dtype_in(op: str, what: str, t: Tensor, allowed: tuple[torch.dtype, ...]) -> None:
-    if t.dtype not in allowed:
-        names = ", ".join(str(d).replace("torch.", "") for d in allowed)
-        raise TypeError(f"{op}: {what} has dtype {t.dtype}; expected one of {names}")

@@ -11,7 +11,7 @@
 # shared library that drive.py calls through ctypes on CPU tensors, with the cases and the
 # error rule of tests/test_cuda.py.
 #
-# Usage: bash dev/cuda_emu/run.sh [ln|gelu|attn|f32|all] [seed]    (attn takes ~5 min on 2 cores)
+# Usage: bash tests/cuda_emu/run.sh [ln|gelu|attn|f32|all] [seed]    (attn takes ~5 min on 2 cores)
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 ROOT="$(cd "$HERE/../.." && pwd)"

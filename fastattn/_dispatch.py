@@ -211,16 +211,21 @@ def _load(key: tuple[str, str, str]) -> Any:
     return impl
 
 
-def resolve(op: str, device: torch.device, **case: Any) -> Any:
-    """The implementation of ``op`` for a call on ``device`` with the given ``case`` facts."""
+def resolve(op: str, device: torch.device, case: Any = None, **facts: Any) -> Any:
+    """The implementation of ``op`` for a call on ``device``: ``case`` is the op's typed case
+    object (``unsupported(case)``), or the facts are keywords (``unsupported(**facts)``)."""
     dtype = device.type
+
+    def why_not(impl: Any) -> str | None:
+        return impl.unsupported(case) if case is not None else impl.unsupported(**facts)
+
     backend = get_backend()
     if backend == "auto":
         for b in AUTO_ORDER.get(dtype, ("reference",)):
             if (op, dtype, b) not in TABLE or unavailable_reason(b, dtype) is not None:
                 continue
             impl = _load((op, dtype, b))
-            why = impl.unsupported(**case)
+            why = why_not(impl)
             if why is None:
                 _last[op] = b
                 return impl
@@ -241,7 +246,7 @@ def resolve(op: str, device: torch.device, **case: Any) -> Any:
     if why is not None:
         raise BackendError(f"fastattn: backend {backend!r} is not usable for {op} here: {why}")
     impl = _load(key)
-    why = impl.unsupported(**case)
+    why = why_not(impl)
     if why is not None:
         raise BackendError(
             f"fastattn: backend {backend!r} does not support {op} with {why}; "

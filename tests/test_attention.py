@@ -357,22 +357,26 @@ def test_dropout_mask_and_gradients_match_reference(backend):
 
 
 # ----------------------------------------------------------------------------- op machinery
-def _op_args(requires_grad=True, pad=True, causal=True, dropout_p=0.0):
+def _op_args(requires_grad=True, pad=True, causal=True, dropout_p=0.0, bias=False, softcap=0.0):
     q, k, v, kpm, _ = make_inputs(2, 4, 2, 9, 11, 16, torch.float32, pad=pad)
     q, k, v = (t.requires_grad_(requires_grad) for t in (q, k, v))
-    return (q, k, v, kpm, causal, 0.25, dropout_p, 12345, 0)
+    b = torch.randn(1, 4, 9, 11).requires_grad_(requires_grad) if bias else None
+    wr = 0 if causal else -1
+    return (q, k, v, kpm, b, 0.25, softcap, -1, wr, 11 - 9, dropout_p, 12345, 0)
 
 
-@pytest.mark.parametrize("dropout_p", [0.0, 0.3])
-def test_opcheck_custom_ops(dropout_p):
-    args = _op_args(dropout_p=dropout_p)
+@pytest.mark.parametrize(
+    "kw", [dict(dropout_p=0.0), dict(dropout_p=0.3), dict(bias=True, softcap=5.0)]
+)
+def test_opcheck_custom_ops(kw):
+    args = _op_args(**kw)
     torch.library.opcheck(torch.ops.fastattn.attention_fwd.default, args)
-    q, k, v, kpm, causal, scale, p, seed, off = _op_args(requires_grad=False, dropout_p=dropout_p)
-    out, lse = torch.ops.fastattn.attention_fwd(q, k, v, kpm, causal, scale, p, seed, off)
+    args = _op_args(requires_grad=False, **kw)
+    out, lse = torch.ops.fastattn.attention_fwd(*args)
     dout = torch.randn_like(out)
     torch.library.opcheck(
         torch.ops.fastattn.attention_bwd.default,
-        (dout, q, k, v, out, lse, kpm, causal, scale, p, seed, off),
+        (dout, *args[:3], out, lse, *args[3:], args[4] is not None),
     )
 
 
@@ -380,7 +384,7 @@ def test_lse_and_empty_rows_contract():
     """lse is the natural-log logsumexp of the scaled scores, +inf for a row that sees nothing
     (served by auto: the cpu kernel where built, else the reference)."""
     q, k, v, kpm, _ = make_inputs(2, 2, 2, 6, 4, 16, torch.float64, pad=True)
-    out, lse = torch.ops.fastattn.attention_fwd(q, k, v, kpm, True, 0.25, 0.0, 0, 0)
+    out, lse = torch.ops.fastattn.attention_fwd(q, k, v, kpm, None, 0.25, 0.0, -1, 0, -2, 0.0, 0, 0)
     s = (q @ k.transpose(-2, -1)) * 0.25
     vis = torch.ones(6, 4, dtype=torch.bool).tril(4 - 6)[None, None] & ~kpm[:, None, None, :]
     want = torch.logsumexp(s.masked_fill(~vis, float("-inf")), -1)

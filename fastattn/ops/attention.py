@@ -2,9 +2,15 @@
 
 Maths, per batch b and query head h (kv head ``h // (Hq // Hkv)``: GQA / MQA)::
 
-    S = scale * Q K^T                       [Tq, Tk], scale = 1/sqrt(D) by default
-    S[i, j] = -inf where key j is hidden    (causal: j > i + Tk - Tq, bottom-right aligned;
-                                             key_padding_mask[b, j] True = padding)
+    T = scale * Q K^T                       [Tq, Tk], scale = 1/sqrt(D) by default
+    S = c * tanh(T / c) + bias              softcap c (None: S = T + bias); bias optional,
+                                            broadcast to [B, Hq, Tq, Tk], may hold -inf
+    S[i, j] = -inf where key j is hidden:   key_padding_mask[b, j] True (padding), or outside
+                                            the window around the diagonal d_i = i + off:
+                                            visible iff (wl < 0 or j >= d_i - wl) and
+                                                        (wr < 0 or j <= d_i + wr)
+                                            causal: wr = 0; off = Tk - Tq (bottom-right
+                                            aligned, the default) or 0 (top-left)
     lse_i = log sum_j exp(S[i, j])          natural log, +inf for a row that sees no key
     P = exp(S - lse)                        (a row that sees no key is all zeros, not NaN)
     O = (P * M / (1 - p)) V                 M: dropout keep mask, see dropout_keep_mask
@@ -12,7 +18,9 @@ Maths, per batch b and query head h (kv head ``h // (Hq // Hkv)``: GQA / MQA)::
 Backward (what every backend computes; Delta_i = sum_j P_ij dP_ij = rowsum(dO * O))::
 
     dV = (P * M / (1-p))^T dO      dP = (dO V^T) * M / (1-p)      dS = P * (dP - Delta)
-    dQ = scale * dS K              dK = scale * dS^T Q            (dK, dV summed over the
+    dbias = dS (summed over the bias's broadcast dims)
+    dT = dS * (1 - tanh(T / c)^2)  (dT = dS without softcap)
+    dQ = scale * dT K              dK = scale * dT^T Q            (dK, dV summed over the
                                                                    query heads of a group)
 
 Dropout mask: Philox4x32-10 keyed by (seed, offset) with counter (j, i, b*Hq + h, offset), so
@@ -32,6 +40,7 @@ Layers, top to bottom:
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -108,16 +117,76 @@ def dropout_keep_mask(
     return (r0 >> 8) >= dropout_threshold(p)
 
 
+# ----------------------------------------------------------------------------- the case
+ALIGNMENTS = ("bottom_right", "top_left")
+
+
+@dataclass(frozen=True)
+class AttentionCase:
+    """The facts of one attention call a backend's ``unsupported(case)`` decides on."""
+
+    device_type: str
+    dtype: torch.dtype
+    head_dim: int
+    q_len: int
+    kv_len: int
+    causal: bool  # window_right == 0 (and no left window)
+    window: bool  # a left window, or a right window > 0 (sliding / local attention)
+    top_left: bool  # diagonal offset != kv_len - q_len
+    softcap: bool
+    bias: bool  # an additive bias (or a boolean mask turned into one)
+    bias_grad: bool  # the bias needs a gradient
+    dropout: bool
+    key_padding_mask: bool
+
+    def describe(self) -> str:
+        """The non-default features, for error messages: "softcap, sliding window"."""
+        feats = [
+            name
+            for name, on in (
+                ("sliding window", self.window),
+                ("top-left causal alignment", self.top_left),
+                ("softcap", self.softcap),
+                ("additive bias / boolean mask", self.bias),
+                ("dropout", self.dropout),
+                ("key padding mask", self.key_padding_mask),
+            )
+            if on
+        ]
+        return ", ".join(feats) or "plain attention"
+
+
+def diag_offset(q_len: int, kv_len: int, alignment: str) -> int:
+    """Key index of query 0's diagonal: ``kv_len - q_len`` bottom-right, 0 top-left."""
+    return kv_len - q_len if alignment == "bottom_right" else 0
+
+
 # ----------------------------------------------------------------------------- reference
-def _visible(
-    Tq: int, Tk: int, causal: bool, key_padding_mask: Tensor | None, device
+def visible_mask(
+    Tq: int,
+    Tk: int,
+    window_left: int,
+    window_right: int,
+    offset: int,
+    key_padding_mask: Tensor | None,
+    device,
 ) -> Tensor | None:
-    """Bool [B or 1, 1, Tq, Tk]: True where query i may see key j (None: everything visible)."""
+    """Bool [B or 1, 1, Tq, Tk]: True where query i may see key j (None: everything visible).
+
+    With ``d = i + offset``: visible iff ``(window_left < 0 or j >= d - window_left)`` and
+    ``(window_right < 0 or j <= d + window_right)`` and key j is not padding.
+    """
     vis = None
-    if causal:
+    if window_left >= 0 or window_right >= 0:
         i = torch.arange(Tq, device=device).view(Tq, 1)
         j = torch.arange(Tk, device=device).view(1, Tk)
-        vis = (j <= i + (Tk - Tq)).view(1, 1, Tq, Tk)
+        d = i + offset
+        vis = torch.ones(Tq, Tk, dtype=torch.bool, device=device)
+        if window_left >= 0:
+            vis &= j >= d - window_left
+        if window_right >= 0:
+            vis &= j <= d + window_right
+        vis = vis.view(1, 1, Tq, Tk)
     if key_padding_mask is not None:
         keep = (~key_padding_mask).view(-1, 1, 1, Tk)
         vis = keep if vis is None else vis & keep
@@ -134,14 +203,18 @@ def attention_reference(
     key_padding_mask: Tensor | None = None,
     dropout_p: float = 0.0,
     dropout_mask: Tensor | None = None,
+    softcap: float | None = None,
+    window: tuple[int, int] | None = None,
+    alignment: str = "bottom_right",
+    attn_bias: Tensor | None = None,
+    attn_mask: Tensor | None = None,
 ) -> Tensor:
     """Plain-PyTorch attention materialising the ``[Tq, Tk]`` scores, in the inputs' dtype.
 
-    The ground truth for tests (run it in float64), docs and the ``reference`` backend.
-    q: (B, Hq, Tq, D); k, v: (B, Hkv, Tk, D); causal bottom-right aligned; key_padding_mask
-    (B, Tk) bool, True = padding; rows that see no key give 0. Dropout (only with a
-    ``dropout_mask`` [B, Hq, Tq, Tk], True = kept) scales kept probabilities by 1/(1-p).
-    Differentiable by autograd.
+    The ground truth for tests (run it in float64), docs and the ``reference`` backend; the
+    arguments mean what they mean in :func:`attention`. Rows that see no key give 0. Dropout
+    (only with a ``dropout_mask`` [B, Hq, Tq, Tk], True = kept) scales kept probabilities by
+    1/(1-p). Differentiable by autograd (also with respect to ``attn_bias``).
     """
     B, Hq, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
@@ -150,8 +223,18 @@ def attention_reference(
     if Hkv != Hq:
         k = k.repeat_interleave(Hq // Hkv, dim=1)
         v = v.repeat_interleave(Hq // Hkv, dim=1)
+    wl, wr = _window(causal, window)
     s = torch.matmul(q, k.transpose(-2, -1)) * scale  # (B, Hq, Tq, Tk)
-    vis = _visible(Tq, Tk, causal, key_padding_mask, q.device)
+    if softcap:
+        s = softcap * torch.tanh(s / softcap)
+    if attn_bias is not None:
+        s = s + attn_bias
+    vis = visible_mask(Tq, Tk, wl, wr, diag_offset(Tq, Tk, alignment), key_padding_mask, q.device)
+    if attn_mask is not None:
+        vis = attn_mask if vis is None else vis & attn_mask
+    if attn_bias is not None:
+        finite = ~torch.isneginf(s)
+        vis = finite if vis is None else vis & finite
     if vis is not None:
         # Hidden scores -> -inf; rows that see nothing -> all zero scores (finite softmax),
         # then their probabilities are zeroed: no NaN forward or backward.
@@ -164,6 +247,14 @@ def attention_reference(
     if dropout_mask is not None and dropout_p > 0:
         p = p * dropout_mask / (1.0 - dropout_p)
     return torch.matmul(p, v)
+
+
+def _window(causal: bool, window: tuple[int, int] | None) -> tuple[int, int]:
+    """(window_left, window_right) with -1 = unbounded; ``causal`` sets the right side to 0."""
+    wl, wr = (-1, -1) if window is None else (int(window[0]), int(window[1]))
+    if causal:
+        wr = 0
+    return wl, wr
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -185,44 +276,65 @@ class _Reference:
 
     name = "reference"
 
-    def unsupported(self, **case: object) -> str | None:
+    def unsupported(self, case: AttentionCase) -> str | None:
         return None
 
     @staticmethod
-    def _scores(q, k, key_padding_mask, causal, scale):
-        """S = scale * Q K^T with hidden entries -inf; k already repeated to Hq heads."""
+    def _scores(q, k, key_padding_mask, bias, scale, softcap, wl, wr, off):
+        """(S, T): the final scores with hidden entries -inf, and T = scale Q K^T before the
+        softcap (None without one); k already repeated to Hq heads."""
         acc = _acc_dtype(q.dtype)
-        s = torch.matmul(q.to(acc), k.to(acc).transpose(-2, -1)) * scale
-        vis = _visible(q.shape[2], k.shape[2], causal, key_padding_mask, q.device)
+        t = torch.matmul(q.to(acc), k.to(acc).transpose(-2, -1)) * scale
+        s = softcap * torch.tanh(t / softcap) if softcap else t
+        if bias is not None:
+            s = s + bias.to(acc)
+        vis = visible_mask(q.shape[2], k.shape[2], wl, wr, off, key_padding_mask, q.device)
         if vis is not None:
             s = s.masked_fill(~vis, float("-inf"))
-        return s
+        return s, (t if softcap else None)
 
-    def fwd(self, q, k, v, key_padding_mask, causal, scale, dropout_p, seed, offset):
+    def fwd(self, q, k, v, key_padding_mask, bias, scale, softcap, wl, wr, off, p, seed, offset):
         B, Hq, Tq, D = q.shape
         acc = _acc_dtype(q.dtype)
         group = Hq // k.shape[1]
         kr, vr = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
-        s = self._scores(q, kr, key_padding_mask, causal, scale)
+        s, _ = self._scores(q, kr, key_padding_mask, bias, scale, softcap, wl, wr, off)
         lse = torch.logsumexp(s, dim=-1)  # -inf for rows that see no key
         empty = torch.isneginf(lse)
-        p = torch.exp(s - torch.where(empty, 0.0, lse)[..., None])
-        if dropout_p > 0:
-            keep = dropout_keep_mask(seed, offset, B, Hq, Tq, k.shape[2], dropout_p, q.device)
-            p = p * keep / (1.0 - dropout_p)
-        out = torch.matmul(p, vr.to(acc)).to(q.dtype).contiguous()
+        pr = torch.exp(s - torch.where(empty, 0.0, lse)[..., None])
+        if p > 0:
+            keep = dropout_keep_mask(seed, offset, B, Hq, Tq, k.shape[2], p, q.device)
+            pr = pr * keep / (1.0 - p)
+        out = torch.matmul(pr, vr.to(acc)).to(q.dtype).contiguous()
         lse = torch.where(empty, float("inf"), lse).to(_lse_dtype(q.dtype)).contiguous()
         return out, lse
 
     def bwd(
-        self, dout, q, k, v, out, lse, key_padding_mask, causal, scale, dropout_p, seed, offset
+        self,
+        dout,
+        q,
+        k,
+        v,
+        out,
+        lse,
+        key_padding_mask,
+        bias,
+        scale,
+        softcap,
+        wl,
+        wr,
+        off,
+        dropout_p,
+        seed,
+        offset,
+        need_bias_grad,
     ):
         B, Hq, Tq, D = q.shape
         Hkv, Tk = k.shape[1], k.shape[2]
         acc = _acc_dtype(q.dtype)
         group = Hq // Hkv
         kr, vr = k.repeat_interleave(group, 1).to(acc), v.repeat_interleave(group, 1).to(acc)
-        s = self._scores(q, kr, key_padding_mask, causal, scale)
+        s, t = self._scores(q, kr, key_padding_mask, bias, scale, softcap, wl, wr, off)
         p = torch.exp(s - lse.to(acc)[..., None])  # lse = +inf -> row of zeros
         do = dout.to(acc)
         dp = torch.matmul(do, vr.transpose(-2, -1))
@@ -233,10 +345,12 @@ class _Reference:
             dp = dp * keep / (1.0 - dropout_p)
         delta = (do * out.to(acc)).sum(-1, keepdim=True)
         ds = p * (dp - delta)
-        dq = torch.matmul(ds, kr) * scale
-        dk = (torch.matmul(ds.transpose(-2, -1), q.to(acc)) * scale).view(B, Hkv, group, Tk, D)
+        dbias = ds.contiguous() if need_bias_grad else ds.new_empty(0)
+        dt = ds * (1.0 - torch.tanh(t / softcap) ** 2) if softcap else ds
+        dq = torch.matmul(dt, kr) * scale
+        dk = (torch.matmul(dt.transpose(-2, -1), q.to(acc)) * scale).view(B, Hkv, group, Tk, D)
         dv = torch.matmul(pd.transpose(-2, -1), do).view(B, Hkv, group, Tk, D)
-        return dq.to(q.dtype), dk.sum(2).to(k.dtype), dv.sum(2).to(v.dtype)
+        return dq.to(q.dtype), dk.sum(2).to(k.dtype), dv.sum(2).to(v.dtype), dbias
 
 
 class _Native:
@@ -249,26 +363,45 @@ class _Native:
     }
     _max_head_dim = {"cpu": 256, "cuda": 128}
 
-    def unsupported(
-        self, device_type: str, dtype: torch.dtype, head_dim: int, **case: object
-    ) -> str | None:
-        if dtype not in self._dtypes[device_type]:
-            return f"dtype {dtype} on {device_type}"
-        if head_dim > self._max_head_dim[device_type]:
-            return f"head dim {head_dim} > {self._max_head_dim[device_type]} on {device_type}"
+    def unsupported(self, case: AttentionCase) -> str | None:
+        dev = case.device_type
+        if case.dtype not in self._dtypes[dev]:
+            return f"dtype {case.dtype} on {dev}"
+        if case.head_dim > self._max_head_dim[dev]:
+            return f"head dim {case.head_dim} > {self._max_head_dim[dev]} on {dev}"
+        if case.window or case.top_left or case.softcap or case.bias:
+            return f"{case.describe()} (not in the {dev} kernel yet)"
         return None
 
-    def fwd(self, q, k, v, key_padding_mask, causal, scale, dropout_p, seed, offset):
+    def fwd(self, q, k, v, key_padding_mask, bias, scale, softcap, wl, wr, off, p, seed, offset):
         return torch.ops.fastattn_C.attention_fwd(
-            q, k, v, key_padding_mask, causal, scale, dropout_p, seed, offset
+            q, k, v, key_padding_mask, wr == 0, scale, p, seed, offset
         )
 
     def bwd(
-        self, dout, q, k, v, out, lse, key_padding_mask, causal, scale, dropout_p, seed, offset
+        self,
+        dout,
+        q,
+        k,
+        v,
+        out,
+        lse,
+        key_padding_mask,
+        bias,
+        scale,
+        softcap,
+        wl,
+        wr,
+        off,
+        dropout_p,
+        seed,
+        offset,
+        need_bias_grad,
     ):
-        return torch.ops.fastattn_C.attention_bwd(
-            dout, q, k, v, out, lse, key_padding_mask, causal, scale, dropout_p, seed, offset
+        dq, dk, dv = torch.ops.fastattn_C.attention_bwd(
+            dout, q, k, v, out, lse, key_padding_mask, wr == 0, scale, dropout_p, seed, offset
         )
+        return dq, dk, dv, q.new_empty(0)
 
 
 REFERENCE = _Reference()
@@ -276,19 +409,24 @@ NATIVE = _Native()
 
 
 # ----------------------------------------------------------------------------- custom ops
-def _impl(q: Tensor, k: Tensor, causal: bool, dropout_p: float, has_mask: bool):
-    return _dispatch.resolve(
-        "attention",
-        q.device,
+def _impl(q, k, key_padding_mask, bias, softcap, wl, wr, off, dropout_p, bias_grad):
+    Tq, Tk = q.shape[2], k.shape[2]
+    case = AttentionCase(
         device_type=q.device.type,
         dtype=q.dtype,
         head_dim=q.shape[-1],
-        q_len=q.shape[2],
-        kv_len=k.shape[2],
-        causal=causal,
+        q_len=Tq,
+        kv_len=Tk,
+        causal=wr == 0 and wl < 0,
+        window=wl >= 0 or wr > 0,
+        top_left=(wl >= 0 or wr >= 0) and off != Tk - Tq,
+        softcap=softcap > 0,
+        bias=bias is not None,
+        bias_grad=bias_grad,
         dropout=dropout_p > 0,
-        key_padding_mask=has_mask,
+        key_padding_mask=key_padding_mask is not None,
     )
+    return _dispatch.resolve("attention", q.device, case)
 
 
 @torch.library.custom_op("fastattn::attention_fwd", mutates_args=())
@@ -297,21 +435,50 @@ def attention_fwd(
     k: Tensor,
     v: Tensor,
     key_padding_mask: Tensor | None,
-    causal: bool,
+    bias: Tensor | None,
     scale: float,
+    softcap: float,
+    window_left: int,
+    window_right: int,
+    diag_offset: int,
     dropout_p: float,
     seed: int,
     offset: int,
 ) -> tuple[Tensor, Tensor]:
-    """q [B,Hq,Tq,D], k/v [B,Hkv,Tk,D] -> (out [B,Hq,Tq,D], lse [B,Hq,Tq] float32, float64
-    for float64 inputs)."""
-    impl = _impl(q, k, causal, dropout_p, key_padding_mask is not None)
-    out, lse = impl.fwd(q, k, v, key_padding_mask, causal, scale, dropout_p, seed, offset)
+    """q [B,Hq,Tq,D], k/v [B,Hkv,Tk,D], bias None or [B,Hq,Tq,Tk] (broadcast by stride 0,
+    unit last stride) -> (out [B,Hq,Tq,D], lse [B,Hq,Tq] float32, float64 for float64)."""
+    impl = _impl(
+        q,
+        k,
+        key_padding_mask,
+        bias,
+        softcap,
+        window_left,
+        window_right,
+        diag_offset,
+        dropout_p,
+        False,
+    )
+    out, lse = impl.fwd(
+        q,
+        k,
+        v,
+        key_padding_mask,
+        bias,
+        scale,
+        softcap,
+        window_left,
+        window_right,
+        diag_offset,
+        dropout_p,
+        seed,
+        offset,
+    )
     return out.contiguous(), lse.contiguous()
 
 
 @attention_fwd.register_fake
-def _(q, k, v, key_padding_mask, causal, scale, dropout_p, seed, offset):
+def _(q, k, v, key_padding_mask, bias, scale, softcap, wl, wr, off, dropout_p, seed, offset):
     B, Hq, Tq, D = q.shape
     return q.new_empty((B, Hq, Tq, D)), q.new_empty((B, Hq, Tq), dtype=_lse_dtype(q.dtype))
 
@@ -325,57 +492,83 @@ def attention_bwd(
     out: Tensor,
     lse: Tensor,
     key_padding_mask: Tensor | None,
-    causal: bool,
+    bias: Tensor | None,
     scale: float,
+    softcap: float,
+    window_left: int,
+    window_right: int,
+    diag_offset: int,
     dropout_p: float,
     seed: int,
     offset: int,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Returns (dq, dk, dv), contiguous, shaped like q, k, v."""
-    impl = _impl(q, k, causal, dropout_p, key_padding_mask is not None)
-    dq, dk, dv = impl.bwd(
-        dout, q, k, v, out, lse, key_padding_mask, causal, scale, dropout_p, seed, offset
+    need_bias_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Returns (dq, dk, dv, dbias), contiguous, dq/dk/dv shaped like q, k, v; dbias is dS
+    [B,Hq,Tq,Tk] in float32 (float64 for float64) when ``need_bias_grad``, else empty."""
+    impl = _impl(
+        q,
+        k,
+        key_padding_mask,
+        bias,
+        softcap,
+        window_left,
+        window_right,
+        diag_offset,
+        dropout_p,
+        need_bias_grad,
     )
-    return dq.contiguous(), dk.contiguous(), dv.contiguous()
-
-
-@attention_bwd.register_fake
-def _(dout, q, k, v, out, lse, key_padding_mask, causal, scale, dropout_p, seed, offset):
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
-
-
-def _setup_context(ctx, inputs, output):
-    q, k, v, key_padding_mask, causal, scale, dropout_p, seed, offset = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, key_padding_mask)
-    ctx.args = (causal, scale, dropout_p, seed, offset)
-
-
-def _backward(ctx, dout, _dlse):
-    q, k, v, out, lse, key_padding_mask = ctx.saved_tensors
-    causal, scale, dropout_p, seed, offset = ctx.args
-    dq, dk, dv = attention_bwd(
-        dout.contiguous(),
+    dq, dk, dv, dbias = impl.bwd(
+        dout,
         q,
         k,
         v,
         out,
         lse,
         key_padding_mask,
-        causal,
+        bias,
         scale,
+        softcap,
+        window_left,
+        window_right,
+        diag_offset,
         dropout_p,
         seed,
         offset,
+        need_bias_grad,
     )
-    return dq, dk, dv, None, None, None, None, None, None
+    return dq.contiguous(), dk.contiguous(), dv.contiguous(), dbias.contiguous()
+
+
+@attention_bwd.register_fake
+def _(dout, q, k, v, out, lse, kpm, bias, scale, softcap, wl, wr, off, p, seed, offset, nbg):
+    B, Hq, Tq, _ = q.shape
+    dbias = q.new_empty((B, Hq, Tq, k.shape[2]) if nbg else (0,), dtype=_lse_dtype(q.dtype))
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dbias
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, key_padding_mask, bias, *args = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, key_padding_mask, bias)
+    ctx.args = tuple(args)
+
+
+def _backward(ctx, dout, _dlse):
+    q, k, v, out, lse, key_padding_mask, bias = ctx.saved_tensors
+    need_bias_grad = bias is not None and ctx.needs_input_grad[4]
+    dq, dk, dv, dbias = attention_bwd(
+        dout.contiguous(), q, k, v, out, lse, key_padding_mask, bias, *ctx.args, need_bias_grad
+    )
+    return dq, dk, dv, None, (dbias if need_bias_grad else None), *([None] * len(ctx.args))
 
 
 attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 # ----------------------------------------------------------------------------- public API
-def _validate(q, k, v, key_padding_mask, scale, dropout_p) -> None:
+def _validate(
+    q, k, v, key_padding_mask, scale, dropout_p, softcap, window, alignment, attn_bias, attn_mask
+) -> None:
     name = "fastattn.attention"
     for what, t in (("q", q), ("k", k), ("v", v)):
         check_tensor(name, what, t, floating=True)
@@ -427,11 +620,73 @@ def _validate(q, k, v, key_padding_mask, scale, dropout_p) -> None:
         raise ValueError(f"{name}: scale must be a finite float or None, got {scale!r}")
     if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"{name}: dropout_p must be in [0, 1), got {dropout_p!r}")
+    if softcap is not None and (
+        not isinstance(softcap, (int, float)) or not math.isfinite(softcap) or softcap < 0
+    ):
+        raise ValueError(f"{name}: softcap must be a finite float >= 0 or None, got {softcap!r}")
+    if window is not None:
+        ok = (
+            isinstance(window, (tuple, list))
+            and len(window) == 2
+            and all(isinstance(w, int) and not isinstance(w, bool) and w >= -1 for w in window)
+        )
+        if not ok:
+            raise ValueError(
+                f"{name}: window must be (left, right), two ints >= -1 (-1 = unbounded), "
+                f"got {window!r}"
+            )
+    if alignment not in ALIGNMENTS:
+        raise ValueError(f"{name}: alignment must be one of {ALIGNMENTS}, got {alignment!r}")
+    for what, t, want in (("attn_bias", attn_bias, "floating"), ("attn_mask", attn_mask, "bool")):
+        if t is None:
+            continue
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name}: {what} must be a torch.Tensor, got {type(t).__name__}")
+        if want == "bool" and t.dtype != torch.bool:
+            raise TypeError(
+                f"{name}: attn_mask must be a bool tensor (True = attend, as in "
+                f"F.scaled_dot_product_attention), got {t.dtype}; pass a float mask as attn_bias"
+            )
+        if want == "floating" and not t.dtype.is_floating_point:
+            raise TypeError(f"{name}: attn_bias must be a floating-point tensor, got {t.dtype}")
+        check_same_device(name, ("q", q), (what, t))
+        try:
+            torch.broadcast_shapes(t.shape, (B, Hq, Tq, Tk))
+            ok = t.dim() <= 4
+        except RuntimeError:
+            ok = False
+        if not ok or torch.broadcast_shapes(t.shape, (B, Hq, Tq, Tk)) != (B, Hq, Tq, Tk):
+            raise ValueError(
+                f"{name}: {what} must broadcast to (batch, q_heads, q_len, kv_len) = "
+                f"({B}, {Hq}, {Tq}, {Tk}), got {tuple(t.shape)}"
+            )
 
 
 def _draw_seed() -> int:
     """A 62-bit Philox seed from torch's default CPU generator (``torch.manual_seed``)."""
     return int(torch.randint(0, 2**62, (1,)).item())
+
+
+def _kernel_bias(
+    attn_bias: Tensor | None, attn_mask: Tensor | None, shape: tuple[int, int, int, int], q: Tensor
+) -> Tensor | None:
+    """One additive bias for the kernels: ``attn_bias`` with ``-inf`` where ``attn_mask`` is
+    False, as a [B, Hq, Tq, Tk] view whose broadcast dims have stride 0 and whose last dim has
+    unit stride (only a broadcast key dim is materialised)."""
+    if attn_bias is None and attn_mask is None:
+        return None
+    acc = _acc_dtype(q.dtype)
+    if attn_bias is None:
+        bias = torch.zeros((), dtype=acc, device=q.device).masked_fill(~attn_mask, float("-inf"))
+    else:
+        bias = attn_bias if attn_bias.dtype in (acc, q.dtype) else attn_bias.to(acc)
+        if attn_mask is not None:
+            bias = bias.masked_fill(~attn_mask, float("-inf"))
+    while bias.dim() < 4:
+        bias = bias.unsqueeze(0)
+    if bias.shape[-1] != shape[-1] or bias.stride(-1) != 1:
+        bias = bias.expand(*bias.shape[:-1], shape[-1]).contiguous()
+    return bias.expand(shape)
 
 
 def attention(
@@ -443,32 +698,82 @@ def attention(
     scale: float | None = None,
     key_padding_mask: Tensor | None = None,
     dropout_p: float = 0.0,
+    softcap: float | None = None,
+    window: tuple[int, int] | None = None,
+    alignment: str = "bottom_right",
+    attn_bias: Tensor | None = None,
+    attn_mask: Tensor | None = None,
 ) -> Tensor:
-    """Fused softmax attention, served by the fastest backend.
+    """Fused softmax attention, served by the fastest backend that honours every argument.
 
     q: (B, Hq, Tq, D); k, v: (B, Hkv, Tk, D) with ``Hq % Hkv == 0`` (GQA / MQA); returns
-    (B, Hq, Tq, D). ``causal`` is bottom-right aligned (query i sees key j iff
-    ``j <= i + Tk - Tq``; for Tq == Tk this is ``F.scaled_dot_product_attention(is_causal=True)``,
-    and a single query row against a KV cache sees every key). ``key_padding_mask`` (B, Tk) bool,
-    True = padding (``torch.nn.MultiheadAttention``'s meaning). A query that sees no key gives 0.
-    ``dropout_p`` drops attention probabilities (Philox mask seeded from torch's default
-    generator); pass 0 in evaluation. Under ``torch.compile`` the seed draw is traced (no
-    graph break, a fresh seed per call); it then comes from the compiled program's RNG, so a
-    seeded run repeats itself but draws a different mask than the same call in eager mode.
+    (B, Hq, Tq, D).
+
+    - ``causal``: query i sees key j iff ``j <= i + off``; ``alignment="bottom_right"`` (the
+      default, flash-attn's) puts ``off = Tk - Tq`` (a query row against a KV cache sees every
+      cached key; for Tq == Tk this is ``F.scaled_dot_product_attention(is_causal=True)``),
+      ``"top_left"`` puts ``off = 0`` (SDPA's ``is_causal`` when Tq != Tk, e.g. a prefill into
+      a larger static cache).
+    - ``window=(left, right)``: local attention, query i sees keys ``i + off - left .. i + off
+      + right`` (-1 = unbounded; flash-attn's ``window_size``). ``causal`` sets ``right = 0``;
+      a sliding window of W keys (Mistral) is ``causal=True, window=(W - 1, 0)``.
+    - ``softcap``: scores become ``softcap * tanh(scores / softcap)`` (Gemma 2), before the bias.
+    - ``attn_bias``: float tensor broadcastable to (B, Hq, Tq, Tk), added to the scores (T5's
+      position bias, ALiBi); ``-inf`` hides a key. It gets a gradient when it requires one.
+    - ``attn_mask``: bool tensor broadcastable to (B, Hq, Tq, Tk), True = attend
+      (``F.scaled_dot_product_attention``'s meaning).
+    - ``key_padding_mask``: (B, Tk) bool, True = padding (``torch.nn.MultiheadAttention``'s).
+    - ``dropout_p``: drops attention probabilities (Philox mask seeded from torch's default
+      generator); pass 0 in evaluation. Under ``torch.compile`` the seed draw is traced (no
+      graph break, a fresh seed per call); it then comes from the compiled program's RNG.
+
+    A query that sees no key gives 0 (and zero gradients). A backend whose kernel lacks a
+    feature is skipped by ``auto`` (the reference serves the call, logged at debug level); an
+    explicitly chosen one raises :class:`fastattn.BackendError` naming the feature.
     """
-    _validate(q, k, v, key_padding_mask, scale, dropout_p)
-    D = q.shape[-1]
+    _validate(
+        q,
+        k,
+        v,
+        key_padding_mask,
+        scale,
+        dropout_p,
+        softcap,
+        window,
+        alignment,
+        attn_bias,
+        attn_mask,
+    )
+    B, Hq, Tq, D = q.shape
+    Tk = k.shape[2]
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
-    if q.numel() == 0 or k.shape[2] == 0:
+    if q.numel() == 0 or Tk == 0:
         # Nothing to attend: an exact, differentiable empty / zero result.
         return attention_reference(
             q, k, v, causal=causal, scale=scale, key_padding_mask=key_padding_mask
         )
+    wl, wr = _window(bool(causal), window)
+    off = diag_offset(Tq, Tk, alignment)
     # Kernels need unit stride on the head dim; other strides are passed through as they are.
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     if key_padding_mask is not None:
         key_padding_mask = key_padding_mask.contiguous()
+    bias = _kernel_bias(attn_bias, attn_mask, (B, Hq, Tq, Tk), q)
     dropout_p = float(dropout_p)
     seed = _draw_seed() if dropout_p > 0 else 0
-    out, _ = attention_fwd(q, k, v, key_padding_mask, bool(causal), scale, dropout_p, seed, 0)
+    out, _ = attention_fwd(
+        q,
+        k,
+        v,
+        key_padding_mask,
+        bias,
+        scale,
+        float(softcap or 0.0),
+        wl,
+        wr,
+        off,
+        dropout_p,
+        seed,
+        0,
+    )
     return out

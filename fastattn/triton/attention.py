@@ -494,16 +494,19 @@ class _Triton:
     name = "triton"
     _dtypes = (torch.float16, torch.bfloat16, torch.float32)
 
-    def unsupported(
-        self, device_type: str, dtype: torch.dtype, head_dim: int, **case: object
-    ) -> str | None:
-        if dtype not in self._dtypes:
-            return f"dtype {dtype} (Triton kernels take float16, bfloat16, float32)"
-        if head_dim > MAX_HEAD_DIM:
-            return f"head dim {head_dim} > {MAX_HEAD_DIM}"
+    def unsupported(self, case) -> str | None:
+        if case.dtype not in self._dtypes:
+            return f"dtype {case.dtype} (Triton kernels take float16, bfloat16, float32)"
+        if case.head_dim > MAX_HEAD_DIM:
+            return f"head dim {case.head_dim} > {MAX_HEAD_DIM}"
+        if case.window or case.top_left or case.softcap or case.bias:
+            return f"{case.describe()} (not in the Triton kernels yet)"
         return None
 
-    def fwd(self, q, k, v, key_padding_mask, causal, scale, dropout_p, seed, offset):
+    def fwd(
+        self, q, k, v, key_padding_mask, bias, scale, softcap, wl, wr, off, dropout_p, seed, offset
+    ):
+        causal = wr == 0
         B, Hq, Tq, D = q.shape
         Hkv, Tk = k.shape[1], k.shape[2]
         out = torch.empty((B, Hq, Tq, D), dtype=q.dtype, device=q.device)
@@ -555,15 +558,33 @@ class _Triton:
         return out, lse
 
     def bwd(
-        self, dout, q, k, v, out, lse, key_padding_mask, causal, scale, dropout_p, seed, offset
+        self,
+        dout,
+        q,
+        k,
+        v,
+        out,
+        lse,
+        key_padding_mask,
+        bias,
+        scale,
+        softcap,
+        wl,
+        wr,
+        off,
+        dropout_p,
+        seed,
+        offset,
+        need_bias_grad,
     ):
+        causal = wr == 0
         B, Hq, Tq, D = q.shape
         Hkv, Tk = k.shape[1], k.shape[2]
         dq = torch.empty((B, Hq, Tq, D), dtype=q.dtype, device=q.device)
         dk = torch.empty((B, Hkv, Tk, D), dtype=k.dtype, device=q.device)
         dv = torch.empty((B, Hkv, Tk, D), dtype=v.dtype, device=q.device)
         if q.numel() == 0 or k.numel() == 0:
-            return dq.zero_(), dk.zero_(), dv.zero_()
+            return dq.zero_(), dk.zero_(), dv.zero_(), q.new_empty(0)
         if dout.stride(-1) != 1:
             dout = dout.contiguous()
         out = out.contiguous()
@@ -658,7 +679,7 @@ class _Triton:
             thr,
             **meta,
         )
-        return dq, dk, dv
+        return dq, dk, dv, q.new_empty(0)
 
 
 TRITON = _Triton()

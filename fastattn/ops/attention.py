@@ -119,6 +119,15 @@ def dropout_keep_mask(
 
 # ----------------------------------------------------------------------------- the case
 ALIGNMENTS = ("bottom_right", "top_left")
+# Optional features a kernel backend may or may not serve (see AttentionCase.features).
+FEATURES = ("window", "top_left", "softcap", "bias", "bias_grad")
+_FEATURE_WORDS = {
+    "window": "sliding window",
+    "top_left": "top-left causal alignment",
+    "softcap": "softcap",
+    "bias": "additive bias / boolean mask",
+    "bias_grad": "a bias that needs a gradient",
+}
 
 
 @dataclass(frozen=True)
@@ -139,21 +148,24 @@ class AttentionCase:
     dropout: bool
     key_padding_mask: bool
 
-    def describe(self) -> str:
-        """The non-default features, for error messages: "softcap, sliding window"."""
-        feats = [
-            name
-            for name, on in (
-                ("sliding window", self.window),
-                ("top-left causal alignment", self.top_left),
-                ("softcap", self.softcap),
-                ("additive bias / boolean mask", self.bias),
-                ("dropout", self.dropout),
-                ("key padding mask", self.key_padding_mask),
-            )
-            if on
-        ]
-        return ", ".join(feats) or "plain attention"
+    def features(self) -> set[str]:
+        """The optional features this call uses: a subset of :data:`FEATURES`."""
+        flags = (
+            ("window", self.window),
+            ("top_left", self.top_left),
+            ("softcap", self.softcap),
+            ("bias", self.bias),
+            ("bias_grad", self.bias_grad),
+        )
+        return {name for name, on in flags if on}
+
+
+def missing_features(case: AttentionCase, served: set[str], who: str) -> str | None:
+    """None if ``served`` covers the call's features, else a reason naming what is missing."""
+    missing = [f for f in FEATURES if f in case.features() - served]
+    if not missing:
+        return None
+    return ", ".join(_FEATURE_WORDS[f] for f in missing) + f" (not served by {who})"
 
 
 def diag_offset(q_len: int, kv_len: int, alignment: str) -> int:
@@ -362,6 +374,8 @@ class _Native:
         "cuda": (torch.float16, torch.bfloat16, torch.float32),
     }
     _max_head_dim = {"cpu": 256, "cuda": 128}
+    # The optional features (FEATURES) each kernel serves.
+    _features: dict[str, set[str]] = {"cpu": set(), "cuda": set()}
 
     def unsupported(self, case: AttentionCase) -> str | None:
         dev = case.device_type
@@ -369,9 +383,7 @@ class _Native:
             return f"dtype {case.dtype} on {dev}"
         if case.head_dim > self._max_head_dim[dev]:
             return f"head dim {case.head_dim} > {self._max_head_dim[dev]} on {dev}"
-        if case.window or case.top_left or case.softcap or case.bias:
-            return f"{case.describe()} (not in the {dev} kernel yet)"
-        return None
+        return missing_features(case, self._features[dev], f"the {dev} kernel")
 
     def fwd(self, q, k, v, key_padding_mask, bias, scale, softcap, wl, wr, off, p, seed, offset):
         return torch.ops.fastattn_C.attention_fwd(

@@ -54,7 +54,7 @@ import triton.language as tl
 from triton.language.random import philox_impl
 
 from fastattn._dispatch import _triton_interpreting
-from fastattn.ops.attention import dropout_threshold
+from fastattn.ops.attention import dropout_threshold, missing_features
 
 LOG2E = 1.4426950408889634
 
@@ -493,15 +493,14 @@ class _Triton:
 
     name = "triton"
     _dtypes = (torch.float16, torch.bfloat16, torch.float32)
+    _features: set[str] = set()  # the optional attention features (FEATURES) served
 
     def unsupported(self, case) -> str | None:
         if case.dtype not in self._dtypes:
             return f"dtype {case.dtype} (Triton kernels take float16, bfloat16, float32)"
         if case.head_dim > MAX_HEAD_DIM:
             return f"head dim {case.head_dim} > {MAX_HEAD_DIM}"
-        if case.window or case.top_left or case.softcap or case.bias:
-            return f"{case.describe()} (not in the Triton kernels yet)"
-        return None
+        return missing_features(case, self._features, "the Triton kernels")
 
     def fwd(
         self, q, k, v, key_padding_mask, bias, scale, softcap, wl, wr, off, dropout_p, seed, offset

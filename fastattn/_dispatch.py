@@ -256,6 +256,28 @@ def resolve(op: str, device: torch.device, case: Any = None, **facts: Any) -> An
     return impl
 
 
+def plan(op: str, device_type: str, case: Any) -> tuple[str, list[tuple[str, str]]]:
+    """Which backend would serve ``op`` for ``case`` on ``device_type`` under the backend now in
+    force, without running anything: ``(backend, [(skipped backend, why), ...])``. Raises
+    :class:`BackendError` where a call would (an explicit backend that cannot serve it)."""
+    skipped: list[tuple[str, str]] = []
+    backend = get_backend()
+    order = AUTO_ORDER.get(device_type, ("reference",)) if backend == "auto" else (backend,)
+    for b in order:
+        key = (op, device_type, b)
+        why = (
+            f"no {op} kernel for {device_type} tensors"
+            if key not in TABLE
+            else unavailable_reason(b, device_type) or _load(key).unsupported(case)
+        )
+        if why is None:
+            return b, skipped
+        if backend != "auto":
+            raise BackendError(f"fastattn: backend {b!r} cannot serve {op} here: {why}")
+        skipped.append((b, why))
+    return "reference", skipped
+
+
 # Load the extension now (if built) so torch.ops.fastattn_C.* exist as soon as fastattn is imported.
 _extension()
 

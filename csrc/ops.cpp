@@ -34,7 +34,10 @@
 #include <torch/library.h>
 #include <Python.h>
 
+#include <utility>
+
 #include "cpu/kernels.h"
+#include "kernel_limits.h"
 
 // The vector width this file set was compiled for (see setup.py). Read by
 // fastattn/_dispatch.py to tell whether this CPU can run the build.
@@ -90,5 +93,18 @@ PyMODINIT_FUNC PyInit__C(void) {
   if (mod == nullptr) return nullptr;
   PyModule_AddStringConstant(mod, "cpu_capability", kCpuCapability);
   PyModule_AddObject(mod, "with_cuda", PyBool_FromLong(kWithCuda));
+  // The kernels' limits (csrc/kernel_limits.h), read by the op declarations in fastattn/ops/<op>.py.
+  PyObject* limits = PyDict_New();
+  if (limits == nullptr) return nullptr;
+  const std::pair<const char*, long> entries[] = {
+      {"attention_max_head_dim_cpu", fastattn::limits::kAttentionMaxHeadDimCpu},
+      {"attention_max_head_dim_cuda", fastattn::limits::kAttentionMaxHeadDimCuda},
+  };
+  for (const auto& [name, value] : entries) {
+    PyObject* v = PyLong_FromLong(value);
+    PyDict_SetItemString(limits, name, v);
+    Py_DECREF(v);
+  }
+  PyModule_AddObject(mod, "limits", limits);
   return mod;
 }

@@ -1,21 +1,26 @@
-"""The one dispatch table: (op, device type, backend) -> implementation.
+"""The one registry: backends as objects, ops as declarations, and the dispatch derived from both.
 
-Nothing else in fastattn branches on backends. Every differentiable op in
-``fastattn/ops/<op>.py`` asks :func:`resolve` for an implementation object with
-``fwd``/``bwd`` methods and an ``unsupported(**case)`` method that returns ``None`` when it
-can serve the case, or a short reason ("head dim 512 > 256") when it cannot.
+Nothing else in fastattn branches on backends. The pieces:
 
-Backends:
+- :class:`Backend` -- ``cpu`` (C++ kernels in ``csrc/cpu``, ``fastattn._C``), ``cuda`` (CUDA C++ in
+  ``csrc/cuda``, built where torch has CUDA), ``triton`` (``fastattn/triton``; on a CPU only through
+  the Triton interpreter, for tests) and ``reference`` (plain PyTorch, serves everything): a name,
+  the device types it runs on, and why it is unusable here (or ``None``).
+- :class:`OpDecl` -- one per op, declared in ``fastattn/ops/<op>.py`` with :func:`declare`: its
+  file stem, its typed case class, and per (backend, device type) a :class:`Support` (dtypes,
+  limits, optional features). The dispatch table, the limit checks and ``python -m fastattn``'s
+  report are derived from these declarations. Limits of the C++ / CUDA kernels are read from the
+  extension (``fastattn._C.limits``, from ``csrc/kernel_limits.h``), so they are stated once.
+- :func:`resolve` -- the implementation object (``fwd`` / ``bwd``) for a call's case. ``auto``
+  (the default) takes, per device, the first usable backend of :data:`AUTO_ORDER` whose support
+  covers the case, else ``reference`` (logged once at debug level). An explicitly chosen backend
+  that cannot serve a call raises :class:`BackendError` naming the case.
 
-- ``cpu``: C++ kernels in ``csrc/cpu`` (``fastattn._C``), reached through ``torch.ops.fastattn_C``.
-- ``cuda``: CUDA C++ kernels in ``csrc/cuda``, same ops, built only where torch has CUDA.
-- ``triton``: Triton kernels in ``fastattn/triton``; on a CPU only through the Triton
-  interpreter (``TRITON_INTERPRET=1`` set before fastattn is imported), which is for tests.
-- ``reference``: plain PyTorch, the ground truth; serves everything.
-
-``auto`` (the default) takes, per device, the first backend in :data:`AUTO_ORDER` that is usable
-and supports the case, falling back to ``reference`` (logged once at debug level). An explicitly
-chosen backend that cannot serve a call raises :class:`BackendError` naming the case.
+Backend choice: :func:`set_backend` sets the process-wide default (``FASTATTN_BACKEND`` its initial
+value); :func:`use_backend` overrides it for the current thread only, so threads nest it
+independently. The backward of a call runs on the choice in force at its forward (the custom ops
+carry it), whichever thread autograd runs it on. The life of a call, and how to add an op or a
+backend: ``docs/ARCHITECTURE.md``.
 """
 
 from __future__ import annotations
@@ -25,91 +30,21 @@ import functools
 import importlib
 import logging
 import os
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 log = logging.getLogger("fastattn")
 
-BACKENDS = ("auto", "cpu", "triton", "cuda", "reference")
-OPS = ("layer_norm", "attention", "bias_gelu")
-
-# (op, device type, backend) -> "module:attribute" of the implementation object. Imported lazily
-# so that, e.g., triton is never imported unless a Triton kernel is asked for.
-TABLE: dict[tuple[str, str, str], str] = {}
-for _op, _mod in (
-    ("layer_norm", "layernorm"),
-    ("attention", "attention"),
-    ("bias_gelu", "gelu"),
-):
-    TABLE[(_op, "cpu", "cpu")] = f"fastattn.ops.{_mod}:NATIVE"
-    TABLE[(_op, "cuda", "cuda")] = f"fastattn.ops.{_mod}:NATIVE"
-    TABLE[(_op, "cpu", "triton")] = f"fastattn.triton.{_mod}:TRITON"
-    TABLE[(_op, "cuda", "triton")] = f"fastattn.triton.{_mod}:TRITON"
-    TABLE[(_op, "cpu", "reference")] = f"fastattn.ops.{_mod}:REFERENCE"
-    TABLE[(_op, "cuda", "reference")] = f"fastattn.ops.{_mod}:REFERENCE"
-
-# What `auto` tries, in order, per device type. On GPUs Triton comes first: its kernels are the
-# ones exercised by the test-suite (through the interpreter) on every machine.
-AUTO_ORDER: dict[str, tuple[str, ...]] = {
-    "cpu": ("cpu", "reference"),
-    "cuda": ("triton", "cuda", "reference"),
-}
-
 
 class BackendError(RuntimeError):
     """An explicitly chosen backend cannot serve a call (not usable here, or case unsupported)."""
 
 
-def _check_name(name: str) -> str:
-    if name not in BACKENDS:
-        raise ValueError(
-            f"fastattn: unknown backend {name!r}; expected one of {', '.join(BACKENDS)}"
-        )
-    return name
-
-
-_backend = _check_name(os.environ.get("FASTATTN_BACKEND", "auto").strip().lower() or "auto")
-_last: dict[str, str] = {}
-_fallback_logged: set[tuple[str, str, str]] = set()
-_impl_cache: dict[str, Any] = {}
-
-
-def get_backend() -> str:
-    """The backend in force: ``auto`` unless changed by :func:`set_backend` / :func:`use_backend`."""
-    return _backend
-
-
-def set_backend(name: str) -> None:
-    """Choose the backend: ``auto``, ``cpu``, ``triton``, ``cuda`` or ``reference``.
-
-    Process-wide (the autograd engine may run a backward on another thread, and it must see the
-    same choice as the forward). The environment variable ``FASTATTN_BACKEND`` sets the initial
-    value. A backward is dispatched when it runs, so keep the choice in force until then.
-    """
-    global _backend
-    _backend = _check_name(name)
-
-
-@contextlib.contextmanager
-def use_backend(name: str) -> Iterator[None]:
-    """Context manager: :func:`set_backend` ``name``, restoring the previous choice on exit."""
-    global _backend
-    prev = _backend
-    set_backend(name)
-    try:
-        yield
-    finally:
-        _backend = prev
-
-
-def last_backend(op: str) -> str | None:
-    """The backend that served the most recent call of ``op`` ("layer_norm", "attention", ...)."""
-    return _last.get(op)
-
-
-# ------------------------------------------------------------------ availability
+# ------------------------------------------------------------------ the extension
 @functools.cache
 def _extension() -> tuple[Any | None, str | None]:
     try:
@@ -120,6 +55,13 @@ def _extension() -> tuple[Any | None, str | None]:
             f"extension fastattn._C not built ({e}); run `pip install --no-build-isolation -e .`",
         )
     return _C, None
+
+
+def native_limit(name: str) -> int | None:
+    """A limit the C++ / CUDA kernels enforce (``csrc/kernel_limits.h``), or None without the extension."""
+    mod, _ = _extension()
+    limits = getattr(mod, "limits", None) or {}
+    return limits.get(name)
 
 
 @functools.cache
@@ -145,64 +87,224 @@ def _triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+# ------------------------------------------------------------------ backends
+@dataclass(frozen=True)
+class Backend:
+    """A family of implementations: where it runs and whether it can run here."""
+
+    name: str
+    device_types: tuple[str, ...]
+    summary: str
+    why_unusable: Callable[[str], str | None] = field(repr=False)
+
+    def unavailable(self, device_type: str) -> str | None:
+        """None if this backend can run on ``device_type`` tensors here, else why not."""
+        if device_type not in self.device_types:
+            return f"the {self.name} backend runs on {'/'.join(self.device_types)} tensors only"
+        return self.why_unusable(device_type)
+
+
+def _cpu_unusable(device_type: str) -> str | None:
+    mod, why = _extension()
+    if mod is None:
+        return why
+    cap = getattr(mod, "cpu_capability", "generic")
+    flags = _cpu_flags()
+    missing = _CAPABILITY_FLAGS.get(cap, set()) - flags
+    if flags and missing:
+        return f"extension built for {cap} but this CPU lacks {sorted(missing)}; rebuild here"
+    return None
+
+
+def _cuda_unusable(device_type: str) -> str | None:
+    if not torch.cuda.is_available():
+        return "no CUDA GPU visible to torch"
+    mod, why = _extension()
+    if mod is None:
+        return why
+    if not getattr(mod, "with_cuda", False):
+        return "extension built without CUDA kernels (torch had no CUDA at build time)"
+    return None
+
+
+def _triton_unusable(device_type: str) -> str | None:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return "triton is not installed (pip install 'fastattn[triton]')"
+    if device_type == "cpu" and not _triton_interpreting():
+        return "Triton runs on CPU tensors only through its interpreter (TRITON_INTERPRET=1)"
+    if device_type == "cuda" and not torch.cuda.is_available():
+        return "no CUDA GPU visible to torch"
+    return None
+
+
+BACKENDS: dict[str, Backend] = {
+    b.name: b
+    for b in (
+        Backend("cpu", ("cpu",), "C++ kernels (csrc/cpu), AVX-512 / AVX2 / generic", _cpu_unusable),
+        Backend("triton", ("cuda", "cpu"), "Triton kernels (fastattn/triton)", _triton_unusable),
+        Backend("cuda", ("cuda",), "CUDA C++ kernels (csrc/cuda)", _cuda_unusable),
+        Backend("reference", ("cpu", "cuda"), "plain PyTorch, the ground truth", lambda d: None),
+    )
+}
+BACKEND_NAMES = ("auto", *BACKENDS)
+
+# What `auto` tries, in order, per device type. On GPUs Triton comes first: its kernels are the
+# ones exercised by the test-suite (through the interpreter) on every machine.
+AUTO_ORDER: dict[str, tuple[str, ...]] = {
+    "cpu": ("cpu", "reference"),
+    "cuda": ("triton", "cuda", "reference"),
+}
+
+
 @functools.cache
 def unavailable_reason(backend: str, device_type: str) -> str | None:
     """``None`` if ``backend`` can run on ``device_type`` here, else why not."""
-    if backend == "reference":
-        return None
-    if backend == "cpu":
-        if device_type != "cpu":
-            return "the cpu backend runs on CPU tensors only"
-        mod, why = _extension()
-        if mod is None:
-            return why
-        cap = getattr(mod, "cpu_capability", "generic")
-        flags = _cpu_flags()
-        missing = _CAPABILITY_FLAGS.get(cap, set()) - flags
-        if flags and missing:
-            return f"extension built for {cap} but this CPU lacks {sorted(missing)}; rebuild here"
-        return None
-    if backend == "cuda":
-        if device_type != "cuda":
-            return "the cuda backend runs on CUDA tensors only"
-        if not torch.cuda.is_available():
-            return "no CUDA GPU visible to torch"
-        mod, why = _extension()
-        if mod is None:
-            return why
-        if not getattr(mod, "with_cuda", False):
-            return "extension built without CUDA kernels (torch had no CUDA at build time)"
-        return None
-    if backend == "triton":
-        try:
-            import triton  # noqa: F401
-        except ImportError:
-            return "triton is not installed (pip install 'fastattn[triton]')"
-        if device_type == "cpu":
-            if not _triton_interpreting():
-                return (
-                    "Triton runs on CPU tensors only through its interpreter (TRITON_INTERPRET=1)"
-                )
-            return None
-        if device_type == "cuda":
-            return None if torch.cuda.is_available() else "no CUDA GPU visible to torch"
-        return f"Triton does not run on {device_type} tensors"
-    raise ValueError(f"fastattn: unknown backend {backend!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"fastattn: unknown backend {backend!r}")
+    return BACKENDS[backend].unavailable(device_type)
 
 
 def available_backends(device_type: str | None = None) -> list[str]:
     """Backends usable here, for ``device_type`` ("cpu", "cuda") or for any device."""
     types = [device_type] if device_type else ["cpu", "cuda"]
-    out = []
-    for b in BACKENDS[1:]:
-        if any(unavailable_reason(b, t) is None for t in types):
-            out.append(b)
-    return out
+    return [b for b in BACKENDS if any(unavailable_reason(b, t) is None for t in types)]
+
+
+# ------------------------------------------------------------------ op declarations
+@dataclass(frozen=True)
+class Support:
+    """What one backend's kernel for one op serves on one device type.
+
+    ``max_head_dim`` / ``max_cols`` bound the case's ``head_dim`` / ``cols``; ``features`` are the
+    optional features (the case's ``features()``) it serves. A limit given as a string is read
+    from the extension's ``limits`` (``csrc/kernel_limits.h``) when checked.
+    """
+
+    dtypes: tuple[torch.dtype, ...]
+    max_head_dim: int | str | None = None
+    max_cols: int | str | None = None
+    features: frozenset[str] = frozenset()
+
+    @staticmethod
+    def _limit(value: int | str | None) -> int | None:
+        return native_limit(value) if isinstance(value, str) else value
+
+    def unsupported(self, case: Any) -> str | None:
+        """None if this covers ``case``, else a short reason naming what does not fit."""
+        if case.dtype not in self.dtypes:
+            names = ", ".join(str(d).removeprefix("torch.") for d in self.dtypes)
+            return f"dtype {case.dtype} (takes {names})"
+        for what, attr, limit in (
+            ("head dim", "head_dim", self._limit(self.max_head_dim)),
+            ("row length", "cols", self._limit(self.max_cols)),
+        ):
+            if limit is not None and getattr(case, attr, 0) > limit:
+                return f"{what} {getattr(case, attr)} > {limit}"
+        missing = sorted(set(case.features()) - self.features) if hasattr(case, "features") else []
+        if missing:
+            words = getattr(case, "FEATURE_WORDS", {})
+            return ", ".join(words.get(f, f) for f in missing)
+        return None
+
+    def describe(self) -> str:
+        parts = ["/".join(str(d).removeprefix("torch.") for d in self.dtypes)]
+        for what, value in (("head dim", self.max_head_dim), ("cols", self.max_cols)):
+            limit = self._limit(value)
+            if limit is not None:
+                parts.append(f"{what} <= {limit}")
+        if self.features:
+            parts.append("+" + ",".join(sorted(self.features)))
+        return " ".join(parts)
+
+
+@dataclass(frozen=True)
+class OpDecl:
+    """An op: its name, the file stem its implementations live in, its case class, and per
+    ``(backend, device_type)`` what that backend's kernel serves (absent: no kernel)."""
+
+    name: str
+    file: str
+    case: type
+    support: dict[tuple[str, str], Support]
+    summary: str = ""
+
+    def impl_path(self, backend: str) -> str:
+        """Where the implementation object lives: the same name in every folder."""
+        if backend == "triton":
+            return f"fastattn.triton.{self.file}:TRITON"
+        if backend == "reference":
+            return f"fastattn.ops.{self.file}:REFERENCE"
+        return f"fastattn.ops.{self.file}:NATIVE"  # cpu and cuda: torch.ops.fastattn_C.<op>_*
+
+
+OPS: dict[str, OpDecl] = {}
+REFERENCE_SUPPORT = Support(dtypes=(torch.float32, torch.float64, torch.bfloat16, torch.float16))
+
+
+def declare(decl: OpDecl) -> OpDecl:
+    """Register an op. The reference backend serves every case on every device."""
+    support = dict(decl.support)
+    for dev in BACKENDS["reference"].device_types:
+        support.setdefault(("reference", dev), REFERENCE_SUPPORT)
+    decl = OpDecl(decl.name, decl.file, decl.case, support, decl.summary)
+    OPS[decl.name] = decl
+    return decl
+
+
+# ------------------------------------------------------------------ backend choice
+_default = "auto"
+_local = threading.local()  # .override: the use_backend() stack top of this thread
+_last: dict[str, str] = {}
+_fallback_logged: set[tuple[str, str, str]] = set()
+_impl_cache: dict[str, Any] = {}
+
+
+def _check_name(name: str) -> str:
+    if name not in BACKEND_NAMES:
+        raise ValueError(
+            f"fastattn: unknown backend {name!r}; expected one of {', '.join(BACKEND_NAMES)}"
+        )
+    return name
+
+
+_default = _check_name(os.environ.get("FASTATTN_BACKEND", "auto").strip().lower() or "auto")
+
+
+def get_backend() -> str:
+    """The backend in force in this thread: its :func:`use_backend`, else the process default."""
+    return getattr(_local, "override", None) or _default
+
+
+def set_backend(name: str) -> None:
+    """Choose the process-wide default backend: ``auto``, ``cpu``, ``triton``, ``cuda`` or
+    ``reference`` (``FASTATTN_BACKEND`` sets the initial value). A thread inside
+    :func:`use_backend` keeps its own choice."""
+    global _default
+    _default = _check_name(name)
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Context manager: ``name`` is the backend for calls made by this thread inside the block
+    (and for their backward passes, wherever autograd runs them); other threads are unaffected."""
+    prev = getattr(_local, "override", None)
+    _local.override = _check_name(name)
+    try:
+        yield
+    finally:
+        _local.override = prev
+
+
+def last_backend(op: str) -> str | None:
+    """The backend that served the most recent call of ``op`` ("layer_norm", "attention", ...)."""
+    return _last.get(op)
 
 
 # ------------------------------------------------------------------ resolution
-def _load(key: tuple[str, str, str]) -> Any:
-    target = TABLE[key]
+def _load(decl: OpDecl, backend: str) -> Any:
+    target = decl.impl_path(backend)
     impl = _impl_cache.get(target)
     if impl is None:
         mod_name, attr = target.split(":")
@@ -211,79 +313,62 @@ def _load(key: tuple[str, str, str]) -> Any:
     return impl
 
 
-def resolve(op: str, device: torch.device, case: Any = None, **facts: Any) -> Any:
-    """The implementation of ``op`` for a call on ``device``: ``case`` is the op's typed case
-    object (``unsupported(case)``), or the facts are keywords (``unsupported(**facts)``)."""
-    dtype = device.type
-
-    def why_not(impl: Any) -> str | None:
-        return impl.unsupported(case) if case is not None else impl.unsupported(**facts)
-
-    backend = get_backend()
-    if backend == "auto":
-        for b in AUTO_ORDER.get(dtype, ("reference",)):
-            if (op, dtype, b) not in TABLE or unavailable_reason(b, dtype) is not None:
-                continue
-            impl = _load((op, dtype, b))
-            why = why_not(impl)
-            if why is None:
-                _last[op] = b
-                return impl
-            key = (op, dtype, b)
-            if key not in _fallback_logged:
-                _fallback_logged.add(key)
-                log.debug("fastattn: %s on %s: backend %s skipped (%s)", op, dtype, b, why)
-        _last[op] = "reference"
-        return (
-            _load((op, dtype, "reference"))
-            if (op, dtype, "reference") in TABLE
-            else _load((op, "cpu", "reference"))
-        )
-    key = (op, dtype, backend)
-    if key not in TABLE:
-        raise BackendError(f"fastattn: backend {backend!r} has no {op} kernel for {dtype} tensors")
-    why = unavailable_reason(backend, dtype)
-    if why is not None:
-        raise BackendError(f"fastattn: backend {backend!r} is not usable for {op} here: {why}")
-    impl = _load(key)
-    why = why_not(impl)
-    if why is not None:
-        raise BackendError(
-            f"fastattn: backend {backend!r} does not support {op} with {why}; "
-            f"use fastattn.set_backend('auto') to fall back to the reference"
-        )
-    _last[op] = backend
-    return impl
+def _why_not(decl: OpDecl, backend: str, device_type: str, case: Any) -> str | None:
+    support = decl.support.get((backend, device_type))
+    if support is None:
+        return f"no {decl.name} kernel for {device_type} tensors"
+    why = unavailable_reason(backend, device_type) or support.unsupported(case)
+    if why is None:
+        extra = getattr(_load(decl, backend), "unsupported", None)
+        why = extra(case) if extra is not None else None
+    return why
 
 
-def plan(op: str, device_type: str, case: Any) -> tuple[str, list[tuple[str, str]]]:
-    """Which backend would serve ``op`` for ``case`` on ``device_type`` under the backend now in
-    force, without running anything: ``(backend, [(skipped backend, why), ...])``. Raises
-    :class:`BackendError` where a call would (an explicit backend that cannot serve it)."""
+def plan(
+    op: str, device_type: str, case: Any, backend: str | None = None
+) -> tuple[str, list[tuple[str, str]]]:
+    """Which backend would serve ``op`` for ``case`` on ``device_type``, without running it:
+    ``(backend, [(skipped backend, why), ...])``. ``backend`` defaults to the one in force.
+    Raises :class:`BackendError` where a call would (an explicit backend that cannot serve it)."""
+    decl = OPS[op]
+    chosen = get_backend() if backend is None else _check_name(backend)
+    if chosen != "auto":
+        why = _why_not(decl, chosen, device_type, case)
+        if why is not None:
+            raise BackendError(
+                f"fastattn: backend {chosen!r} cannot serve {op} here: {why}; "
+                f"use fastattn.set_backend('auto') to fall back to the reference"
+            )
+        return chosen, []
     skipped: list[tuple[str, str]] = []
-    backend = get_backend()
-    order = AUTO_ORDER.get(device_type, ("reference",)) if backend == "auto" else (backend,)
-    for b in order:
-        key = (op, device_type, b)
-        why = (
-            f"no {op} kernel for {device_type} tensors"
-            if key not in TABLE
-            else unavailable_reason(b, device_type) or _load(key).unsupported(case)
-        )
+    for b in AUTO_ORDER.get(device_type, ("reference",)):
+        why = _why_not(decl, b, device_type, case)
         if why is None:
             return b, skipped
-        if backend != "auto":
-            raise BackendError(f"fastattn: backend {b!r} cannot serve {op} here: {why}")
         skipped.append((b, why))
     return "reference", skipped
 
 
-# Load the extension now (if built) so torch.ops.fastattn_C.* exist as soon as fastattn is imported.
-_extension()
+def resolve(op: str, device: torch.device, case: Any, backend: str | None = None) -> Any:
+    """The implementation object of ``op`` for a call on ``device`` with the given case."""
+    dev = device.type
+    chosen, skipped = plan(op, dev, case, backend)
+    for b, why in skipped:
+        if (op, dev, b) not in _fallback_logged:
+            _fallback_logged.add((op, dev, b))
+            log.debug("fastattn: %s on %s: backend %s skipped (%s)", op, dev, b, why)
+    _last[op] = chosen
+    return _load(OPS[op], chosen)
 
 
+def run(op: str, stage: str, device: torch.device, case: Any, backend: str, *args: Any) -> Any:
+    """``resolve(...).<stage>(*args)``: the body of every custom op (``stage`` "fwd" / "bwd")."""
+    return getattr(resolve(op, device, case, backend), stage)(*args)
+
+
+# ------------------------------------------------------------------ the report
 def describe() -> str:
-    """A human-readable report of the version, the build and each backend's status."""
+    """A human-readable report of the version, the build, each backend and each op's support."""
     import fastattn
 
     lines = [f"fastattn {fastattn.__version__}  (torch {torch.__version__})"]
@@ -296,10 +381,20 @@ def describe() -> str:
     else:
         lines.append(f"extension: {why}")
     lines.append(f"backend in force: {get_backend()}  (set_backend() or FASTATTN_BACKEND)")
-    for b in BACKENDS[1:]:
-        for t in ("cpu", "cuda"):
-            why = unavailable_reason(b, t)
-            if b == "cpu" and t == "cuda" or b == "cuda" and t == "cpu":
-                continue
-            lines.append(f"  {b:<9} on {t:<4}: {'usable' if why is None else 'no: ' + why}")
+    lines.append("backends:")
+    for b in BACKENDS.values():
+        for t in b.device_types:
+            why = unavailable_reason(b.name, t)
+            state = "usable" if why is None else "no: " + why
+            lines.append(f"  {b.name:<9} on {t:<4}: {state}")
+    lines.append("ops (what each backend's kernel serves):")
+    for decl in OPS.values():
+        lines.append(f"  {decl.name}: {decl.summary}")
+        for (b, t), s in decl.support.items():
+            if b != "reference":
+                lines.append(f"    {b:<9} {t:<4} {s.describe()}")
     return "\n".join(lines)
+
+
+# Load the extension now (if built) so torch.ops.fastattn_C.* exist as soon as fastattn is imported.
+_extension()

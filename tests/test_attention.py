@@ -376,7 +376,7 @@ def test_opcheck_custom_ops(kw):
     dout = torch.randn_like(out)
     torch.library.opcheck(
         torch.ops.fastattn.attention_bwd.default,
-        (dout, *args[:3], out, lse, *args[3:], args[4] is not None),
+        (dout, *args[:3], out, lse, *args[3:], args[4] is not None, "auto"),
     )
 
 

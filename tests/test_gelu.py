@@ -175,7 +175,7 @@ def test_opcheck():
         torch.library.opcheck(torch.ops.fastattn.bias_gelu_fwd, (x, b, approximate))
         torch.library.opcheck(torch.ops.fastattn.bias_gelu_fwd, (x, None, approximate))
         torch.library.opcheck(
-            torch.ops.fastattn.bias_gelu_bwd, (torch.randn(4, 9), x, b, approximate, True)
+            torch.ops.fastattn.bias_gelu_bwd, (torch.randn(4, 9), x, b, approximate, True, "auto")
         )
 
 

@@ -184,7 +184,8 @@ def test_opcheck():
     torch.library.opcheck(ln.layer_norm_fwd, (x.requires_grad_(), w, b, r, 1e-5))
     out = ln.layer_norm_fwd(x.detach(), w, b, None, 1e-5)
     torch.library.opcheck(
-        ln.layer_norm_bwd, (torch.randn_like(x), x.detach(), w, out[2], out[3], None, True, True)
+        ln.layer_norm_bwd,
+        (torch.randn_like(x), x.detach(), w, out[2], out[3], None, True, True, "auto"),
     )
 
 

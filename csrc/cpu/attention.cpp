@@ -51,6 +51,7 @@
 // Test: python dev/attention_cpu/check.py.  Time: python dev/attention_cpu/bench.py.
 #include "cpu/kernels.h"
 #include "cpu/vec.h"
+#include "kernel_limits.h"
 
 #include <cmath>
 #include <cstring>
@@ -69,7 +70,7 @@ constexpr int64_t kBQ = 64;  // query rows per block
 constexpr int64_t kBK = 128;  // keys per block (a multiple of 16)
 constexpr int kMR = 4;       // micro-kernel rows
 constexpr int kNV = 4;       // micro-kernel vectors per row
-constexpr int64_t kMaxHeadDim = 256;
+constexpr int64_t kMaxHeadDim = limits::kAttentionMaxHeadDimCpu;
 constexpr int64_t kMaxSplitBytes = int64_t(256) << 20;  // backward dK / dV partials, all splits
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;

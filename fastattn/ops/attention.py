@@ -46,7 +46,7 @@ import torch
 from torch import Tensor
 
 from fastattn import _dispatch
-from fastattn.ops._validate import check_same_device, check_tensor
+from fastattn.ops._common import acc_dtype, check_same_device, check_tensor, fake_from
 
 _MASK32 = 0xFFFFFFFF
 _PHILOX_ROUND_A = 0xD2511F53
@@ -120,14 +120,7 @@ def dropout_keep_mask(
 # ----------------------------------------------------------------------------- the case
 ALIGNMENTS = ("bottom_right", "top_left")
 # Optional features a kernel backend may or may not serve (see AttentionCase.features).
-FEATURES = ("window", "top_left", "softcap", "bias", "bias_grad")
-_FEATURE_WORDS = {
-    "window": "sliding window",
-    "top_left": "top-left causal alignment",
-    "softcap": "softcap",
-    "bias": "additive bias / boolean mask",
-    "bias_grad": "a bias that needs a gradient",
-}
+FEATURES = frozenset({"window", "top_left", "softcap", "bias", "bias_grad"})
 
 
 @dataclass(frozen=True)
@@ -148,6 +141,14 @@ class AttentionCase:
     dropout: bool
     key_padding_mask: bool
 
+    FEATURE_WORDS = {  # for error messages and reports
+        "window": "sliding window",
+        "top_left": "top-left causal alignment",
+        "softcap": "softcap",
+        "bias": "additive bias / boolean mask",
+        "bias_grad": "a bias that needs a gradient",
+    }
+
     def features(self) -> set[str]:
         """The optional features this call uses: a subset of :data:`FEATURES`."""
         flags = (
@@ -158,14 +159,6 @@ class AttentionCase:
             ("bias_grad", self.bias_grad),
         )
         return {name for name, on in flags if on}
-
-
-def missing_features(case: AttentionCase, served: set[str], who: str) -> str | None:
-    """None if ``served`` covers the call's features, else a reason naming what is missing."""
-    missing = [f for f in FEATURES if f in case.features() - served]
-    if not missing:
-        return None
-    return ", ".join(_FEATURE_WORDS[f] for f in missing) + f" (not served by {who})"
 
 
 def diag_offset(q_len: int, kv_len: int, alignment: str) -> int:
@@ -269,14 +262,10 @@ def _window(causal: bool, window: tuple[int, int] | None) -> tuple[int, int]:
     return wl, wr
 
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
     """lse is float32, float64 for float64 inputs (so float64 gradients stay exact for
     gradcheck); the cpu kernel does the same."""
-    return _acc_dtype(dtype)
+    return acc_dtype(dtype)
 
 
 class _Reference:
@@ -286,16 +275,11 @@ class _Reference:
     every case the kernels do not cover, so it favours clarity over memory.
     """
 
-    name = "reference"
-
-    def unsupported(self, case: AttentionCase) -> str | None:
-        return None
-
     @staticmethod
     def _scores(q, k, key_padding_mask, bias, scale, softcap, wl, wr, off):
         """(S, T): the final scores with hidden entries -inf, and T = scale Q K^T before the
         softcap (None without one); k already repeated to Hq heads."""
-        acc = _acc_dtype(q.dtype)
+        acc = acc_dtype(q.dtype)
         t = torch.matmul(q.to(acc), k.to(acc).transpose(-2, -1)) * scale
         s = softcap * torch.tanh(t / softcap) if softcap else t
         if bias is not None:
@@ -307,7 +291,7 @@ class _Reference:
 
     def fwd(self, q, k, v, key_padding_mask, bias, scale, softcap, wl, wr, off, p, seed, offset):
         B, Hq, Tq, D = q.shape
-        acc = _acc_dtype(q.dtype)
+        acc = acc_dtype(q.dtype)
         group = Hq // k.shape[1]
         kr, vr = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
         s, _ = self._scores(q, kr, key_padding_mask, bias, scale, softcap, wl, wr, off)
@@ -343,7 +327,7 @@ class _Reference:
     ):
         B, Hq, Tq, D = q.shape
         Hkv, Tk = k.shape[1], k.shape[2]
-        acc = _acc_dtype(q.dtype)
+        acc = acc_dtype(q.dtype)
         group = Hq // Hkv
         kr, vr = k.repeat_interleave(group, 1).to(acc), v.repeat_interleave(group, 1).to(acc)
         s, t = self._scores(q, kr, key_padding_mask, bias, scale, softcap, wl, wr, off)
@@ -367,23 +351,6 @@ class _Reference:
 
 class _Native:
     """The ``cpu`` and ``cuda`` backends: C++ / CUDA kernels behind ``torch.ops.fastattn_C``."""
-
-    name = "native"
-    _dtypes = {
-        "cpu": (torch.float32, torch.bfloat16, torch.float64),
-        "cuda": (torch.float16, torch.bfloat16, torch.float32),
-    }
-    _max_head_dim = {"cpu": 256, "cuda": 128}
-    # The optional features (FEATURES) each kernel serves.
-    _features: dict[str, set[str]] = {"cpu": set(), "cuda": set()}
-
-    def unsupported(self, case: AttentionCase) -> str | None:
-        dev = case.device_type
-        if case.dtype not in self._dtypes[dev]:
-            return f"dtype {case.dtype} on {dev}"
-        if case.head_dim > self._max_head_dim[dev]:
-            return f"head dim {case.head_dim} > {self._max_head_dim[dev]} on {dev}"
-        return missing_features(case, self._features[dev], f"the {dev} kernel")
 
     def fwd(self, q, k, v, key_padding_mask, bias, scale, softcap, wl, wr, off, p, seed, offset):
         return torch.ops.fastattn_C.attention_fwd(
@@ -420,10 +387,42 @@ REFERENCE = _Reference()
 NATIVE = _Native()
 
 
+# ----------------------------------------------------------------------------- declaration
+TRITON_MAX_HEAD_DIM = 128  # tl.dot tiles of the head dim must fit the Triton kernels' blocks
+DECL = _dispatch.declare(
+    _dispatch.OpDecl(
+        name="attention",
+        file="attention",
+        case=AttentionCase,
+        summary="softmax attention (flash-attention style), forward and backward",
+        support={
+            ("cpu", "cpu"): _dispatch.Support(
+                (torch.float32, torch.bfloat16, torch.float64),
+                max_head_dim="attention_max_head_dim_cpu",
+                features=frozenset(),
+            ),
+            ("cuda", "cuda"): _dispatch.Support(
+                (torch.float16, torch.bfloat16, torch.float32),
+                max_head_dim="attention_max_head_dim_cuda",
+                features=frozenset(),
+            ),
+            **{
+                ("triton", dev): _dispatch.Support(
+                    (torch.float16, torch.bfloat16, torch.float32),
+                    max_head_dim=TRITON_MAX_HEAD_DIM,
+                    features=frozenset(),
+                )
+                for dev in ("cuda", "cpu")
+            },
+        },
+    )
+)
+
+
 # ----------------------------------------------------------------------------- custom ops
-def _impl(q, k, key_padding_mask, bias, softcap, wl, wr, off, dropout_p, bias_grad):
+def _case(q, k, key_padding_mask, bias, softcap, wl, wr, off, dropout_p, bias_grad):
     Tq, Tk = q.shape[2], k.shape[2]
-    case = AttentionCase(
+    return AttentionCase(
         device_type=q.device.type,
         dtype=q.dtype,
         head_dim=q.shape[-1],
@@ -438,7 +437,6 @@ def _impl(q, k, key_padding_mask, bias, softcap, wl, wr, off, dropout_p, bias_gr
         dropout=dropout_p > 0,
         key_padding_mask=key_padding_mask is not None,
     )
-    return _dispatch.resolve("attention", q.device, case)
 
 
 @torch.library.custom_op("fastattn::attention_fwd", mutates_args=())
@@ -459,40 +457,16 @@ def attention_fwd(
 ) -> tuple[Tensor, Tensor]:
     """q [B,Hq,Tq,D], k/v [B,Hkv,Tk,D], bias None or [B,Hq,Tq,Tk] (broadcast by stride 0,
     unit last stride) -> (out [B,Hq,Tq,D], lse [B,Hq,Tq] float32, float64 for float64)."""
-    impl = _impl(
-        q,
-        k,
-        key_padding_mask,
-        bias,
-        softcap,
-        window_left,
-        window_right,
-        diag_offset,
-        dropout_p,
-        False,
-    )
-    out, lse = impl.fwd(
-        q,
-        k,
-        v,
-        key_padding_mask,
-        bias,
-        scale,
-        softcap,
-        window_left,
-        window_right,
-        diag_offset,
-        dropout_p,
-        seed,
-        offset,
-    )
+    case = _case(q, k, key_padding_mask, bias, softcap, window_left, window_right, diag_offset,
+                 dropout_p, False)  # fmt: skip
+    args = (q, k, v, key_padding_mask, bias, scale, softcap, window_left, window_right,
+            diag_offset, dropout_p, seed, offset)  # fmt: skip
+    out, lse = _dispatch.run("attention", "fwd", q.device, case, None, *args)
     return out.contiguous(), lse.contiguous()
 
 
-@attention_fwd.register_fake
-def _(q, k, v, key_padding_mask, bias, scale, softcap, wl, wr, off, dropout_p, seed, offset):
-    B, Hq, Tq, D = q.shape
-    return q.new_empty((B, Hq, Tq, D)), q.new_empty((B, Hq, Tq), dtype=_lse_dtype(q.dtype))
+# Dropout (p, seed, offset) changes values, not shapes: the fake runs without it.
+attention_fwd.register_fake(fake_from(REFERENCE, "fwd", fixed={10: 0.0, 11: 0, 12: 0}))
 
 
 @torch.library.custom_op("fastattn::attention_bwd", mutates_args=())
@@ -514,48 +488,20 @@ def attention_bwd(
     seed: int,
     offset: int,
     need_bias_grad: bool,
+    backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Returns (dq, dk, dv, dbias), contiguous, dq/dk/dv shaped like q, k, v; dbias is dS
-    [B,Hq,Tq,Tk] in float32 (float64 for float64) when ``need_bias_grad``, else empty."""
-    impl = _impl(
-        q,
-        k,
-        key_padding_mask,
-        bias,
-        softcap,
-        window_left,
-        window_right,
-        diag_offset,
-        dropout_p,
-        need_bias_grad,
-    )
-    dq, dk, dv, dbias = impl.bwd(
-        dout,
-        q,
-        k,
-        v,
-        out,
-        lse,
-        key_padding_mask,
-        bias,
-        scale,
-        softcap,
-        window_left,
-        window_right,
-        diag_offset,
-        dropout_p,
-        seed,
-        offset,
-        need_bias_grad,
-    )
+    [B,Hq,Tq,Tk] in float32 (float64 for float64) when ``need_bias_grad``, else empty.
+    ``backend``: the one in force at the forward."""
+    case = _case(q, k, key_padding_mask, bias, softcap, window_left, window_right, diag_offset,
+                 dropout_p, need_bias_grad)  # fmt: skip
+    args = (dout, q, k, v, out, lse, key_padding_mask, bias, scale, softcap, window_left,
+            window_right, diag_offset, dropout_p, seed, offset, need_bias_grad)  # fmt: skip
+    dq, dk, dv, dbias = _dispatch.run("attention", "bwd", q.device, case, backend, *args)
     return dq.contiguous(), dk.contiguous(), dv.contiguous(), dbias.contiguous()
 
 
-@attention_bwd.register_fake
-def _(dout, q, k, v, out, lse, kpm, bias, scale, softcap, wl, wr, off, p, seed, offset, nbg):
-    B, Hq, Tq, _ = q.shape
-    dbias = q.new_empty((B, Hq, Tq, k.shape[2]) if nbg else (0,), dtype=_lse_dtype(q.dtype))
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dbias
+attention_bwd.register_fake(fake_from(REFERENCE, "bwd", trailing=1, fixed={13: 0.0, 14: 0, 15: 0}))
 
 
 def _setup_context(ctx, inputs, output):
@@ -563,13 +509,24 @@ def _setup_context(ctx, inputs, output):
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, key_padding_mask, bias)
     ctx.args = tuple(args)
+    ctx.backend = _dispatch.get_backend()
 
 
 def _backward(ctx, dout, _dlse):
     q, k, v, out, lse, key_padding_mask, bias = ctx.saved_tensors
     need_bias_grad = bias is not None and ctx.needs_input_grad[4]
     dq, dk, dv, dbias = attention_bwd(
-        dout.contiguous(), q, k, v, out, lse, key_padding_mask, bias, *ctx.args, need_bias_grad
+        dout.contiguous(),
+        q,
+        k,
+        v,
+        out,
+        lse,
+        key_padding_mask,
+        bias,
+        *ctx.args,
+        need_bias_grad,
+        ctx.backend,
     )
     return dq, dk, dv, None, (dbias if need_bias_grad else None), *([None] * len(ctx.args))
 
@@ -687,7 +644,7 @@ def _kernel_bias(
     unit stride (only a broadcast key dim is materialised)."""
     if attn_bias is None and attn_mask is None:
         return None
-    acc = _acc_dtype(q.dtype)
+    acc = acc_dtype(q.dtype)
     if attn_bias is None:
         bias = torch.zeros((), dtype=acc, device=q.device).masked_fill(~attn_mask, float("-inf"))
     else:

@@ -17,8 +17,9 @@ Layers, top to bottom:
   bias and the GELU are one fused pass forward and one backward (which also gives the bias
   gradient), and autograd composes the three through their registered formulas.
 - ``torch.ops.fastattn.bias_gelu_fwd`` / ``bias_gelu_bwd``: ``torch.library`` custom ops with
-  fake implementations (for ``torch.compile`` / ``torch.export``) and a registered autograd
-  formula. Their bodies pick an implementation through :mod:`fastattn._dispatch`.
+  fakes derived from the reference (for ``torch.compile`` / ``torch.export``) and a registered
+  autograd formula. Their bodies pick an implementation through :mod:`fastattn._dispatch` from
+  the declaration ``DECL`` below.
 - ``NATIVE`` (C++ CPU / CUDA kernels via ``torch.ops.fastattn_C``), ``REFERENCE`` (below, plain
   PyTorch) and ``fastattn.triton.gelu.TRITON``: the implementations, one contract (documented
   in ``csrc/ops.cpp``).
@@ -27,13 +28,20 @@ Layers, top to bottom:
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from fastattn import _dispatch
-from fastattn.ops._validate import check_same_device, check_tensor
+from fastattn.ops._common import (
+    NativeKernels,
+    acc_dtype,
+    check_same_device,
+    check_tensor,
+    fake_from,
+)
 
 APPROXIMATIONS = ("none", "tanh")
 _SQRT_HALF = 1.0 / math.sqrt(2.0)
@@ -60,25 +68,16 @@ def bias_gelu_grad_reference(u: Tensor, approximate: str = "none") -> Tensor:
     return 0.5 * (1.0 + torch.erf(u * _SQRT_HALF)) + u * torch.exp(-0.5 * u * u) * _INV_SQRT_2PI
 
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 class _Reference:
     """The ``reference`` backend: the formulas above in float32 (float64 for float64)."""
 
-    name = "reference"
-
-    def unsupported(self, **case: object) -> str | None:
-        return None
-
     def fwd(self, x, bias, approximate):
-        acc = _acc_dtype(x.dtype)
+        acc = acc_dtype(x.dtype)
         b = bias.to(acc) if bias is not None else None
         return bias_gelu_reference(x.to(acc), b, approximate).to(x.dtype)
 
     def bwd(self, dout, x, bias, approximate, need_bias_grad):
-        acc = _acc_dtype(x.dtype)
+        acc = acc_dtype(x.dtype)
         u = x.to(acc) + bias.to(acc) if bias is not None else x.to(acc)
         dx = dout.to(acc) * bias_gelu_grad_reference(u, approximate)
         pdt = bias.dtype if bias is not None else x.dtype
@@ -86,67 +85,74 @@ class _Reference:
         return dx.to(x.dtype), db
 
 
-class _Native:
-    """The ``cpu`` and ``cuda`` backends: C++ / CUDA kernels behind ``torch.ops.fastattn_C``."""
-
-    name = "native"
-    _dtypes = {
-        "cpu": (torch.float32, torch.bfloat16, torch.float64),
-        "cuda": (torch.float32, torch.bfloat16, torch.float16),
-    }
-
-    def unsupported(self, device_type: str, dtype: torch.dtype, **case: object) -> str | None:
-        if dtype not in self._dtypes[device_type]:
-            return f"dtype {dtype} on {device_type}"
-        return None
-
-    def fwd(self, x, bias, approximate):
-        return torch.ops.fastattn_C.bias_gelu_fwd(x, bias, approximate)
-
-    def bwd(self, dout, x, bias, approximate, need_bias_grad):
-        return torch.ops.fastattn_C.bias_gelu_bwd(dout, x, bias, approximate, need_bias_grad)
-
-
 REFERENCE = _Reference()
-NATIVE = _Native()
+NATIVE = NativeKernels("bias_gelu")
+
+
+# ----------------------------------------------------------------------------- declaration
+@dataclass(frozen=True)
+class GeluCase:
+    """The facts of one bias_gelu call a backend decides on."""
+
+    device_type: str
+    dtype: torch.dtype
+    cols: int
+    approximate: str
+
+
+_CPU = (torch.float32, torch.bfloat16, torch.float64)
+_GPU = (torch.float32, torch.bfloat16, torch.float16)
+DECL = _dispatch.declare(
+    _dispatch.OpDecl(
+        name="bias_gelu",
+        file="gelu",
+        case=GeluCase,
+        summary="bias + GELU (erf or tanh), forward and backward (+ the bias gradient)",
+        support={
+            ("cpu", "cpu"): _dispatch.Support(_CPU),
+            ("cuda", "cuda"): _dispatch.Support(_GPU),
+            ("triton", "cuda"): _dispatch.Support(_GPU),
+            ("triton", "cpu"): _dispatch.Support(_GPU),
+        },
+    )
+)
+
+
+def _case(x: Tensor, approximate: str) -> GeluCase:
+    return GeluCase(x.device.type, x.dtype, x.shape[-1], approximate)
 
 
 # ----------------------------------------------------------------------------- custom ops
-def _impl(x: Tensor, approximate: str):
-    return _dispatch.resolve(
-        "bias_gelu",
-        x.device,
-        device_type=x.device.type,
-        dtype=x.dtype,
-        cols=x.shape[-1],
-        approximate=approximate,
-    )
 
 
 @torch.library.custom_op("fastattn::bias_gelu_fwd", mutates_args=())
 def bias_gelu_fwd(x: Tensor, bias: Tensor | None, approximate: str) -> Tensor:
     """x: [N, M]; bias: [M]. Returns gelu(x + bias): [N, M] in x's dtype."""
-    return _impl(x, approximate).fwd(x, bias, approximate)
+    return _dispatch.run(
+        "bias_gelu", "fwd", x.device, _case(x, approximate), None, x, bias, approximate
+    )
 
 
-@bias_gelu_fwd.register_fake
-def _(x, bias, approximate):
-    return torch.empty_like(x, memory_format=torch.contiguous_format)
+bias_gelu_fwd.register_fake(fake_from(REFERENCE, "fwd"))
 
 
 @torch.library.custom_op("fastattn::bias_gelu_bwd", mutates_args=())
 def bias_gelu_bwd(
-    dout: Tensor, x: Tensor, bias: Tensor | None, approximate: str, need_bias_grad: bool
+    dout: Tensor,
+    x: Tensor,
+    bias: Tensor | None,
+    approximate: str,
+    need_bias_grad: bool,
+    backend: str,
 ) -> tuple[Tensor, Tensor]:
-    """Returns (dx [N, M], dbias [M] in the bias's dtype, or [0] when not needed)."""
-    return tuple(_impl(x, approximate).bwd(dout, x, bias, approximate, need_bias_grad))
+    """Returns (dx [N, M], dbias [M] in the bias's dtype, or [0] when not needed);
+    ``backend``: the one in force at the forward."""
+    case = _case(x, approximate)
+    args = (dout, x, bias, approximate, need_bias_grad)
+    return tuple(_dispatch.run("bias_gelu", "bwd", x.device, case, backend, *args))
 
 
-@bias_gelu_bwd.register_fake
-def _(dout, x, bias, approximate, need_bias_grad):
-    pdt = bias.dtype if bias is not None else x.dtype
-    db = x.new_empty(x.shape[-1] if need_bias_grad else 0, dtype=pdt)
-    return torch.empty_like(x, memory_format=torch.contiguous_format), db
+bias_gelu_bwd.register_fake(fake_from(REFERENCE, "bwd", trailing=1))
 
 
 def _setup_context(ctx, inputs, output):
@@ -154,6 +160,7 @@ def _setup_context(ctx, inputs, output):
     # x (the pre-activation without the bias) is saved, not x + bias: the backward re-adds
     # the bias in registers, so no [N, M] sum is ever stored.
     ctx.approximate = approximate
+    ctx.backend = _dispatch.get_backend()
     ctx.save_for_backward(x, bias)
 
 
@@ -162,7 +169,7 @@ def _backward(ctx, dout):
     need_b = bias is not None and ctx.needs_input_grad[1]
     if not (ctx.needs_input_grad[0] or need_b):
         return None, None, None
-    dx, db = bias_gelu_bwd(dout.contiguous(), x, bias, ctx.approximate, need_b)
+    dx, db = bias_gelu_bwd(dout.contiguous(), x, bias, ctx.approximate, need_b, ctx.backend)
     return (dx if ctx.needs_input_grad[0] else None), (db if need_b else None), None
 
 

@@ -9,8 +9,9 @@ Layers, top to bottom:
 - :func:`layer_norm`, :func:`add_layer_norm`: the public functions. They validate, flatten to
   ``[rows, M]`` and call the differentiable custom op.
 - ``torch.ops.fastattn.layer_norm_fwd`` / ``layer_norm_bwd``: ``torch.library`` custom ops with
-  fake implementations (for ``torch.compile`` / ``torch.export``) and a registered autograd
-  formula. Their bodies pick an implementation through :mod:`fastattn._dispatch`.
+  fakes derived from the reference (for ``torch.compile`` / ``torch.export``) and a registered
+  autograd formula. Their bodies pick an implementation through :mod:`fastattn._dispatch` from
+  the declaration ``DECL`` below (which backend serves which dtypes and sizes).
 - ``NATIVE`` (C++ CPU / CUDA kernels via ``torch.ops.fastattn_C``), ``REFERENCE`` (below, plain
   PyTorch) and ``fastattn.triton.layernorm.TRITON``: the implementations, one contract
   (documented in ``csrc/ops.cpp``).
@@ -20,12 +21,19 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from fastattn import _dispatch
-from fastattn.ops._validate import check_same_device, check_tensor
+from fastattn.ops._common import (
+    NativeKernels,
+    acc_dtype,
+    check_same_device,
+    check_tensor,
+    fake_from,
+)
 
 _SizeLike = int | Sequence[int] | torch.Size
 
@@ -51,33 +59,24 @@ def layer_norm_reference(
     return y
 
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 class _Reference:
     """The ``reference`` backend: :func:`layer_norm_reference` in float32 (float64 for float64),
     with the backward written out (custom-op bodies run below autograd, so it cannot be
     derived by ``torch.autograd`` here)."""
 
-    name = "reference"
-
-    def unsupported(self, **case: object) -> str | None:
-        return None
-
     def fwd(self, x, weight, bias, residual, eps):
-        acc = _acc_dtype(x.dtype)
+        acc = acc_dtype(x.dtype)
         s = x + residual if residual is not None else x
         sf = s.to(acc)
         mean = sf.mean(-1)
         rstd = torch.rsqrt(sf.var(-1, unbiased=False) + eps)
         w = weight.to(acc) if weight is not None else None
         b = bias.to(acc) if bias is not None else None
-        out = layer_norm_reference(sf, sf.shape[-1], w, b, eps).to(x.dtype)
+        out = layer_norm_reference(sf, (sf.shape[-1],), w, b, eps).to(x.dtype)
         return out, (s if residual is not None else x.new_empty(0)), mean, rstd
 
     def bwd(self, dout, x, weight, mean, rstd, dsum, need_weight_grad, need_bias_grad):
-        acc = _acc_dtype(x.dtype)
+        acc = acc_dtype(x.dtype)
         xh = (x.to(acc) - mean[:, None]) * rstd[:, None]
         dy = dout.to(acc)
         g = dy * weight.to(acc) if weight is not None else dy
@@ -90,38 +89,44 @@ class _Reference:
         return dx.to(x.dtype), dw, db
 
 
-class _Native:
-    """The ``cpu`` and ``cuda`` backends: C++ / CUDA kernels behind ``torch.ops.fastattn_C``."""
-
-    name = "native"
-    _dtypes = {
-        "cpu": (torch.float32, torch.bfloat16, torch.float64),
-        "cuda": (torch.float32, torch.bfloat16, torch.float16),
-    }
-
-    def unsupported(self, device_type: str, dtype: torch.dtype, **case: object) -> str | None:
-        if dtype not in self._dtypes[device_type]:
-            return f"dtype {dtype} on {device_type}"
-        return None
-
-    def fwd(self, x, weight, bias, residual, eps):
-        return torch.ops.fastattn_C.layer_norm_fwd(x, weight, bias, residual, eps)
-
-    def bwd(self, dout, x, weight, mean, rstd, dsum, need_weight_grad, need_bias_grad):
-        return torch.ops.fastattn_C.layer_norm_bwd(
-            dout, x, weight, mean, rstd, dsum, need_weight_grad, need_bias_grad
-        )
-
-
 REFERENCE = _Reference()
-NATIVE = _Native()
+NATIVE = NativeKernels("layer_norm")
+
+
+# ----------------------------------------------------------------------------- declaration
+@dataclass(frozen=True)
+class LayerNormCase:
+    """The facts of one layer_norm call a backend decides on."""
+
+    device_type: str
+    dtype: torch.dtype
+    cols: int  # the normalised row length M
+
+
+TRITON_MAX_COLS = 65536  # one row per Triton program: a row must fit its block
+_CPU = (torch.float32, torch.bfloat16, torch.float64)
+_GPU = (torch.float32, torch.bfloat16, torch.float16)
+DECL = _dispatch.declare(
+    _dispatch.OpDecl(
+        name="layer_norm",
+        file="layernorm",
+        case=LayerNormCase,
+        summary="LayerNorm and residual-add + LayerNorm, forward and backward",
+        support={
+            ("cpu", "cpu"): _dispatch.Support(_CPU),
+            ("cuda", "cuda"): _dispatch.Support(_GPU),
+            ("triton", "cuda"): _dispatch.Support(_GPU, max_cols=TRITON_MAX_COLS),
+            ("triton", "cpu"): _dispatch.Support(_GPU, max_cols=TRITON_MAX_COLS),
+        },
+    )
+)
+
+
+def _case(x: Tensor) -> LayerNormCase:
+    return LayerNormCase(x.device.type, x.dtype, x.shape[-1])
 
 
 # ----------------------------------------------------------------------------- custom ops
-def _impl(x: Tensor):
-    return _dispatch.resolve(
-        "layer_norm", x.device, device_type=x.device.type, dtype=x.dtype, cols=x.shape[-1]
-    )
 
 
 @torch.library.custom_op("fastattn::layer_norm_fwd", mutates_args=())
@@ -133,15 +138,12 @@ def layer_norm_fwd(
     eps: float,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """x, residual: [N, M]; weight, bias: [M]. Returns (out, x+residual or [0], mean, rstd)."""
-    return tuple(_impl(x).fwd(x, weight, bias, residual, eps))
+    return tuple(
+        _dispatch.run("layer_norm", "fwd", x.device, _case(x), None, x, weight, bias, residual, eps)
+    )
 
 
-@layer_norm_fwd.register_fake
-def _(x, weight, bias, residual, eps):
-    n = x.shape[0]
-    acc = _acc_dtype(x.dtype)
-    s = torch.empty_like(x) if residual is not None else x.new_empty(0)
-    return torch.empty_like(x), s, x.new_empty(n, dtype=acc), x.new_empty(n, dtype=acc)
+layer_norm_fwd.register_fake(fake_from(REFERENCE, "fwd"))
 
 
 @torch.library.custom_op("fastattn::layer_norm_bwd", mutates_args=())
@@ -154,18 +156,15 @@ def layer_norm_bwd(
     dsum: Tensor | None,
     need_weight_grad: bool,
     need_bias_grad: bool,
+    backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Returns (dx (+ dsum), dweight or [0], dbias or [0])."""
-    return tuple(_impl(x).bwd(dout, x, weight, mean, rstd, dsum, need_weight_grad, need_bias_grad))
+    """Returns (dx (+ dsum), dweight or [0], dbias or [0]); ``backend``: the one in force at
+    the forward."""
+    args = (dout, x, weight, mean, rstd, dsum, need_weight_grad, need_bias_grad)
+    return tuple(_dispatch.run("layer_norm", "bwd", x.device, _case(x), backend, *args))
 
 
-@layer_norm_bwd.register_fake
-def _(dout, x, weight, mean, rstd, dsum, need_weight_grad, need_bias_grad):
-    m = x.shape[-1]
-    pdt = weight.dtype if weight is not None else x.dtype
-    dw = x.new_empty(m if need_weight_grad else 0, dtype=pdt)
-    db = x.new_empty(m if need_bias_grad else 0, dtype=pdt)
-    return torch.empty_like(x), dw, db
+layer_norm_bwd.register_fake(fake_from(REFERENCE, "bwd", trailing=1))
 
 
 def _setup_context(ctx, inputs, output):
@@ -174,6 +173,7 @@ def _setup_context(ctx, inputs, output):
     # Unused outputs (mean, rstd, and often the sum) get None gradients instead of zeros.
     ctx.set_materialize_grads(False)
     ctx.has_residual = residual is not None
+    ctx.backend = _dispatch.get_backend()
     ctx.save_for_backward(s if residual is not None else x, weight, mean, rstd)
 
 
@@ -192,6 +192,7 @@ def _backward(ctx, dout, dsum, _dmean, _drstd):
         dsum.contiguous() if ctx.has_residual and dsum is not None else None,
         need_w,
         need_b,
+        ctx.backend,
     )
     return (
         dx,

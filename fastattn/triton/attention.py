@@ -54,7 +54,7 @@ import triton.language as tl
 from triton.language.random import philox_impl
 
 from fastattn._dispatch import _triton_interpreting
-from fastattn.ops.attention import dropout_threshold, missing_features
+from fastattn.ops.attention import dropout_threshold
 
 LOG2E = 1.4426950408889634
 
@@ -438,7 +438,6 @@ def _attn_bwd_dq(
 
 
 # ----------------------------------------------------------------------------- launch rules
-MAX_HEAD_DIM = 128
 
 
 def _head_dim_block(D: int) -> int:
@@ -490,17 +489,6 @@ def _mask_arg(key_padding_mask: torch.Tensor | None, q: torch.Tensor):
 
 class _Triton:
     """The ``triton`` backend object (see the module header)."""
-
-    name = "triton"
-    _dtypes = (torch.float16, torch.bfloat16, torch.float32)
-    _features: set[str] = set()  # the optional attention features (FEATURES) served
-
-    def unsupported(self, case) -> str | None:
-        if case.dtype not in self._dtypes:
-            return f"dtype {case.dtype} (Triton kernels take float16, bfloat16, float32)"
-        if case.head_dim > MAX_HEAD_DIM:
-            return f"head dim {case.head_dim} > {MAX_HEAD_DIM}"
-        return missing_features(case, self._features, "the Triton kernels")
 
     def fwd(
         self, q, k, v, key_padding_mask, bias, scale, softcap, wl, wr, off, dropout_p, seed, offset

@@ -160,14 +160,6 @@ def _rows_ready(t: torch.Tensor) -> torch.Tensor:
 class _Triton:
     """The ``triton`` backend for bias_gelu (contract: ``csrc/ops.cpp``)."""
 
-    name = "triton"
-    _dtypes = (torch.float32, torch.float16, torch.bfloat16)
-
-    def unsupported(self, dtype: torch.dtype, **case: object) -> str | None:
-        if dtype not in self._dtypes:
-            return f"dtype {dtype} (float32, float16, bfloat16 only)"
-        return None
-
     def fwd(self, x, bias, approximate):
         x = _rows_ready(x)
         n, m = x.shape

@@ -15,7 +15,7 @@ statistics in float32):
 Launch rules (named functions below):
 
 - :func:`block_cols`: a whole row in one block, ``BLOCK_M = next_pow2(M)``; rows longer than
-  65536 are not covered (:meth:`_Triton.unsupported` says so): the row must fit in registers.
+  65536 are not covered (`TRITON_MAX_COLS` in the op declaration): the row must fit in registers.
 - :func:`num_warps`: ``BLOCK_M / 256`` clamped to [1, 16]: ~8 floats per thread per operand.
 - :func:`bwd_programs`: 4 programs per SM on a GPU (enough to hide latency while keeping the
   ``[programs, M]`` partial buffers small); 4 under the interpreter (it runs programs serially).
@@ -28,8 +28,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-
-MAX_COLS = 65536
 
 
 @triton.jit
@@ -182,16 +180,6 @@ def _rows_ready(t: torch.Tensor) -> torch.Tensor:
 
 class _Triton:
     """The ``triton`` backend for layer_norm (contract: ``csrc/ops.cpp``)."""
-
-    name = "triton"
-    _dtypes = (torch.float32, torch.float16, torch.bfloat16)
-
-    def unsupported(self, dtype: torch.dtype, cols: int = 0, **case: object) -> str | None:
-        if dtype not in self._dtypes:
-            return f"dtype {dtype} (float32, float16, bfloat16 only)"
-        if cols > MAX_COLS:
-            return f"row length {cols} > {MAX_COLS} (one row per block)"
-        return None
 
     def fwd(self, x, weight, bias, residual, eps):
         x = _rows_ready(x)

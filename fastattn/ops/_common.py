@@ -1,0 +1,72 @@
+"""What the ops share: input checks (each raises with what was wrong and what is expected), the
+accumulation dtype, the native-kernel implementation object and fakes derived from the reference."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+
+def check_tensor(op: str, what: str, t: object, *, floating: bool = True) -> None:
+    """``t`` must be a tensor; with ``floating``, of a real floating dtype."""
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{op}: {what} must be a torch.Tensor, got {type(t).__name__}")
+    if floating and not t.dtype.is_floating_point:
+        raise TypeError(
+            f"{op}: {what} must be a floating-point tensor (float32, bfloat16, float16, "
+            f"float64), got {t.dtype}"
+        )
+
+
+def check_same_device(op: str, *named: tuple[str, Tensor]) -> None:
+    """All the named tensors must live on one device."""
+    first_name, first = named[0]
+    for name, t in named[1:]:
+        if t.device != first.device:
+            raise ValueError(
+                f"{op}: {name} is on {t.device} but {first_name} is on {first.device}; "
+                f"all tensors must be on the same device"
+            )
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The accumulation dtype of every kernel: float32, float64 for float64 inputs."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+class NativeKernels:
+    """The ``cpu`` and ``cuda`` backends of one op: ``torch.ops.fastattn_C.<op>_fwd`` / ``_bwd``
+    (C++ in ``csrc/cpu``, CUDA in ``csrc/cuda``), called with the implementation contract's
+    arguments unchanged; torch's dispatcher picks the CPU or CUDA kernel by the tensors' device."""
+
+    def __init__(self, op: str) -> None:
+        self.op = op
+
+    def fwd(self, *args: Any) -> Any:
+        return getattr(torch.ops.fastattn_C, f"{self.op}_fwd")(*args)
+
+    def bwd(self, *args: Any) -> Any:
+        return getattr(torch.ops.fastattn_C, f"{self.op}_bwd")(*args)
+
+
+def fake_from(
+    reference: Any, stage: str, trailing: int = 0, fixed: dict[int, Any] | None = None
+) -> Any:
+    """A fake (meta) implementation derived from the reference backend: the same plain-PyTorch
+    code run on fake tensors gives the output shapes, dtypes and strides of the contract.
+    ``trailing``: how many last arguments of the op are not the implementation's (the
+    backward's ``backend``); ``fixed``: argument positions replaced by constants that give the
+    same shapes (a traced RNG seed cannot be read as a Python int)."""
+
+    def fake(*args: Any) -> Any:
+        args = list(args[: len(args) - trailing])
+        for i, value in (fixed or {}).items():
+            args[i] = value
+        out = getattr(reference, stage)(*args)
+        if isinstance(out, Tensor):
+            return out.contiguous()
+        return tuple(t.contiguous() for t in out)  # every kernel returns contiguous outputs
+
+    return fake

@@ -139,14 +139,21 @@ FLAGS_OF_INTEREST = (
 )
 
 
-def _cpu_model() -> str:
+def _lscpu(field: str) -> str | None:
     try:
         out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
     except (OSError, subprocess.SubprocessError):
-        pass
+        return None
+    for line in out.splitlines():
+        if line.startswith(field + ":"):
+            return line.split(":", 1)[1].strip()
+    return None
+
+
+def _cpu_model() -> str:
+    model = _lscpu("Model name")
+    if model:
+        return model
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -180,6 +187,7 @@ def machine() -> dict[str, object]:
         cores = os.cpu_count() or 0
     return {
         "cpu": _cpu_model(),
+        "l3_cache": _lscpu("L3 cache") or "unknown",
         "flags": [f for f in FLAGS_OF_INTEREST if f in flags],
         "threads": torch.get_num_threads(),
         "cpus_available": cores,
@@ -193,13 +201,35 @@ def machine() -> dict[str, object]:
     }
 
 
+METHOD_NOTE = (
+    "Method: each round runs every implementation once, back to back, the order rotating "
+    "from round to round, after two interleaved warm-up rounds (allocator and caches warm, "
+    "compilation done); ms = median over rounds, IQR = its interquartile range; a speed-up is "
+    "the median over rounds of that round's time ratio; rounds = how many rounds ran. Rates "
+    "use the median time. Per-round times are in the JSON (raw_seconds_per_round)."
+)
+
+
+def cache_note() -> str:
+    """Why a memory-bound case can show more than 100% of the copy bandwidth."""
+    l3 = _lscpu("L3 cache") or "unknown"
+    return (
+        "The copy bandwidth is measured on a buffer far beyond the caches (size in the "
+        f"ceilings table); a case whose working set fits in the last-level cache (L3: {l3}) "
+        "can run above it."
+    )
+
+
 def fresh_output_note(what: str) -> str:
     """The note every table with freshly allocated outputs carries: page faults are in it."""
     thp = os.environ.get("THP_MEM_ALLOC_ENABLE", "0")
     state = "set" if thp not in ("", "0") else "not set"
     return (
         f"{what} are fresh tensors allocated by each call, so first-touch page faults are part "
-        f"of every time (for every implementation alike). THP_MEM_ALLOC_ENABLE is {state} "
+        "of every time (for every implementation alike) where the allocator hands out fresh "
+        "pages: with glibc, blocks above its mmap threshold (which adapts upwards to 32 MiB "
+        "after the first frees) are new mappings on every call, smaller ones are reused from "
+        f"the heap once warm. THP_MEM_ALLOC_ENABLE is {state} "
         f"({thp!r}; system THP mode: {_thp_mode()}): with it set, torch backs large tensors "
         "with huge pages and most of those faults go away. Compare only within one file."
     )
@@ -261,7 +291,7 @@ class Report:
             "",
             f"Run {self.date}. Machine: {m['cpu']}; flags of interest: "
             f"{' '.join(m.get('flags', [])) or 'none'}; {m['threads']} torch threads on "
-            f"{m.get('cpus_available', '?')} CPUs; torch {m['torch']}; fastattn CPU build "
+            f"{m.get('cpus_available', '?')} CPUs; L3 {m.get('l3_cache', 'unknown')}; torch {m['torch']}; fastattn CPU build "
             f"{m['fastattn_cpu_build']}; THP_MEM_ALLOC_ENABLE={m.get('THP_MEM_ALLOC_ENABLE', '0')}, "
             f"system THP mode {m.get('transparent_hugepage', 'unknown')}.",
             "",
@@ -272,8 +302,9 @@ class Report:
         lines.append("|" + "---|" * len(self.columns))
         for row in self.rows:
             lines.append("| " + " | ".join(_fmt(c) for c in row) + " |")
-        if self.notes:
-            lines += [""] + [f"- {n}" for n in self.notes]
+        notes = [*self.notes, METHOD_NOTE] if self.raw else self.notes
+        if notes:
+            lines += [""] + [f"- {n}" for n in notes]
         return "\n".join(lines) + "\n"
 
     def save(self, stem: str) -> Path:
@@ -286,7 +317,7 @@ class Report:
             "ceilings": asdict(self.ceilings)["items"] if self.ceilings else [],
             "columns": self.columns,
             "rows": self.rows,
-            "notes": self.notes,
+            "notes": [*self.notes, METHOD_NOTE] if self.raw else self.notes,
             "raw_seconds_per_round": self.raw,
         }
         atomic_write(RESULTS / f"{stem}.json", json.dumps(data, indent=1))

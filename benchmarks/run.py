@@ -26,6 +26,7 @@ from benchmarks import ceilings as _ceilings
 from benchmarks.common import (
     RESULTS,
     Report,
+    cache_note,
     comparison_columns,
     fresh_output_note,
     interleaved,
@@ -91,6 +92,7 @@ def suite_layernorm(ctx: Context) -> Report:
             "torch eager = F.layer_norm (ATen's fused CPU kernel, the PyTorch fused op); "
             "torch.compile = Inductor on the same call.",
             fresh_output_note("Outputs (y; dx, dw, db in fwd+bwd)"),
+            cache_note(),
         ],
     )
     for (n, m), impls in layernorm_cases(shapes):
@@ -215,6 +217,7 @@ def suite_gelu(ctx: Context) -> Report:
             "table). FLOPs: 6 x 2 x tokens x d x 4d (three matmuls per linear, two linears), "
             "compared with torch.nn.Sequential(Linear, GELU, Linear) eager and compiled.",
             fresh_output_note("bias_gelu outputs (y; dx, db in fwd+bwd)"),
+            cache_note(),
         ],
     )
     x, b, dy = torch.randn(n, m), torch.randn(m), torch.randn(n, m)

@@ -17,6 +17,11 @@ from pathlib import Path
 
 import torch
 
+try:
+    import resource  # Unix only: page-fault counts
+except ImportError:
+    resource = None
+
 from benchmarks.ceilings import Ceiling, Ceilings, cpu_flags, fraction
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -63,6 +68,7 @@ class Comparison:
     index = round: ``times[a][r]`` and ``times[b][r]`` ran back to back."""
 
     times: dict[str, list[float]]
+    faults: dict[str, list[int]] = field(default_factory=dict)  # minor page faults per call
 
     @property
     def rounds(self) -> int:
@@ -76,6 +82,17 @@ class Comparison:
         phase of the machine (it hits both sides of one round) does not move."""
         return Spread.of([b / t for b, t in zip(self.times[base], self.times[name], strict=True)])
 
+    def faults_per_call(self, name: str) -> float | None:
+        f = self.faults.get(name)
+        return statistics.median(f) if f else None
+
+
+def _minor_faults() -> int:
+    """Minor page faults of this process so far (all its threads); 0 where unknown."""
+    if resource is None:
+        return 0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
 
 def interleaved(
     fns: dict[str, Callable[[], object]],
@@ -83,6 +100,7 @@ def interleaved(
     rounds: int = 31,
     min_rounds: int = 5,
     warmup: int = 2,
+    max_warmup: int = 8,
     max_s: float = 60.0,
 ) -> Comparison:
     """Time every callable once per round, all of them in each round, for up to ``rounds``
@@ -93,18 +111,27 @@ def interleaved(
     round both sides see the same machine. The order rotates each round (A B C, B C A, ...) so
     no implementation always runs right after the same neighbour.
 
-    The warm-up runs every callable ``warmup`` times in the same interleaved way: the allocator
-    then holds the heap each output needs (glibc grows its mmap threshold and heap after the
-    first frees), so first-touch page faults are not charged to whichever runs first. Each
-    output is kept alive until its clock has stopped, so freeing it is not timed; the garbage
-    collector is paused while timing.
+    The warm-up runs whole interleaved rounds, at least ``warmup`` (compilation, caches) and
+    then more, up to ``max_warmup``, until a round takes no page fault: glibc needs several
+    frees before it keeps an output-sized block in its heap instead of mapping fresh pages, and
+    without this the first-touch faults land on whichever implementation runs first. Outputs
+    above glibc's mmap threshold fault on every call whatever the warm-up; the minor faults of
+    each timed call are recorded so the tables show it. Each output is kept alive until its
+    clock has stopped, so freeing it is not timed; the garbage collector is paused meanwhile.
     """
     names = list(fns)
-    for _ in range(warmup):
+    warm_start = time.perf_counter()
+    for r in range(max_warmup):
+        f0 = _minor_faults()
         for name in names:
             out = fns[name]()
             del out
+        if r + 1 >= warmup and (
+            _minor_faults() == f0 or time.perf_counter() - warm_start > max_s / 4
+        ):
+            break
     times: dict[str, list[float]] = {name: [] for name in names}
+    faults: dict[str, list[int]] = {name: [] for name in names}
     gc_enabled = gc.isenabled()
     gc.collect()
     gc.disable()
@@ -113,16 +140,18 @@ def interleaved(
         for r in range(rounds):
             k = r % len(names)
             for name in names[k:] + names[:k]:
+                f0 = _minor_faults()
                 t0 = time.perf_counter()
                 out = fns[name]()
                 times[name].append(time.perf_counter() - t0)
+                faults[name].append(_minor_faults() - f0)
                 del out
             if r + 1 >= min_rounds and time.perf_counter() - start > max_s:
                 break
     finally:
         if gc_enabled:
             gc.enable()
-    return Comparison(times)
+    return Comparison(times, faults)
 
 
 FLAGS_OF_INTEREST = (
@@ -203,10 +232,12 @@ def machine() -> dict[str, object]:
 
 METHOD_NOTE = (
     "Method: each round runs every implementation once, back to back, the order rotating "
-    "from round to round, after two interleaved warm-up rounds (allocator and caches warm, "
-    "compilation done); ms = median over rounds, IQR = its interquartile range; a speed-up is "
+    "from round to round, after 2-8 interleaved warm-up rounds (until a round takes no page "
+    "fault: allocator and caches warm, compilation done); ms = median over rounds, IQR = its interquartile range; a speed-up is "
     "the median over rounds of that round's time ratio; rounds = how many rounds ran. Rates "
-    "use the median time. Per-round times are in the JSON (raw_seconds_per_round)."
+    "use the median time. page faults/call = median minor page faults per timed call (the "
+    "whole process): non-zero means first-touch faults are inside that time. Per-round times "
+    "and faults are in the JSON (raw_per_round)."
 )
 
 
@@ -250,8 +281,9 @@ class Report:
     notes: list[str] = field(default_factory=list)
     machine: dict[str, object] = field(default_factory=machine)
     date: str = field(default_factory=lambda: _dt.datetime.now().strftime("%Y-%m-%d %H:%M"))
-    # Per-round times in seconds, "case | impl" -> list (the JSON keeps them for re-analysis).
-    raw: dict[str, list[float]] = field(default_factory=dict)
+    # Per round, "case | impl" -> {"seconds": [...], "minor_faults": [...]} (kept in the JSON
+    # for re-analysis).
+    raw: dict[str, dict[str, list]] = field(default_factory=dict)
     # Optional: a function path -> None that draws this run's figure (not saved in the JSON).
     plot: Callable[[Path], None] | None = field(default=None, repr=False, compare=False)
 
@@ -269,20 +301,29 @@ class Report:
         baselines: Sequence[str] = (),
     ) -> None:
         """One row per implementation of ``cmp``: ``case`` cells, impl, median ms, IQR ms,
-        rate (``work`` / median time / 1e9: GB/s or GFLOP/s) and its fraction of ``ceiling``
+        median minor page faults per call, rate (``work`` / median time / 1e9: GB/s or GFLOP/s) and its fraction of ``ceiling``
         when ``work`` is given, the speed-up over each baseline (median of per-round ratios),
         and the number of rounds. Columns must match ``comparison_columns``."""
         label = " ".join(str(c) for c in case)
         for name, ts in cmp.times.items():
             t = cmp.time(name)
-            row: list[object] = [*case, name, t.median * 1e3, f"{t.q1 * 1e3:.3g}-{t.q3 * 1e3:.3g}"]
+            row: list[object] = [
+                *case,
+                name,
+                t.median * 1e3,
+                f"{_fmt(t.q1 * 1e3)}-{_fmt(t.q3 * 1e3)}",
+                cmp.faults_per_call(name),
+            ]
             if work is not None:
                 rate = work / t.median / 1e9
                 row += [rate, fraction(rate, ceiling)]
             row += [cmp.ratio(b, name).median if b in cmp.times else None for b in baselines]
             row.append(cmp.rounds)
             self.add(*row)
-            self.raw[f"{label} | {name}"] = ts
+            self.raw[f"{label} | {name}"] = {
+                "seconds": ts,
+                "minor_faults": cmp.faults.get(name, []),
+            }
 
     def markdown(self) -> str:
         m = self.machine
@@ -318,7 +359,7 @@ class Report:
             "columns": self.columns,
             "rows": self.rows,
             "notes": [*self.notes, METHOD_NOTE] if self.raw else self.notes,
-            "raw_seconds_per_round": self.raw,
+            "raw_per_round": self.raw,
         }
         atomic_write(RESULTS / f"{stem}.json", json.dumps(data, indent=1))
         path = RESULTS / f"{stem}.md"
@@ -330,7 +371,7 @@ def comparison_columns(
     case: Sequence[str], rate: str | None, ceiling: str | None, baselines: Sequence[str]
 ) -> list[str]:
     """The header matching ``Report.add_comparison`` rows."""
-    cols = [*case, "impl", "ms (median)", "ms IQR"]
+    cols = [*case, "impl", "ms (median)", "ms IQR", "page faults/call"]
     if rate is not None:
         cols += [rate, f"of {ceiling}"]
     cols += [f"vs {b} (median of rounds)" for b in baselines]

@@ -44,6 +44,8 @@ class Ceiling:
     reps: int = 0
     note: str = ""
     context: bool = False  # a reference rate shown beside the ceilings, not a ceiling itself
+    # The peaks' busy-machine check (peak.cpp): True when other processes shared the cores.
+    shared: bool | None = None
 
 
 @dataclass
@@ -61,8 +63,21 @@ class Ceilings:
         """The bandwidth a memory-bound kernel is judged against."""
         return self.get("copy")
 
+    @property
+    def shared(self) -> bool:
+        """Whether the peak loops saw other processes on the cores during this measurement."""
+        return any(c.shared for c in self.items)
+
     def markdown(self) -> str:
-        lines = [
+        lines = []
+        if self.shared:
+            lines += [
+                "**Warning: other processes shared the cores while the peaks were measured "
+                "(wall-clock rate well below the rate by thread CPU time); the rates in this run "
+                "understate the machine and its comparisons may be skewed.**",
+                "",
+            ]
+        lines += [
             "| ceiling | value (best) | median | unit | reps | what it is |",
             "|---|---|---|---|---|---|",
         ]
@@ -172,6 +187,7 @@ def measure_fma(flags: set[str], threads: int, quick: bool) -> list[Ceiling]:
         # the peak is whichever width reaches more.
         width, (best, med, cpu) = max(runs.items(), key=lambda kv: kv[1][0])
         fp32.value, fp32.median, fp32.reps = best, med, reps
+        fp32.shared = _shared(best, cpu)
         others = ", ".join(f"{w} {b:.0f}" for w, (b, _, _) in runs.items() if w != width)
         nacc = 16 if width == "512-bit" else 12
         fp32.note = (
@@ -181,6 +197,7 @@ def measure_fma(flags: set[str], threads: int, quick: bool) -> list[Ceiling]:
     if hasbf16:
         best, med, cpu = _peak(ext.dpbf16_gflops, threads, target, reps)
         bf16.value, bf16.median, bf16.reps = best, med, reps
+        bf16.shared = _shared(best, cpu)
         bf16.note = (
             "register-only vdpbf16ps loop (64 FLOP per instruction), 16 accumulators, "
             f"{threads} threads; {_busy(best, cpu)}"
@@ -188,11 +205,17 @@ def measure_fma(flags: set[str], threads: int, quick: bool) -> list[Ceiling]:
     return [fp32, bf16]
 
 
+def _shared(wall: float, cpu: float) -> bool | None:
+    """The busy-machine check: with the cores to itself, the loop's wall-clock rate equals the
+    sum of its threads' rates by CPU time; a clearly lower wall rate means waiting for a core."""
+    return None if cpu <= 0 else wall < 0.9 * cpu
+
+
 def _busy(wall: float, cpu: float) -> str:
-    """The busy-machine check: wall-clock rate against the rate by each thread's CPU time."""
-    if cpu <= 0:
+    shared = _shared(wall, cpu)
+    if shared is None:
         return "no per-thread CPU clock"
-    verdict = "cores were free" if wall >= 0.9 * cpu else "OTHER PROCESSES SHARED THE CORES"
+    verdict = "OTHER PROCESSES SHARED THE CORES" if shared else "cores were free"
     return f"by thread CPU time {cpu:.0f} ({verdict})"
 
 

@@ -356,6 +356,7 @@ class Report:
             "date": self.date,
             "machine": self.machine,
             "ceilings": asdict(self.ceilings)["items"] if self.ceilings else [],
+            "cores_shared_during_ceilings": self.ceilings.shared if self.ceilings else None,
             "columns": self.columns,
             "rows": self.rows,
             "notes": [*self.notes, METHOD_NOTE] if self.raw else self.notes,

@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -46,8 +46,8 @@ class Context:
         return self.rounds if self.rounds is not None else default
 
 
-def _compiled(fn):
-    # Inductor on CPU; compile time is excluded by the warm-up calls of median_time. Each shape
+def _compiled(fn: Callable) -> Callable:
+    # Inductor on CPU; compile time is excluded by the warm-up rounds of interleaved. Each shape
     # and grad mode is its own static graph: raise dynamo's recompile limit so a sweep never
     # silently falls back to eager.
     torch._dynamo.config.recompile_limit = 64
@@ -55,7 +55,9 @@ def _compiled(fn):
 
 
 # ----------------------------------------------------------------------------- layernorm
-def layernorm_cases(shapes):
+def layernorm_cases(
+    shapes: list[tuple[int, int]],
+) -> Iterator[tuple[tuple[int, int], dict[str, Callable]]]:
     """(label, shape, callables) for LayerNorm: fastattn cpu, F.layer_norm eager and compiled."""
     compiled = _compiled(lambda x, w, b: F.layer_norm(x, (x.shape[-1],), w, b))
     for n, m in shapes:
@@ -67,7 +69,7 @@ def layernorm_cases(shapes):
         yield (n, m), impls
 
 
-def _grads(fn, inputs, dy):
+def _grads(fn: Callable, inputs: tuple[torch.Tensor, ...], dy: torch.Tensor):
     """One forward+backward step; the gradients are returned (not accumulated in ``.grad``) so
     they stay alive until the clock stops and freeing them is not timed."""
     return torch.autograd.grad(fn(*inputs), inputs, dy)
@@ -114,7 +116,7 @@ def suite_layernorm(ctx: Context) -> Report:
 
 
 # ----------------------------------------------------------------------------- attention
-def attention_impls():
+def attention_impls() -> dict[str, Callable]:
     """fastattn, PyTorch's fused SDPA (its CPU flash path), the reference eager and compiled."""
     from fastattn.ops.attention import attention_reference
 

@@ -1,9 +1,13 @@
-"""Benchmark runner: ``python -m benchmarks.run [layernorm|attention|gelu|all] [--quick]``.
+"""Benchmark runner: ``python -m benchmarks.run [ceilings|SUITE|all] [--quick] [--rounds N]``.
 
-Each suite measures fastattn beside its baselines in the same run (PyTorch eager, PyTorch's
-own fused op, ``torch.compile`` of the reference) together with the machine's ceilings (copy
-GB/s, fp32 matmul GFLOP/s), prints a table and records it in ``benchmarks/results/``
-(Markdown + JSON, and a plot where one helps). Medians of repeated runs.
+``ceilings`` prints the machine's ceilings alone (fp32 FMA peak, bf16 dot peak, copy bandwidth,
+torch's GEMM rates; see ``benchmarks/ceilings.py``). A suite measures fastattn beside its
+baselines (PyTorch eager, PyTorch's own fused op, ``torch.compile`` of the reference),
+interleaved round by round, and reports medians, IQRs, the number of rounds, speed-ups as the
+median of per-round ratios, and rates as fractions of the ceiling that limits them: compute-bound
+kernels of the FMA / bf16-dot peak, memory-bound ones of the copy bandwidth. The ceilings are
+measured first in the same run and head every file recorded in ``benchmarks/results/``
+(Markdown + JSON, and a plot where one helps).
 """
 
 from __future__ import annotations
@@ -11,16 +15,39 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 import fastattn
-from benchmarks.common import RESULTS, Report, copy_gbps, matmul_gflops, median_time
+from benchmarks import ceilings as _ceilings
+from benchmarks.common import (
+    RESULTS,
+    Report,
+    cache_note,
+    comparison_columns,
+    fresh_output_note,
+    interleaved,
+    machine,
+)
 
 
-def _compiled(fn):
-    # Inductor on CPU; compile time is excluded by the warm-up calls of median_time. Each shape
+@dataclass
+class Context:
+    """What every suite gets: the run's options and the ceilings measured at its start."""
+
+    quick: bool
+    ceilings: _ceilings.Ceilings
+    rounds: int | None = None  # --rounds: overrides every suite's default (smoke runs)
+
+    def rounds_or(self, default: int) -> int:
+        return self.rounds if self.rounds is not None else default
+
+
+def _compiled(fn: Callable) -> Callable:
+    # Inductor on CPU; compile time is excluded by the warm-up rounds of interleaved. Each shape
     # and grad mode is its own static graph: raise dynamo's recompile limit so a sweep never
     # silently falls back to eager.
     torch._dynamo.config.recompile_limit = 64
@@ -28,7 +55,9 @@ def _compiled(fn):
 
 
 # ----------------------------------------------------------------------------- layernorm
-def layernorm_cases(shapes):
+def layernorm_cases(
+    shapes: list[tuple[int, int]],
+) -> Iterator[tuple[tuple[int, int], dict[str, Callable]]]:
     """(label, shape, callables) for LayerNorm: fastattn cpu, F.layer_norm eager and compiled."""
     compiled = _compiled(lambda x, w, b: F.layer_norm(x, (x.shape[-1],), w, b))
     for n, m in shapes:
@@ -40,56 +69,54 @@ def layernorm_cases(shapes):
         yield (n, m), impls
 
 
-def suite_layernorm(quick: bool) -> Report:
-    shapes = [(8192, 768), (32768, 1024)] if not quick else [(8192, 768)]
-    gbps = copy_gbps()
+def _grads(fn: Callable, inputs: tuple[torch.Tensor, ...], dy: torch.Tensor):
+    """One forward+backward step; the gradients are returned (not accumulated in ``.grad``) so
+    they stay alive until the clock stops and freeing them is not timed."""
+    return torch.autograd.grad(fn(*inputs), inputs, dy)
+
+
+# Memory-bound cases take milliseconds: many rounds are cheap and tame the spread.
+MEMORY_ROUNDS = 31
+MEMORY_MAX_S = 30.0
+
+
+def suite_layernorm(ctx: Context) -> Report:
+    shapes = [(8192, 768), (32768, 1024)] if not ctx.quick else [(2048, 768)]
+    baselines = ["torch eager", "torch.compile"]
+    copy = ctx.ceilings.memory()
     rep = Report(
         "LayerNorm (float32, CPU)",
-        ["shape", "pass", "impl", "ms", "GB/s", "of copy BW", "speed-up vs eager", "vs compile"],
-        ceilings={"copy GB/s": gbps},
+        comparison_columns(["shape", "pass"], "GB/s", "copy BW", baselines),
+        ceilings=ctx.ceilings,
         notes=[
             "Bytes counted: forward reads x and writes y (2 N M 4); forward+backward adds reading "
             "dy and x and writing dx (5 N M 4 in all). Parameters and mean/rstd are negligible.",
             "torch eager = F.layer_norm (ATen's fused CPU kernel, the PyTorch fused op); "
             "torch.compile = Inductor on the same call.",
+            fresh_output_note("Outputs (y; dx, dw, db in fwd+bwd)"),
+            cache_note(),
         ],
     )
-    print(f"copy bandwidth: {gbps:.1f} GB/s")
     for (n, m), impls in layernorm_cases(shapes):
         x = torch.randn(n, m)
         w, b = torch.randn(m), torch.randn(m)
         dy = torch.randn(n, m)
         xg, wg, bg = (t.clone().requires_grad_() for t in (x, w, b))
         for pas, nbytes in (("fwd", 2 * n * m * 4), ("fwd+bwd", 5 * n * m * 4)):
-            times = {}
-            for name, fn in impls.items():
-                if pas == "fwd":
-                    with torch.no_grad():
-                        times[name] = median_time(lambda fn=fn: fn(x, w, b))
-                else:
-
-                    def step(fn=fn):
-                        xg.grad = wg.grad = bg.grad = None
-                        fn(xg, wg, bg).backward(dy)
-
-                    times[name] = median_time(step)
-            for name, t in times.items():
-                rate = nbytes / t / 1e9
-                rep.add(
-                    f"{n}x{m}",
-                    pas,
-                    name,
-                    t * 1e3,
-                    rate,
-                    rate / gbps,
-                    times["torch eager"] / t,
-                    times["torch.compile"] / t,
-                )
+            if pas == "fwd":
+                fns = {k: (lambda fn=fn: fn(x, w, b)) for k, fn in impls.items()}
+            else:
+                fns = {k: (lambda fn=fn: _grads(fn, (xg, wg, bg), dy)) for k, fn in impls.items()}
+            with torch.set_grad_enabled(pas != "fwd"):
+                cmp = interleaved(fns, rounds=ctx.rounds_or(MEMORY_ROUNDS), max_s=MEMORY_MAX_S)
+            rep.add_comparison(
+                [f"{n}x{m}", pas], cmp, work=nbytes, ceiling=copy, baselines=baselines
+            )
     return rep
 
 
 # ----------------------------------------------------------------------------- attention
-def attention_impls():
+def attention_impls() -> dict[str, Callable]:
     """fastattn, PyTorch's fused SDPA (its CPU flash path), the reference eager and compiled."""
     from fastattn.ops.attention import attention_reference
 
@@ -104,48 +131,47 @@ def attention_impls():
     }
 
 
-def suite_attention(quick: bool) -> Report:
+def suite_attention(ctx: Context) -> Report:
     B, H, D = 4, 12, 64
-    lens = [512, 1024] if quick else [128, 256, 512, 1024, 2048, 4096]
-    ceiling = matmul_gflops()
+    lens = [128, 256] if ctx.quick else [128, 256, 512, 1024, 2048, 4096]
+    baselines = ["sdpa"]
+    peak = ctx.ceilings.compute(torch.float32)
     rep = Report(
         "Attention (float32, causal, B=4, H=12, D=64, CPU)",
-        ["T", "pass", "impl", "ms", "GFLOP/s", "of matmul", "speed-up vs sdpa"],
-        ceilings={"fp32 matmul GFLOP/s": ceiling},
+        comparison_columns(["T", "pass"], "GFLOP/s", "fp32 FMA peak", baselines),
+        ceilings=ctx.ceilings,
         notes=[
-            "FLOPs: forward 4 B H T^2 D / 2 (causal counts half), backward 2.5 x forward.",
+            "FLOPs: forward 4 B H T^2 D / 2 (causal counts half), backward 2.5 x forward; the "
+            "exp and the softmax bookkeeping are not counted, so the fraction of the FMA peak "
+            "understates the work done.",
             "sdpa = F.scaled_dot_product_attention(is_causal=True), PyTorch's fused CPU kernel; "
             "reference = fastattn.ops.attention.attention_reference (materialises T x T), eager "
             "and under torch.compile (Inductor); the reference is skipped above T=2048.",
         ],
     )
-    print(f"fp32 matmul: {ceiling:.0f} GFLOP/s")
     impls = attention_impls()
     speedups: dict[str, list[tuple[int, float]]] = {"fwd": [], "fwd+bwd": []}
     for T in lens:
         q, k, v = (torch.randn(B, H, T, D) for _ in range(3))
         dout = torch.randn(B, H, T, D)
         qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
+        chosen = {
+            name: fn
+            for name, fn in impls.items()
+            if not (name.startswith("reference") and T > 2048)
+        }
         for pas, mult in (("fwd", 1.0), ("fwd+bwd", 3.5)):
             flops = 4 * B * H * T * T * D / 2 * mult
-            times = {}
-            for name, fn in impls.items():
-                if name.startswith("reference") and T > 2048:
-                    continue
-                if pas == "fwd":
-                    with torch.no_grad():
-                        times[name] = median_time(lambda fn=fn: fn(q, k, v), reps=7)
-                else:
-
-                    def step(fn=fn):
-                        qg.grad = kg.grad = vg.grad = None
-                        fn(qg, kg, vg).backward(dout)
-
-                    times[name] = median_time(step, reps=7)
-            for name, t in times.items():
-                rate = flops / t / 1e9
-                rep.add(T, pas, name, t * 1e3, rate, rate / ceiling, times["sdpa"] / t)
-            speedups[pas].append((T, times["sdpa"] / times["fastattn"]))
+            if pas == "fwd":
+                fns = {n: (lambda fn=fn: fn(q, k, v)) for n, fn in chosen.items()}
+            else:
+                fns = {
+                    n: (lambda fn=fn: _grads(fn, (qg, kg, vg), dout)) for n, fn in chosen.items()
+                }
+            with torch.set_grad_enabled(pas != "fwd"):
+                cmp = interleaved(fns, rounds=ctx.rounds_or(9), min_rounds=3, max_s=60.0)
+            rep.add_comparison([T, pas], cmp, work=flops, ceiling=peak, baselines=baselines)
+            speedups[pas].append((T, cmp.ratio("sdpa", "fastattn").median))
     rep.plot = _plot_speedups(speedups, "attention speed-up over SDPA (float32, causal, CPU)")
     return rep
 
@@ -174,30 +200,26 @@ def _plot_speedups(series: dict[str, list[tuple[int, float]]], title: str):
 
 
 # ----------------------------------------------------------------------------- gelu
-def suite_gelu(quick: bool) -> Report:
+def suite_gelu(ctx: Context) -> Report:
     from fastattn.nn import FeedForward
 
-    n, m = 8192, 3072
-    gbps = copy_gbps()
-    ceiling = matmul_gflops()
+    n, m = (8192, 3072) if not ctx.quick else (2048, 768)
+    baselines = ["torch eager", "torch.compile"]
+    copy, peak = ctx.ceilings.memory(), ctx.ceilings.compute(torch.float32)
     rep = Report(
         "bias+GELU and the GELU feed-forward block (float32, CPU)",
-        [
-            "case",
-            "pass",
-            "impl",
-            "ms",
-            "GB/s or GFLOP/s",
-            "of ceiling",
-            "speed-up vs eager",
-            "vs compile",
-        ],
-        ceilings={"copy GB/s": gbps, "fp32 matmul GFLOP/s": ceiling},
+        comparison_columns(["case", "pass"], "GB/s or GFLOP/s", "its ceiling", baselines),
+        ceilings=ctx.ceilings,
         notes=[
-            "bias_gelu bytes: forward reads x, writes y (2 N M 4); forward+backward adds reading "
-            "dy and x and writing dx (5 N M 4). FeedForward FLOPs: 6 x 2 x tokens x d x 4d "
-            "(three matmuls per linear, two linears), compared with torch.nn.Sequential("
-            "Linear, GELU, Linear) eager and compiled.",
+            "bias_gelu is memory-bound: its GB/s is a fraction of the copy bandwidth. Bytes: "
+            "forward reads x, writes y (2 N M 4); forward+backward adds reading dy and x and "
+            "writing dx (5 N M 4).",
+            "FeedForward is compute-bound: its GFLOP/s is a fraction of the fp32 FMA peak "
+            "(torch's own GEMM rates at similar shapes are the context rows of the ceilings "
+            "table). FLOPs: 6 x 2 x tokens x d x 4d (three matmuls per linear, two linears), "
+            "compared with torch.nn.Sequential(Linear, GELU, Linear) eager and compiled.",
+            fresh_output_note("bias_gelu outputs (y; dx, db in fwd+bwd)"),
+            cache_note(),
         ],
     )
     x, b, dy = torch.randn(n, m), torch.randn(m), torch.randn(n, m)
@@ -210,58 +232,42 @@ def suite_gelu(quick: bool) -> Report:
             "torch.compile": _compiled(eager),
         }
         for pas, nbytes in (("fwd", 2 * n * m * 4), ("fwd+bwd", 5 * n * m * 4)):
-            times = {}
-            for name, fn in impls.items():
-                if pas == "fwd":
-                    with torch.no_grad():
-                        times[name] = median_time(lambda fn=fn: fn(x, b))
-                else:
-
-                    def step(fn=fn):
-                        xg.grad = bg.grad = None
-                        fn(xg, bg).backward(dy)
-
-                    times[name] = median_time(step)
-            for name, t in times.items():
-                rate = nbytes / t / 1e9
-                rep.add(
-                    f"bias_gelu {n}x{m} {approx}",
-                    pas,
-                    name,
-                    t * 1e3,
-                    rate,
-                    rate / gbps,
-                    times["torch eager"] / t,
-                    times["torch.compile"] / t,
-                )
-    tokens, d = (2048, 768) if quick else (8192, 768)
+            if pas == "fwd":
+                fns = {k: (lambda fn=fn: fn(x, b)) for k, fn in impls.items()}
+            else:
+                fns = {k: (lambda fn=fn: _grads(fn, (xg, bg), dy)) for k, fn in impls.items()}
+            with torch.set_grad_enabled(pas != "fwd"):
+                cmp = interleaved(fns, rounds=ctx.rounds_or(MEMORY_ROUNDS), max_s=MEMORY_MAX_S)
+            rep.add_comparison(
+                [f"bias_gelu {n}x{m} {approx}", pas],
+                cmp,
+                work=nbytes,
+                ceiling=copy,
+                baselines=baselines,
+            )
+    tokens, d = (8192, 768) if not ctx.quick else (512, 256)
     xt, dyt = torch.randn(tokens, d), torch.randn(tokens, d)
     flops = 6 * 2 * tokens * d * 4 * d
     for approx in ("none", "tanh"):
         ours = FeedForward(d, 4 * d, approximate=approx)
         seq = torch.nn.Sequential(ours.fc1, torch.nn.GELU(approximate=approx), ours.fc2)
-        impls = {"fastattn": ours, "torch eager": seq, "torch.compile": _compiled(seq)}
         xtg = xt.clone().requires_grad_()
-        times = {}
-        for name, mod in impls.items():
-
-            def step(mod=mod):
-                xtg.grad = None
-                mod(xtg).backward(dyt)
-
-            times[name] = median_time(step, reps=7)
-        for name, t in times.items():
-            rate = flops / t / 1e9
-            rep.add(
-                f"FeedForward {tokens}x{d}->{4 * d} {approx}",
-                "fwd+bwd",
-                name,
-                t * 1e3,
-                rate,
-                rate / ceiling,
-                times["torch eager"] / t,
-                times["torch.compile"] / t,
-            )
+        fns = {}
+        for name, mod in {
+            "fastattn": ours,
+            "torch eager": seq,
+            "torch.compile": _compiled(seq),
+        }.items():
+            params = (xtg, *mod.parameters())
+            fns[name] = lambda mod=mod, params=params: torch.autograd.grad(mod(xtg), params, dyt)
+        cmp = interleaved(fns, rounds=ctx.rounds_or(11), max_s=60.0)
+        rep.add_comparison(
+            [f"FeedForward {tokens}x{d}->{4 * d} {approx}", "fwd+bwd"],
+            cmp,
+            work=flops,
+            ceiling=peak,
+            baselines=baselines,
+        )
     return rep
 
 
@@ -300,16 +306,19 @@ def patch_models(quick: bool):
     return B, T, models
 
 
-def suite_patch(quick: bool) -> Report:
+def suite_patch(ctx: Context) -> Report:
     import copy
 
-    B, T, models = patch_models(quick)
+    B, T, models = patch_models(ctx.quick)
+    baselines = ["original eager", "original compiled"]
     rep = Report(
         f"fastattn.patch(model): forward+backward, float32, B={B}, T={T}, CPU",
-        ["model", "variant", "ms", "speed-up vs original eager", "vs original compiled"],
+        comparison_columns(["model"], None, None, baselines),
+        ceilings=ctx.ceilings,
         notes=[
             "original = the model as built; patched = fastattn.patch(copy); compiled = "
-            "torch.compile (Inductor) of each; training mode, dropout 0."
+            "torch.compile (Inductor) of each; training mode, dropout 0. Whole models mix "
+            "compute- and memory-bound work, so no fraction of a ceiling is given."
         ],
     )
     for label, make, inputs in models:
@@ -324,27 +333,35 @@ def suite_patch(quick: bool) -> Report:
             "original compiled": _compiled(original),
             "patched compiled": _compiled(patched),
         }
-        times = {}
+        fns = {}
         for name, model in variants.items():
 
             def step(model=model):
                 out = model(*args)
                 out = getattr(out, "logits", out)
-                out.float().mean().backward()
+                return torch.autograd.grad(
+                    out.float().mean(), list(model.parameters()), allow_unused=True
+                )
 
-            times[name] = median_time(step, reps=7)
-        for name, t in times.items():
-            rep.add(
-                label, name, t * 1e3, times["original eager"] / t, times["original compiled"] / t
-            )
+            fns[name] = step
+        cmp = interleaved(fns, rounds=ctx.rounds_or(11), max_s=90.0)
+        rep.add_comparison([label], cmp, baselines=baselines)
     return rep
 
 
-SUITES = {
-    "layernorm": suite_layernorm,
-    "attention": suite_attention,
-    "gelu": suite_gelu,
-    "patch": suite_patch,
+@dataclass(frozen=True)
+class Suite:
+    run: Callable[[Context], Report]
+    about: str
+
+
+# The table of suites: add a row to add one (a function Context -> Report, usually built from
+# the same cases as its bench_<name>.py pytest-benchmark file). Run in this order by "all".
+SUITES: dict[str, Suite] = {
+    "layernorm": Suite(suite_layernorm, "LayerNorm fwd, fwd+bwd vs F.layer_norm (memory-bound)"),
+    "attention": Suite(suite_attention, "causal attention fwd, fwd+bwd vs SDPA (compute-bound)"),
+    "gelu": Suite(suite_gelu, "bias_gelu (memory-bound) and FeedForward (compute-bound)"),
+    "patch": Suite(suite_patch, "fastattn.patch on whole models, fwd+bwd"),
 }
 
 
@@ -352,16 +369,20 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m benchmarks.run",
         description=__doc__,
+        epilog="suites: " + "; ".join(f"{k}: {v.about}" for k, v in SUITES.items()),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(
         "suite",
         nargs="?",
         default="all",
-        choices=[*SUITES, "all"],
-        help="which op to benchmark (default: all)",
+        choices=["ceilings", *SUITES, "all"],
+        help="ceilings alone, one suite, or all suites (default)",
     )
-    p.add_argument("--quick", action="store_true", help="fewer shapes, for a smoke run")
+    p.add_argument("--quick", action="store_true", help="small shapes, short ceilings: smoke run")
+    p.add_argument(
+        "--rounds", type=int, default=None, help="rounds per comparison (default: per suite)"
+    )
     p.add_argument(
         "--threads",
         type=int,
@@ -372,10 +393,22 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    m = machine()
+    print(
+        f"{m['cpu']}; flags: {' '.join(m['flags'])}; {m['threads']} torch threads; "
+        f"THP_MEM_ALLOC_ENABLE={m['THP_MEM_ALLOC_ENABLE']}",
+        flush=True,
+    )
+    print("measuring ceilings ...", flush=True)
+    ceilings = _ceilings.measure(quick=args.quick)
+    print(ceilings.markdown(), flush=True)
+    if args.suite == "ceilings":
+        return 0
+    ctx = Context(quick=args.quick, ceilings=ceilings, rounds=args.rounds)
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M")
     for name in SUITES if args.suite == "all" else [args.suite]:
-        print(f"== {name}")
-        rep = SUITES[name](args.quick)
+        print(f"== {name}", flush=True)
+        rep = SUITES[name].run(ctx)
         if not args.no_save:
             print(f"saved {rep.save(f'{name}-{stamp}')}")
             if rep.plot is not None:

@@ -1,7 +1,7 @@
 """bias_gelu, feed_forward, nn.GELU and nn.FeedForward on every backend available here.
 
-Error rule (DESIGN.md): against the float64 reference, a kernel in dtype X passes when its max
-abs error is <= 2 x (PyTorch's own error in X, computed the same way) + a small floor, for the
+Error rule (tests/rule.py): against the float64 reference, a kernel in dtype X passes when its
+max abs error is <= 2 x (PyTorch's own error in X, computed the same way) + a small floor, for the
 output and every gradient. Triton runs through its interpreter on CPU tensors (small shapes).
 
 Run: pytest tests/test_gelu.py

@@ -2,7 +2,7 @@
 
 On a CPU the kernels run through the Triton interpreter (TRITON_INTERPRET=1, set below before
 fastattn.triton.layernorm is imported), with small shapes; on a GPU the same tests run natively.
-Error rule as in DESIGN.md: max abs error <= 2 x torch's own error in the dtype + a small floor,
+Error rule as in tests/rule.py: max abs error <= 2 x torch's own error in the dtype + a small floor,
 for the output, the returned sum and every gradient.
 
 Run: pytest tests/test_layernorm_triton.py

@@ -11,22 +11,18 @@ from __future__ import annotations
 import os
 import random
 
+import pytest
 import torch
+import torch.nn.functional as F
 
-# The Triton interpreter must be switched on before triton.jit decorates the kernels.
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-import fastattn  # noqa: E402
-from fastattn.nn import CausalSelfAttention, MultiheadAttention  # noqa: E402
-from fastattn.ops.attention import (  # noqa: E402
+import fastattn
+from fastattn.nn import CausalSelfAttention, MultiheadAttention
+from fastattn.ops.attention import (
     attention_reference,
     dropout_keep_mask,
     philox4x32,
 )
+from fastattn.triton import interpreting
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 # Fresh random inputs each run (README, "How correctness is checked"); a failure message names the seed, and
@@ -158,7 +154,7 @@ def _grid_params():
             for b in KERNEL_BACKENDS:
                 backend = b.values[0]
                 marks = list(b.marks)
-                if backend == "triton" and DEV == "cpu" and not case[-1]:
+                if backend == "triton" and interpreting() and not case[-1]:
                     continue
                 if backend == "triton" and case[5] > 128:
                     continue

@@ -326,8 +326,11 @@ def setup(args: argparse.Namespace, dist: Dist) -> Run:
         if args.dtype == "bfloat16"
         else contextlib.nullcontext()
     )
-    return Run(args, dist, data, config, model, forward, train_forward, optimizer, gen,
-               autocast, out_dir, step, elapsed0)  # fmt: skip
+    return Run(
+        args=args, dist=dist, data=data, config=config, model=model, forward=forward,
+        train_forward=train_forward, optimizer=optimizer, gen=gen, autocast=autocast,
+        out_dir=out_dir, start_step=step, elapsed0=elapsed0,
+    )  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -339,8 +342,8 @@ def train(args: argparse.Namespace, dist: Dist | None = None) -> dict:
     meter = ThroughputMeter(tokens_per_iter=B * T * dist.world)
     resume_step = run.start_step if args.resume else None
     log = MetricsLog(run.out_dir / "metrics.jsonl", enabled=dist.master, resume_step=resume_step)
-    bar = Progress(args.max_iters, run.start_step, show=dist.master and not args.no_progress)
     announce(run)
+    bar = Progress(args.max_iters, run.start_step, show=dist.master and not args.no_progress)
     evals, loss = [], float("nan")
     try:
         for step in range(run.start_step, args.max_iters):

@@ -11,7 +11,7 @@
 // fastattn/triton/<op>.py, reference in fastattn/ops/<op>.py):
 //
 // layer_norm_fwd(x[N,M], weight?[M], bias?[M], residual?[N,M], eps)
-//     -> (out[N,M], sum[N,M] or [0] when residual is None, mean[N] fp32, rstd[N] fp32)
+//     -> (out[N,M], sum[N,M] or [0] without residual, mean[N], rstd[N]: fp64 for fp64 x, else fp32)
 //     sum = x + residual (in x's dtype), out = (sum - mean) * rstd * weight + bias.
 // layer_norm_bwd(dout[N,M], x[N,M] (the normalised input, i.e. sum), weight?, mean, rstd,
 //                dsum?[N,M], need_weight_grad, need_bias_grad)

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import os
 
-# Triton reads TRITON_INTERPRET when a @triton.jit kernel is defined, so this must happen before
-# anything imports fastattn.triton.*: then Triton kernels run on CPU tensors through the
-# interpreter. fastattn's `auto` never picks Triton on a CPU; tests choose it explicitly.
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch
+
+# Without a CUDA GPU, the Triton kernels run on CPU tensors through Triton's interpreter (small
+# shapes: see fastattn.triton.interpreting()); with one they run compiled, on the GPU. Triton
+# reads TRITON_INTERPRET when a @triton.jit kernel is defined, so this must happen before
+# anything imports fastattn.triton.<op> (conftest is imported before the test modules).
+# fastattn's `auto` never picks Triton on a CPU; tests choose it explicitly.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 from hypothesis import settings  # noqa: E402
 
 # Property tests: a few hundred examples per op by default, many more with --slow.

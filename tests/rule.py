@@ -1,4 +1,4 @@
-"""The DESIGN.md error rule: a kernel's error in dtype X against a float64 reference may be at
+"""The error rule: a kernel's error in dtype X against a float64 reference may be at
 most twice PyTorch's own error in X (computed the same way), plus a small floor."""
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """Numeric tests of the CUDA backend (csrc/cuda) against float64 references computed inline.
 
-They call the kernel ops torch.ops.fastattn_C.* directly on CUDA tensors and apply the
-DESIGN.md rule: error vs the float64 reference <= 2 x PyTorch's own error in the same dtype
-(the same formula run in that dtype on the GPU) + a small floor. Skipped (with the reason)
+They call the kernel ops torch.ops.fastattn_C.* directly on CUDA tensors and apply the error
+rule of tests/rule.py: error vs the float64 reference <= 2 x PyTorch's own error in the same
+dtype (the same formula run in that dtype on the GPU) + a small floor. Skipped (with the reason)
 unless a GPU is visible and fastattn._C was built with the CUDA kernels.
 """
 
@@ -15,6 +15,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tests.rule import assert_rule
+
 try:
     from fastattn import _C
 except ImportError as e:  # pragma: no cover - depends on the build
@@ -24,30 +26,6 @@ else:
 if _why is None and not torch.cuda.is_available():
     _why = "no CUDA device"
 pytestmark = pytest.mark.skipif(_why is not None, reason=_why or "")
-
-try:
-    from tests.rule import assert_rule
-except ImportError:  # the same rule as tests/rule.py, for a tree without it
-
-    def assert_rule(name, actual, torch_x, ref64):
-        assert actual.shape == ref64.shape, (
-            f"{name}: shape {tuple(actual.shape)} != {tuple(ref64.shape)}"
-        )
-        assert not torch.isnan(actual).any(), f"{name}: NaN in output"
-        err = (
-            (actual.double().cpu() - ref64.double().cpu()).abs().max().item()
-            if actual.numel()
-            else 0.0
-        )
-        base = (
-            (torch_x.double().cpu() - ref64.double().cpu()).abs().max().item()
-            if actual.numel()
-            else 0.0
-        )
-        scale = max(1.0, ref64.abs().max().item()) if ref64.numel() else 1.0
-        floor = 4.0 * torch.finfo(actual.dtype).eps * scale
-        assert err <= 2 * base + floor, f"{name}: error {err:.3g} > 2 x {base:.3g} + {floor:.3g}"
-
 
 OPS = torch.ops.fastattn_C
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]

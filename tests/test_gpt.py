@@ -57,7 +57,7 @@ def _errors(model: GPT, idx, targets, ref_sd):
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("T", [16, 7, 1])
 def test_fastattn_matches_float64_reference_like_torch(bias, T):
-    """DESIGN rule: |fastattn32 - ref64| <= 2 |torch32 - ref64| + floor, logits, loss, every grad."""
+    """tests/rule.py: |fastattn32 - ref64| <= 2 |torch32 - ref64| + floor, logits, loss, every grad."""
     seed = fresh_seed()
     ref = make("torch", seed=seed, bias=bias).double()
     sd = ref.state_dict()
@@ -153,6 +153,22 @@ def test_configure_optimizers_decays_2d_params_only():
     assert all(p.dim() == 1 for p in no_decay["params"])
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(m.parameters()))
     assert m.num_params() == m.num_params(non_embedding=False) - 16 * 32
+
+
+def test_configure_optimizers_fused_where_supported(monkeypatch):
+    """Fused AdamW on the CPU too (torch >= 2.4), the same for both kernel kinds; the default
+    AdamW where the fused kernel is missing for the parameters' device/dtype."""
+    from fastattn.models import gpt
+
+    idx = torch.randint(0, 65, (2, 16))
+    for kernels in ("torch", "fastattn"):
+        m = make(kernels)
+        opt = m.configure_optimizers(0.1, 1e-3, (0.9, 0.95))
+        assert opt.defaults["fused"] is True
+        m(idx, idx)[1].backward()
+        opt.step()  # torch checks fused support here, at the first step with gradients
+    monkeypatch.setattr(gpt, "_fused_adamw_works", lambda device, dtype: False)
+    assert not make("torch").configure_optimizers(0.1, 1e-3, (0.9, 0.95)).defaults["fused"]
 
 
 @pytest.mark.filterwarnings("ignore:fastattn.nn")

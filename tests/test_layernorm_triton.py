@@ -1,8 +1,9 @@
 """The Triton LayerNorm and add_layer_norm against the float64 reference.
 
-On a CPU the kernels run through the Triton interpreter (TRITON_INTERPRET=1, set below before
-fastattn.triton.layernorm is imported), with small shapes; on a GPU the same tests run natively.
-Error rule as in DESIGN.md: max abs error <= 2 x torch's own error in the dtype + a small floor,
+On a CPU the kernels run through the Triton interpreter (TRITON_INTERPRET=1, set by conftest.py
+before fastattn.triton.layernorm is imported), with small shapes; on a GPU they run compiled,
+with larger shapes too.
+Error rule as in tests/rule.py: max abs error <= 2 x torch's own error in the dtype + a small floor,
 for the output, the returned sum and every gradient.
 
 Run: pytest tests/test_layernorm_triton.py
@@ -10,18 +11,13 @@ Run: pytest tests/test_layernorm_triton.py
 
 from __future__ import annotations
 
-import os
-
-import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
 import pytest
+import torch
 import torch.nn.functional as F
 
 import fastattn
 from fastattn.ops.layernorm import layer_norm_reference
+from fastattn.triton import interpreting
 
 pytestmark = [
     pytest.mark.triton,
@@ -46,7 +42,14 @@ def _leaves(ts, dt):
     ]
 
 
-@pytest.mark.parametrize("shape", [(1, 1), (3, 7), (5, 33), (2, 3, 1023), (4, 130)])
+# Small shapes for the interpreter (it runs programs one by one, in numpy); on a GPU also real
+# widths and enough rows for many programs per weight-gradient partial sum.
+SHAPES = [(1, 1), (3, 7), (5, 33), (2, 3, 1023), (4, 130)]
+if not interpreting():
+    SHAPES += [(4096, 768), (1000, 4099), (3, 65536)]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("affine", ["both", "weight", "bias", "none"])
 @pytest.mark.parametrize("residual", [False, True])
 def test_triton_layer_norm(shape, affine, residual):

@@ -26,7 +26,7 @@ def _fwd_bwd(model, *args, **kwargs):
 
 
 def _compare(original, patched, make_inputs, **kwargs):
-    """patched (float32) vs original (float32) vs original in float64, by the DESIGN.md rule."""
+    """patched (float32) vs original (float32) vs original in float64, by tests/rule.py's rule."""
     ref64 = copy.deepcopy(original).double()
     args32 = make_inputs(torch.float32)
     out, grads = _fwd_bwd(patched, *args32, **kwargs)

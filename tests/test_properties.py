@@ -1,5 +1,6 @@
 """Property tests (hypothesis): random shapes, strides, dtypes and flags, every op on the CPU
-backend against its float64 reference by the DESIGN.md rule. ``--slow`` runs many more examples."""
+backend against its float64 reference by the error rule of tests/rule.py. ``--slow`` runs many
+more examples."""
 
 from __future__ import annotations
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import sys
 import warnings
 
 import numpy as np
@@ -17,6 +18,10 @@ import torch
 from fastattn import train
 from fastattn.data import DEFAULT_TEXT, CharTokenizer, DataError, load_text_dataset
 from fastattn.models.gpt import GPT, GPTConfig
+from fastattn.training import checkpoint
+from fastattn.training.compare import compare, write_plot
+from fastattn.training.log import trim_metrics
+from fastattn.training.meter import ThroughputMeter
 
 pytestmark = pytest.mark.filterwarnings("ignore:fastattn.nn")
 
@@ -89,16 +94,22 @@ def test_data_errors(tmp_path):
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["--n-layer", "-1"], "--n-layer must be >= 1"),
-        (["--batch-size", "0"], "--batch-size must be >= 1"),
-        (["--max-iters", "-5"], "--max-iters must be >= 0"),
-        (["--n-embd", "30", "--n-head", "4"], "--n-embd (30) must be divisible by --n-head (4)"),
+        (["--n-layer", "-1"], "argument --n-layer: must be >= 1, got -1"),
+        (["--n-layer", "2.5"], "argument --n-layer: expected an integer, got '2.5'"),
+        (["--batch-size", "0"], "argument --batch-size: must be >= 1, got 0"),
+        (["--max-iters", "-5"], "argument --max-iters: must be >= 0, got -5"),
+        (["--n-embd", "30", "--n-head", "4"], "n_embd (30) must be divisible by n_head (4)"),
         (["--preset", "huge"], "invalid choice: 'huge'"),
-        (["--dropout", "1.5"], "--dropout must be in [0, 1)"),
-        (["--lr", "0"], "--lr must be > 0"),
+        (["--dropout", "1.5"], "argument --dropout: must be in [0, 1), got 1.5"),
+        (["--beta2", "1"], "argument --beta2: must be in [0, 1), got 1.0"),
+        (["--lr", "0"], "argument --lr: must be > 0"),
+        (["--lr", "inf"], "argument --lr: expected a finite number, got 'inf'"),
+        (["--min-lr", "0.1", "--lr", "0.01"], "--min-lr (0.1) must be <= --lr (0.01)"),
+        (["--grad-clip", "-1"], "argument --grad-clip: must be >= 0, got -1.0"),
         (["--kernels", "cuda"], "invalid choice: 'cuda'"),
-        (["--device", "tpu"], "--device must be cpu, cuda or cuda:N"),
-        (["--data", "/no/such/file.txt"], "--data: file not found: /no/such/file.txt"),
+        (["--device", "tpu"], "argument --device: must be cpu, cuda or cuda:N, got 'tpu'"),
+        (["--device", "cuda:x"], "argument --device: must be cpu, cuda or cuda:N"),
+        (["--data", "/no/such/file.txt"], "argument --data: file not found: /no/such/file.txt"),
         (["--compare", "--resume"], "--compare and --resume cannot be combined"),
         (["--resume", "--out-dir", "/no/such/dir"], "--resume: no checkpoint at /no/such/dir"),
     ],
@@ -258,3 +269,114 @@ def test_two_process_gloo_ddp(tmp_path, small_text):
     assert not torch.equal(ckpt["rng"][0]["data"], ckpt["rng"][1]["data"])
     evals = [r for r in read_metrics(tmp_path / "out" / "metrics.jsonl") if r["kind"] == "eval"]
     assert [r["step"] for r in evals] == [0, 2, 4]
+
+
+# ----------------------------------------------------------------------------- the parts
+def _tiny_run(seed):
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(**TINY_CFG), kernels="torch")
+    opt = model.configure_optimizers(0.1, 1e-2, (0.9, 0.99))
+    gen = torch.Generator().manual_seed(seed)
+    return model, opt, gen
+
+
+def _step(model, opt, gen):
+    x = torch.randint(0, 65, (2, 16), generator=gen)
+    loss = model(x, x)[1]
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss.item()
+
+
+def test_checkpoint_round_trip(tmp_path):
+    """save -> load -> restore into a fresh model: the next steps are bit for bit the same."""
+    model, opt, gen = _tiny_run(1)
+    _step(model, opt, gen)  # optimizer state exists
+    path = tmp_path / checkpoint.CKPT_NAME
+    checkpoint.save(path, model=model, optimizer=opt, rngs=[checkpoint.rng_state(gen, False)],
+                    step=1, elapsed_s=2.5, config=TINY_CFG, args={"kernels": "torch"})  # fmt: skip
+    assert os.listdir(tmp_path) == [checkpoint.CKPT_NAME]  # no temporary file left
+    expected = [_step(model, opt, gen) for _ in range(2)]
+
+    model2, opt2, gen2 = _tiny_run(2)  # other weights, other RNG
+    ckpt = checkpoint.load(path)
+    assert checkpoint.restore(ckpt, model2, opt2, gen2) == (1, 2.5)
+    assert [_step(model2, opt2, gen2) for _ in range(2)] == expected
+    with pytest.raises(checkpoint.CheckpointError, match="written by 1 process.*this run has 2"):
+        checkpoint.restore(ckpt, model2, opt2, gen2, rank=0, world=2)
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    """A save that fails half-way leaves the previous checkpoint whole and no temporary file."""
+    path = tmp_path / "ckpt.pt"
+    checkpoint.atomic_save({"step": 1}, path)
+
+    def broken_save(obj, f):
+        f.write(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        checkpoint.atomic_save({"step": 2}, path)
+    monkeypatch.undo()
+    assert torch.load(path) == {"step": 1}
+    assert os.listdir(tmp_path) == ["ckpt.pt"]
+
+
+def test_unreadable_checkpoint_is_a_clear_error(tmp_path, small_text, capsys):
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "ckpt.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(checkpoint.CheckpointError, match="cannot read the checkpoint"):
+        checkpoint.load(tmp_path / "bad" / "ckpt.pt")
+    torch.save({"model": {}}, tmp_path / "other.pt")
+    with pytest.raises(checkpoint.CheckpointError, match="not a fastattn-train checkpoint"):
+        checkpoint.load(tmp_path / "other.pt")
+    with pytest.raises(SystemExit) as e:
+        train.main(flags(tmp_path, small_text, "--resume", out="bad"))
+    assert e.value.code == 2 and "cannot read the checkpoint" in capsys.readouterr().err
+
+
+def test_throughput_meter_skips_warmup_and_windows():
+    m = ThroughputMeter(tokens_per_iter=100, warmup=2)
+    for s in (9.0, 9.0, 1.0, 1.0):  # the first two are warm-up
+        m.add(s)
+    assert m.timed_iters == 2 and m.total_s == 2.0 and m.rate == 100.0
+    assert m.window_rate == 100.0
+    m.reset_window()
+    assert m.window_rate is None and m.rate == 100.0
+    m.add(0.5)
+    assert m.window_rate == 200.0 and m.rate == pytest.approx(300 / 2.5)
+    assert ThroughputMeter(10).rate is None
+
+
+def test_trim_metrics_drops_lines_after_the_checkpoint(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    recs = [{"kind": "iter", "step": s} for s in range(6)] + [{"kind": "eval", "step": 4}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    trim_metrics(path, 4)
+    assert [(r["kind"], r["step"]) for r in read_metrics(path)] == [
+        *(("iter", s) for s in range(4)),
+        ("eval", 4),
+    ]
+
+
+def test_compare_without_matplotlib_says_so(tmp_path, monkeypatch, capsys):
+    """No matplotlib: no compare.png, and the output says why instead of 'wrote compare.png'."""
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    rows = [{"kernels": "torch", "tokens_per_s": 1.0}, {"kernels": "fastattn", "tokens_per_s": 2.0}]
+    assert not write_plot(tmp_path / "c.png", rows, {"torch": [], "fastattn": []}, "t")
+    assert not (tmp_path / "c.png").exists()
+
+    def fake_train(args):
+        tps = 1000.0 if args.kernels == "torch" else 1500.0
+        evals = [{"elapsed_s": 1.0, "val_loss": 2.0}]
+        return {"tokens_per_s": tps, "final_val_loss": 2.0, "elapsed_s": 3.0,
+                "timed_iters": 5, "evals": evals}  # fmt: skip
+
+    args, _ = train.parse_args(["--out-dir", str(tmp_path), "--max-iters", "8"])
+    record = compare(args, fake_train)
+    out = capsys.readouterr().out
+    assert [r["speedup"] for r in record["rows"]] == [1.0, 1.5]
+    assert "compare.png" not in out and "matplotlib is not installed" in out
+    assert (tmp_path / "compare.json").exists() and not (tmp_path / "compare.png").exists()

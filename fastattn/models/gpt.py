@@ -13,9 +13,8 @@ Shapes: B batch, T time (sequence), C = n_embd, nh = n_head, hs = C // nh, V = v
 
 from __future__ import annotations
 
-import inspect
+import functools
 import math
-import warnings
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import fastattn
+from fastattn.nn import CausalSelfAttention, FeedForward
 
 
 # ----------------------------------------------------------------------------- torch twins
@@ -89,16 +89,6 @@ class TorchFeedForward(nn.Module):
         return self.dropout(self.fc2(self.act(self.fc1(x))))
 
 
-# The fastattn modules, when this tree has them (they are written beside this file).
-try:
-    from fastattn.nn import CausalSelfAttention, FeedForward
-
-    HAVE_FASTATTN_MODULES = True
-except ImportError:  # pragma: no cover - depends on which modules are merged
-    CausalSelfAttention, FeedForward = TorchCausalSelfAttention, TorchFeedForward
-    HAVE_FASTATTN_MODULES = False
-
-
 # ----------------------------------------------------------------------------- the model
 @dataclass
 class GPTConfig:
@@ -120,6 +110,20 @@ class GPTConfig:
             )
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout}")
+
+
+@functools.cache
+def _fused_adamw_works(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether ``AdamW(fused=True)`` can step a parameter of this device and dtype. Tried on a
+    one-element parameter: torch checks support only at the first ``step()`` (a RuntimeError),
+    and which devices and dtypes have the kernel changes between torch versions."""
+    p = torch.zeros(1, device=device, dtype=dtype, requires_grad=True)
+    p.grad = torch.zeros_like(p)
+    try:
+        torch.optim.AdamW([p], lr=1e-3, fused=True).step()
+    except (RuntimeError, TypeError, ValueError, NotImplementedError):
+        return False
+    return True
 
 
 def _add_norm(ln: nn.LayerNorm, delta: Tensor, x: Tensor, fused: bool) -> tuple[Tensor, Tensor]:
@@ -169,13 +173,6 @@ class GPT(nn.Module):
         super().__init__()
         if kernels not in ("fastattn", "torch"):
             raise ValueError(f'GPT: kernels must be "fastattn" or "torch", got {kernels!r}')
-        if kernels == "fastattn" and not HAVE_FASTATTN_MODULES:
-            warnings.warn(
-                "fastattn.nn.CausalSelfAttention / FeedForward are not available in this build; "
-                "GPT(kernels='fastattn') uses the plain-torch attention and feed-forward "
-                "(LayerNorm still fastattn)",
-                stacklevel=2,
-            )
         self.config, self.kernels = config, kernels
         LN = fastattn.nn.LayerNorm if kernels == "fastattn" else nn.LayerNorm
         self.transformer = nn.ModuleDict(
@@ -247,16 +244,27 @@ class GPT(nn.Module):
         return logits, loss
 
     def configure_optimizers(
-        self, weight_decay: float, lr: float, betas: tuple[float, float], device_type: str = "cpu"
+        self,
+        weight_decay: float,
+        lr: float,
+        betas: tuple[float, float],
+        device_type: str | None = None,
     ) -> torch.optim.AdamW:
-        """AdamW with weight decay on the 2-D parameters (matmul weights, embeddings) only."""
+        """AdamW with weight decay on the 2-D parameters (matmul weights, embeddings) only.
+
+        The fused AdamW kernel (one kernel for all parameters) is used wherever this torch has
+        it for the parameters' device and dtype -- CUDA, and the CPU since torch 2.4 -- else
+        the default implementation. The choice depends on the parameters only, so both
+        ``kernels`` settings get the same optimizer. ``device_type`` is accepted for nanoGPT's
+        signature and ignored: the parameters say where they are.
+        """
         params = [p for p in self.parameters() if p.requires_grad]
         groups = [
             {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
         ]
-        fused = device_type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters
-        return torch.optim.AdamW(groups, lr=lr, betas=betas, **({"fused": True} if fused else {}))
+        fused = bool(params) and all(_fused_adamw_works(p.device, p.dtype) for p in params)
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused or None)
 
     @torch.no_grad()
     def generate(

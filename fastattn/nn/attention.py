@@ -150,13 +150,6 @@ class MultiheadAttention(nn.MultiheadAttention):
             y = y.transpose(0, 1)
         return y, None
 
-    @classmethod
-    def from_torch(cls, module: nn.MultiheadAttention) -> MultiheadAttention:
-        """A fastattn MultiheadAttention sharing ``module``'s parameters (no copy)."""
-        new = cls.__new__(cls)
-        new.__dict__.update(module.__dict__)
-        return new
-
 
 class CausalSelfAttention(nn.Module):
     """nanoGPT's causal self-attention block on :func:`fastattn.attention`.

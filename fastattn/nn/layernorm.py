@@ -19,10 +19,3 @@ class LayerNorm(torch.nn.LayerNorm):
 
     def forward(self, input: Tensor) -> Tensor:
         return layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
-
-    @classmethod
-    def from_torch(cls, module: torch.nn.LayerNorm) -> LayerNorm:
-        """A fastattn LayerNorm sharing ``module``'s parameters (no copy)."""
-        new = cls.__new__(cls)
-        new.__dict__.update(module.__dict__)
-        return new

@@ -83,10 +83,6 @@ _CAPABILITY_FLAGS = {
 }
 
 
-def _triton_interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 # ------------------------------------------------------------------ backends
 @dataclass(frozen=True)
 class Backend:
@@ -132,7 +128,9 @@ def _triton_unusable(device_type: str) -> str | None:
         import triton  # noqa: F401
     except ImportError:
         return "triton is not installed (pip install 'fastattn[triton]')"
-    if device_type == "cpu" and not _triton_interpreting():
+    from fastattn.triton import interpreting
+
+    if device_type == "cpu" and not interpreting():
         return "Triton runs on CPU tensors only through its interpreter (TRITON_INTERPRET=1)"
     if device_type == "cuda" and not torch.cuda.is_available():
         return "no CUDA GPU visible to torch"
@@ -185,7 +183,7 @@ class Support:
     dtypes: tuple[torch.dtype, ...]
     max_head_dim: int | str | None = None
     max_cols: int | str | None = None
-    features: frozenset[str] = frozenset()
+    features: frozenset[str] | None = frozenset()  # None: every feature (the reference)
 
     @staticmethod
     def _limit(value: int | str | None) -> int | None:
@@ -202,7 +200,9 @@ class Support:
         ):
             if limit is not None and getattr(case, attr, 0) > limit:
                 return f"{what} {getattr(case, attr)} > {limit}"
-        missing = sorted(set(case.features()) - self.features) if hasattr(case, "features") else []
+        missing = []
+        if self.features is not None and hasattr(case, "features"):
+            missing = sorted(set(case.features()) - self.features)
         if missing:
             words = getattr(case, "FEATURE_WORDS", {})
             return ", ".join(words.get(f, f) for f in missing)
@@ -240,7 +240,9 @@ class OpDecl:
 
 
 OPS: dict[str, OpDecl] = {}
-REFERENCE_SUPPORT = Support(dtypes=(torch.float32, torch.float64, torch.bfloat16, torch.float16))
+REFERENCE_SUPPORT = Support(
+    dtypes=(torch.float32, torch.float64, torch.bfloat16, torch.float16), features=None
+)
 
 
 def declare(decl: OpDecl) -> OpDecl:

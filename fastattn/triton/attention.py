@@ -53,8 +53,8 @@ import triton
 import triton.language as tl
 from triton.language.random import philox_impl
 
-from fastattn._dispatch import _triton_interpreting
 from fastattn.ops.attention import dropout_threshold
+from fastattn.triton import interpreting as _triton_interpreting
 
 LOG2E = 1.4426950408889634
 

@@ -103,7 +103,7 @@ def test_llama_dynamic_cache_and_training_grads():
     for m in (original, patched):
         m.zero_grad()
         m(ids, labels=ids).loss.backward()
-    for (n, p), q in zip(original.named_parameters(), patched.parameters()):
+    for p, q in zip(original.parameters(), patched.parameters(), strict=True):
         _close(q.grad, p.grad)
 
 
@@ -332,7 +332,7 @@ def test_output_attentions_returns_eager_weights(how):
         out = patched(ids, **kw)
     assert hf.CALLS["weights"] == 2
     assert len(out.attentions) == 2
-    for a, b in zip(out.attentions, ref.attentions):
+    for a, b in zip(out.attentions, ref.attentions, strict=True):
         _close(a, b)
     _close(out.logits, ref.logits)
 
@@ -347,7 +347,7 @@ def test_output_attentions_bert_padding_and_t5_bias():
     with torch.no_grad():
         ref = eager(ids, attention_mask=mask, output_attentions=True).attentions
         out = patched(ids, attention_mask=mask, output_attentions=True).attentions
-    for a, b in zip(out, ref):
+    for a, b in zip(out, ref, strict=True):
         _close(a, b)
     t5_eager = _t5().eval()
     t5_eager.set_attn_implementation("eager")
@@ -358,7 +358,7 @@ def test_output_attentions_bert_padding_and_t5_bias():
         out = t5(input_ids=ids, decoder_input_ids=dec, output_attentions=True)
     for key in ("encoder_attentions", "decoder_attentions", "cross_attentions"):
         assert len(out[key]) == 2
-        for a, b in zip(out[key], ref[key]):
+        for a, b in zip(out[key], ref[key], strict=True):
             _close(a, b)
 
 
@@ -467,7 +467,9 @@ def test_float_mask_position_bias_and_softcap():
     causal = torch.ones(5, 5, dtype=torch.bool).tril()
     _close(out, _sdpa(q, k, v, bias.masked_fill(~causal, float("-inf"))))
     out, _ = hf.fastattn_attention_forward(_Mod(), q, k, v, None, softcap=2.0, is_causal=False)
-    ref = fastattn.ops.attention.attention_reference(q.double(), k.double(), v.double(), softcap=2.0)
+    ref = fastattn.ops.attention.attention_reference(
+        q.double(), k.double(), v.double(), softcap=2.0
+    )
     _close(out, ref.transpose(1, 2).float())
 
 

@@ -11,15 +11,29 @@ What is replaced (each kind can be switched off):
   above, a functional GELU activation (``activation="gelu"``) becomes a :class:`fastattn.nn.GELU`
   module, and PyTorch's inference fast paths (which call fused ATen kernels with the raw weights
   and would bypass the patched modules) are switched off for the patched layers.
-- Hugging Face transformers models: attention through transformers' attention registry
-  (``model.set_attn_implementation("fastattn")``), and the GELU activation classes
-  (``GELUActivation``, ``NewGELUActivation`` / ``GELUTanh`` (GPT-2's tanh GELU),
-  ``FastGELUActivation``) replaced by :class:`fastattn.nn.GELU` of the matching approximation.
+- Hugging Face transformers models: attention through transformers' attention registry: the
+  ``"fastattn"`` implementation (:mod:`fastattn.integrations.transformers`) is set on every
+  config the model's modules read (``model.config``, its sub-configs, and the deep copies that
+  encoder / decoder stacks such as T5's keep), then every module that looks its attention
+  function up in the registry is checked to read ``"fastattn"`` and listed. The GELU activation
+  classes (``GELUActivation``, ``NewGELUActivation`` / ``GELUTanh`` (GPT-2's tanh GELU),
+  ``FastGELUActivation``) are replaced by :class:`fastattn.nn.GELU` of the matching
+  approximation.
 
-Anything fastattn cannot run with the same meaning (e.g. an activation with another formula, an
-attention configured with ``add_bias_kv``) is left alone and listed in the report with the
-reason. Applying ``patch`` twice changes nothing more; :func:`unpatch` restores plain modules
-with the same weights.
+The meaning never changes: a swapped module computes what the original computed (the fastattn
+classes send every argument they cannot run fused to torch's own implementation), and the
+transformers attention function gives each argument transformers passes the meaning SDPA / eager
+gives it, routing it to a :func:`fastattn.attention` argument, or refusing it with a
+``ValueError`` (see :mod:`fastattn.integrations.transformers`). What is fused is a matter of
+speed, and the report says it: each attention layer's entry lists its call paths (plain forward,
+sliding-window prefill, position-bias training, other masks, ``output_attentions``) with the
+backend :func:`fastattn._dispatch.plan` picks on the model's device and why faster ones were
+skipped. Anything fastattn cannot run with the same meaning (e.g. an activation with another
+formula, an attention configured with ``add_bias_kv``, a model without an attention registry) is
+left alone and listed in the report with the reason. The report is a list of
+:class:`PatchEntry` (layer, kind, action, before, after, reason, runtime notes), so more kinds
+of layers can be added. Applying ``patch`` twice changes nothing more; :func:`unpatch` restores
+plain modules with the same weights and every config's former attention implementation.
 """
 
 from __future__ import annotations
@@ -380,7 +394,8 @@ def _attention_runtime(model: nn.Module, module: nn.Module, cfg: Any) -> list[st
         except _dispatch.BackendError as e:
             return f"raises: {e}"
         if backend == "reference" and skipped:
-            return f"reference ({_FALLS_BACK}: " + "; ".join(f"{b}: {w}" for b, w in skipped) + ")"
+            why = "; ".join(f"{b} skipped: {w}" for b, w in skipped)
+            return f"reference ({_FALLS_BACK}; {why})"
         return backend
 
     what = ("causal" if causal else "full") + " attention, padding"
@@ -397,8 +412,7 @@ def _attention_runtime(model: nn.Module, module: nn.Module, cfg: Any) -> list[st
         notes.append(f"training (position-bias gradient): {plan(replace(base, bias_grad=True))}")
     notes.append(f"packed sequences / other bool masks: {plan(replace(base, bias=True))}")
     notes.append(
-        f"output_attentions=True: weights in plain PyTorch ({_FALLS_BACK}: "
-        "materialises q_len x kv_len)"
+        f"output_attentions=True: plain PyTorch ({_FALLS_BACK}; the weights are materialised)"
     )
     return notes
 

@@ -305,7 +305,9 @@ def interpret(
             args["causal"] = True
             args["alignment"] = "bottom_right" if n == tq else "top_left"
     elif attention_mask.dtype == torch.bool:
-        plan = None if extra is not None else _mask_cache.get(attention_mask, batch, tq, tk)
+        # Under torch.compile the data-dependent analysis would break the graph: pass the mask.
+        analyse = extra is None and not torch.compiler.is_compiling()
+        plan = _mask_cache.get(attention_mask, batch, tq, tk) if analyse else None
         if plan is not None:
             n = plan.kv_len
             args.update(plan.kwargs())

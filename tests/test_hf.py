@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 import fastattn
+from fastattn import _dispatch
 from fastattn.integrations import transformers as hf
 from fastattn.patch import _hf_configs
 
@@ -94,6 +95,10 @@ def test_llama_gqa_static_cache_generate(padded):
         cache_config={"max_cache_len": 16},
     )
     assert hf.CALLS["fastattn"] > 0 and hf.CALLS["sdpa"] == 0
+    if _dispatch.unavailable_reason("cpu", "cpu") is None:
+        # Prefill and decode are plain causal / full attention after cropping the empty cache
+        # slots: the fused CPU kernel serves them, not the reference fallback.
+        assert fastattn.last_backend("attention") == "cpu"
 
 
 def test_llama_dynamic_cache_and_training_grads():
@@ -176,6 +181,23 @@ def test_gemma2_softcap_and_sliding_window():
     _same_generation(original, patched, ids, mask, max_new_tokens=4)
     text = str(report)
     assert "softcap 0.5" in text and "sliding window (4)" in text
+
+
+@pytest.mark.parametrize("make", [_mistral, _gemma2])
+def test_sliding_window_static_cache_generate(make):
+    original, patched, _ = _pair(make())
+    ids = torch.randint(3, V, (2, 9))
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0
+    _same_generation(
+        original,
+        patched,
+        ids,
+        mask,
+        max_new_tokens=4,
+        cache_implementation="static",
+        cache_config={"max_cache_len": 16},
+    )
 
 
 # ----------------------------------------------------------------------------- T5
@@ -310,6 +332,34 @@ def test_gpt2_padding():
         out = patched(ids, attention_mask=mask).logits
         ref = original(ids, attention_mask=mask).logits
     _close(out[mask.bool()], ref[mask.bool()])
+
+
+def test_vit_and_qwen2():
+    torch.manual_seed(0)
+    vcfg = transformers.ViTConfig(
+        image_size=16,
+        patch_size=4,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+    )
+    original, patched, report = _pair(transformers.ViTModel(vcfg))
+    assert len(report.layers("attention", "replaced")) == 2
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        _close(patched(x).last_hidden_state, original(x).last_hidden_state)
+    qcfg = transformers.Qwen2Config(
+        vocab_size=V,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    original, patched, _ = _pair(transformers.Qwen2ForCausalLM(qcfg))
+    ids = torch.randint(3, V, (2, 11))
+    _same_generation(original, patched, ids, max_new_tokens=4)
 
 
 # ----------------------------------------------------------------------------- output_attentions

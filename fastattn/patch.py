@@ -89,7 +89,9 @@ class PatchReport:
 
     entries: list[PatchEntry] = field(default_factory=list)
 
-    def add(self, name: str, kind: str, action: str, before: str, after: str = "", **kw: Any):
+    def add(
+        self, name: str, kind: str, action: str, before: str, after: str = "", **kw: Any
+    ) -> PatchEntry:
         entry = PatchEntry(name, kind, action, before, after, **kw)
         self.entries.append(entry)
         return entry

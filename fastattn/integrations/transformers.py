@@ -84,7 +84,14 @@ class MaskPlan:
 
     __slots__ = ("kv_len", "causal", "window", "alignment", "key_padding_mask")
 
-    def __init__(self, kv_len, causal, window, alignment, key_padding_mask):
+    def __init__(
+        self,
+        kv_len: int,
+        causal: bool,
+        window: tuple[int, int] | None,
+        alignment: str,
+        key_padding_mask: torch.Tensor | None,
+    ) -> None:
         self.kv_len: int = kv_len
         self.causal: bool = causal
         self.window: tuple[int, int] | None = window
@@ -330,7 +337,7 @@ def interpret(
     return n, args
 
 
-def _with_weights(q, k, v, module, *, scale, dropout_p, **args):
+def _with_weights(q, k, v, *, scale, dropout_p, **args):
     """(output, probabilities) materialising the scores, with fastattn.attention's meaning; the
     returned weights are after dropout (what transformers' eager attention returns)."""
     tq, tk, d = q.shape[2], k.shape[2], q.shape[-1]
@@ -382,7 +389,7 @@ def fastattn_attention_forward(
     weights = None
     if _weights_requested(kwargs):
         CALLS["weights"] += 1
-        out, weights = _with_weights(query, key, value, module, **args)
+        out, weights = _with_weights(query, key, value, **args)
         if n < tk:  # the cropped keys had probability 0
             weights = torch.nn.functional.pad(weights, (0, tk - n))
     else:

@@ -404,7 +404,7 @@ def _attention_runtime(model: nn.Module, module: nn.Module, cfg: Any) -> list[st
     if softcap:
         what += f", softcap {softcap}"
     if bias:
-        what += ", position bias"
+        what += ", position bias (none if all zero, e.g. T5's cross-attention)"
     notes = [f"{what}: {plan(base)}"]
     if window:
         notes.append(

@@ -516,6 +516,14 @@ def test_float_mask_position_bias_and_softcap():
     out, _ = hf.fastattn_attention_forward(_Mod(), q, k, v, None, position_bias=bias)
     causal = torch.ones(5, 5, dtype=torch.bool).tril()
     _close(out, _sdpa(q, k, v, bias.masked_fill(~causal, float("-inf"))))
+    # An all-zero position bias (T5's cross-attention) adds nothing: the fused kernel serves it.
+    zero = torch.zeros(1, 4, 5, 5)
+    out, _ = hf.fastattn_attention_forward(_Mod(), q, k, v, fmask, position_bias=zero)
+    _close(out, _sdpa(q, k, v, fmask))
+    out, _ = hf.fastattn_attention_forward(_Mod(), q, k, v, None, position_bias=zero)
+    _close(out, _sdpa(q, k, v, None, causal=True))
+    if _dispatch.unavailable_reason("cpu", "cpu") is None:
+        assert fastattn.last_backend("attention") == "cpu"
     out, _ = hf.fastattn_attention_forward(_Mod(), q, k, v, None, softcap=2.0, is_causal=False)
     ref = fastattn.ops.attention.attention_reference(
         q.double(), k.double(), v.double(), softcap=2.0

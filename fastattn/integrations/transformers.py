@@ -24,7 +24,8 @@ there, expressed through :func:`fastattn.attention`'s arguments:
   ``window`` / ``alignment`` / ``key_padding_mask``, with trailing keys no query sees cropped.
   Any other bool mask (packed sequences, custom patterns) is passed whole as ``attn_mask``.
 - a 4-D float mask is additive: ``attn_bias``. ``position_bias`` (T5) is added to it, with the
-  bool or causal mask as above (SDPA's ``create_position_bias_mask`` meaning).
+  bool or causal mask as above (SDPA's ``create_position_bias_mask`` meaning); an all-zero
+  position bias that needs no gradient (T5's cross-attention) adds nothing and is left out.
 - ``softcap`` -> ``softcap``; ``dropout`` -> ``dropout_p``; ``scaling`` -> ``scale``.
 - ``cu_seq_lens_q`` / ``cu_seq_lens_k`` / ``seq_idx`` (packed sequences): a block-diagonal mask
   that keeps each sequence to itself, intersected with the mask (transformers' SDPA path ignores
@@ -303,6 +304,9 @@ def interpret(
         args["softcap"] = float(softcap)
     n = tk
     bias = kwargs.get("position_bias")
+    fixed = bias is not None and not bias.requires_grad and not torch.compiler.is_compiling()
+    if fixed and not bool(bias.any()):
+        bias = None  # adding zeros (T5 gives its cross-attention an all-zero position bias)
     extra = _segments(kwargs, batch, tq, tk, query.device)
     if attention_mask is None:
         if bool(causal) and tq > 1:

@@ -71,6 +71,7 @@ HARMLESS_KWARGS: dict[str, str] = {
     "max_length_q": "a kernel hint derived from cu_seq_lens_q (which is honoured)",
     "max_length_k": "a kernel hint derived from cu_seq_lens_k (which is honoured)",
     "sliding_window": "the window is already in the mask transformers builds",
+    "deterministic": "asks flash-attn for a reproducible backward; not part of the result",
 }
 
 # How many calls went which way (for tests and for users who want to check a model really runs

@@ -239,6 +239,19 @@ def test_t5_position_bias_logits_generation_and_report():
     _same_generation(original, patched, ids, mask, max_new_tokens=5)
 
 
+def test_t5_training_grads_through_position_bias():
+    original, patched, _ = _pair(_t5(dropout_rate=0.0))
+    ids = torch.randint(3, V, (2, 8))
+    labels = torch.randint(3, V, (2, 5))
+    for m in (original, patched):
+        m.train().zero_grad()
+        m(input_ids=ids, labels=labels).loss.backward()
+    bias = "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"
+    assert patched.get_parameter(bias).grad.abs().max() > 0
+    for p, q in zip(original.parameters(), patched.parameters(), strict=True):
+        _close(q.grad, p.grad)
+
+
 def test_t5_from_config_attn_implementation():
     assert hf.register()
     original = _t5().eval()

@@ -11,20 +11,37 @@ What is replaced (each kind can be switched off):
   above, a functional GELU activation (``activation="gelu"``) becomes a :class:`fastattn.nn.GELU`
   module, and PyTorch's inference fast paths (which call fused ATen kernels with the raw weights
   and would bypass the patched modules) are switched off for the patched layers.
-- Hugging Face transformers models: attention through transformers' attention registry
-  (``model.set_attn_implementation("fastattn")``), and the GELU activation classes
-  (``GELUActivation``, ``NewGELUActivation`` / ``GELUTanh`` (GPT-2's tanh GELU),
-  ``FastGELUActivation``) replaced by :class:`fastattn.nn.GELU` of the matching approximation.
+- Hugging Face transformers models: attention through transformers' attention registry: the
+  ``"fastattn"`` implementation (:mod:`fastattn.integrations.transformers`) is set on every
+  config the model's modules read (``model.config``, its sub-configs, and the deep copies that
+  encoder / decoder stacks such as T5's keep), then every module that looks its attention
+  function up in the registry is checked to read ``"fastattn"`` and listed. The GELU activation
+  classes (``GELUActivation``, ``NewGELUActivation`` / ``GELUTanh`` (GPT-2's tanh GELU),
+  ``FastGELUActivation``) are replaced by :class:`fastattn.nn.GELU` of the matching
+  approximation.
 
-Anything fastattn cannot run with the same meaning (e.g. an activation with another formula, an
-attention configured with ``add_bias_kv``) is left alone and listed in the report with the
-reason. Applying ``patch`` twice changes nothing more; :func:`unpatch` restores plain modules
-with the same weights.
+The meaning never changes: a swapped module computes what the original computed (the fastattn
+classes send every argument they cannot run fused to torch's own implementation), and the
+transformers attention function gives each argument transformers passes the meaning SDPA / eager
+gives it, routing it to a :func:`fastattn.attention` argument, or refusing it with a
+``ValueError`` (see :mod:`fastattn.integrations.transformers`). What is fused is a matter of
+speed, and the report says it: each attention layer's entry lists its call paths (plain forward,
+sliding-window prefill, position-bias training, other masks, ``output_attentions``) with the
+backend :func:`fastattn._dispatch.plan` picks on the model's device and why faster ones were
+skipped. Anything fastattn cannot run with the same meaning (e.g. an activation with another
+formula, an attention configured with ``add_bias_kv``, a model without an attention registry) is
+left alone and listed in the report with the reason. The report is a list of
+:class:`PatchEntry` (layer, kind, action, before, after, reason, runtime notes), so more kinds
+of layers can be added. Applying ``patch`` twice changes nothing more; :func:`unpatch` restores
+plain modules with the same weights and every config's former attention implementation.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import functools
+import inspect
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch.nn.functional as F
 from torch import nn
@@ -33,20 +50,92 @@ _SAVED = "_fastattn_saved"  # per-module record of what patch() changed, for unp
 
 
 @dataclass
-class PatchReport:
-    """What :func:`patch` / :func:`unpatch` did: ``replaced`` and ``left`` (with the reason)."""
+class PatchEntry:
+    """One line of a :class:`PatchReport`: what happened to one layer (or config) and why.
 
-    replaced: list[tuple[str, str, str]] = field(default_factory=list)  # (name, from, to)
-    left: list[tuple[str, str, str]] = field(default_factory=list)  # (name, type, why)
+    ``runtime`` lists, for a replaced attention layer, the call paths and the backend that will
+    serve each (from :func:`fastattn._dispatch.plan`), e.g. "sliding-window prefill: reference
+    (sliding window (not served by the cpu kernel))".
+    """
+
+    name: str  # module path in the model ("" = the model itself)
+    kind: str  # "layer_norm", "gelu", "multihead_attention", "attention", "config", ...
+    action: str  # "replaced", "left", "unchanged" (already patched), "restored" (unpatch)
+    before: str  # what it was (class, or attn_implementation)
+    after: str = ""  # what it is now
+    reason: str = ""  # why it was left, or what was done
+    runtime: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:
-        lines = [f"replaced {len(self.replaced)} module(s), left {len(self.left)}"]
-        lines += [f"  {n or '<model>'}: {a} -> {b}" for n, a, b in self.replaced]
-        lines += [f"  left {n or '<model>'} ({t}): {why}" for n, t, why in self.left]
-        return "\n".join(lines)
+        name = self.name or "<model>"
+        if self.action == "left":
+            text = f"  left {name} ({self.before}): {self.reason}"
+        elif self.action == "unchanged":
+            text = f"  unchanged {name}: already {self.after}"
+        else:
+            text = f"  {name}: {self.before} -> {self.after}"
+            if self.reason:
+                text += f" ({self.reason})"
+        return "\n".join([text] + [f"      {note}" for note in self.runtime])
+
+
+@dataclass
+class PatchReport:
+    """What :func:`patch` / :func:`unpatch` did: one :class:`PatchEntry` per layer or config.
+
+    ``replaced`` / ``left`` are the (name, from, to) / (name, type, why) views of the entries;
+    ``fallbacks`` lists the call paths that will not run on a fastattn kernel.
+    """
+
+    entries: list[PatchEntry] = field(default_factory=list)
+
+    def add(
+        self, name: str, kind: str, action: str, before: str, after: str = "", **kw: Any
+    ) -> PatchEntry:
+        entry = PatchEntry(name, kind, action, before, after, **kw)
+        self.entries.append(entry)
+        return entry
+
+    @property
+    def replaced(self) -> list[tuple[str, str, str]]:
+        return [
+            (e.name, e.before, e.after)
+            for e in self.entries
+            if e.action in ("replaced", "restored")
+        ]
+
+    @property
+    def left(self) -> list[tuple[str, str, str]]:
+        return [(e.name, e.before, e.reason) for e in self.entries if e.action == "left"]
+
+    @property
+    def fallbacks(self) -> list[tuple[str, str]]:
+        """(layer, call path) for every call path that runs off the fused kernels."""
+        return [(e.name, n) for e in self.entries for n in e.runtime if _FALLS_BACK in n]
+
+    def layers(self, kind: str | None = None, action: str | None = None) -> list[PatchEntry]:
+        return [
+            e
+            for e in self.entries
+            if (kind is None or e.kind == kind) and (action is None or e.action == action)
+        ]
 
     def count(self, to: str) -> int:
         return sum(1 for _, _, b in self.replaced if b == to)
+
+    def __str__(self) -> str:
+        done = [e for e in self.entries if e.action in ("replaced", "restored")]
+        left = [e for e in self.entries if e.action == "left"]
+        lines = [f"replaced {len(done)} module(s), left {len(left)}"]
+        fb = self.fallbacks
+        if fb:
+            lines[0] += f"; {len(fb)} call path(s) fall back to a slower implementation"
+        lines += [str(e) for e in self.entries if e.action != "left"]
+        lines += [str(e) for e in left]
+        return "\n".join(lines)
+
+
+_FALLS_BACK = "falls back"
 
 
 def _hf_gelu_classes() -> dict[type, str]:
@@ -103,18 +192,26 @@ def patch(
         kind = type(module)
         if layer_norm and kind is nn.LayerNorm:
             _swap_class(module, fnn.LayerNorm)
-            report.replaced.append((name, "torch.nn.LayerNorm", "fastattn.nn.LayerNorm"))
+            report.add(
+                name, "layer_norm", "replaced", "torch.nn.LayerNorm", "fastattn.nn.LayerNorm"
+            )
         elif gelu and kind is nn.GELU:
             _swap_class(module, fnn.GELU)
-            report.replaced.append((name, "torch.nn.GELU", "fastattn.nn.GELU"))
+            report.add(name, "gelu", "replaced", "torch.nn.GELU", "fastattn.nn.GELU")
         elif attention and kind is nn.MultiheadAttention:
             why = _mha_unsupported(module)
             if why:
-                report.left.append((name, "torch.nn.MultiheadAttention", why))
+                report.add(
+                    name, "multihead_attention", "left", "torch.nn.MultiheadAttention", reason=why
+                )
             else:
                 _swap_class(module, fnn.MultiheadAttention)
-                report.replaced.append(
-                    (name, "torch.nn.MultiheadAttention", "fastattn.nn.MultiheadAttention")
+                report.add(
+                    name,
+                    "multihead_attention",
+                    "replaced",
+                    "torch.nn.MultiheadAttention",
+                    "fastattn.nn.MultiheadAttention",
                 )
         elif kind in hf_gelus:
             approx = hf_gelus[kind]
@@ -122,16 +219,16 @@ def patch(
             new = fnn.GELU(approximate=approx)
             new.__dict__[_SAVED] = {"__module__": module}
             setattr(parent, attr, new)
-            report.replaced.append((name, kind.__name__, f"fastattn.nn.GELU({approx!r})"))
+            report.add(name, "gelu", "replaced", kind.__name__, f"fastattn.nn.GELU({approx!r})")
         elif type(module).__name__ in ("QuickGELUActivation", "ClippedGELUActivation"):
-            report.left.append((name, kind.__name__, "a different formula from GELU"))
+            report.add(name, "gelu", "left", kind.__name__, reason="a different formula from GELU")
 
         if isinstance(module, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)):
             saved = module.__dict__.setdefault(_SAVED, {})
             if gelu and module.activation is F.gelu:
                 saved.setdefault("activation", module.activation)
                 module.activation = fnn.GELU()
-                report.replaced.append((f"{name}.activation", "F.gelu", "fastattn.nn.GELU"))
+                report.add(f"{name}.activation", "gelu", "replaced", "F.gelu", "fastattn.nn.GELU")
             if getattr(module, "activation_relu_or_gelu", 0):
                 # The inference fast path calls torch._transformer_encoder_layer_fwd with the
                 # raw weights, bypassing the (patched) sub-modules: switch it off here.
@@ -148,28 +245,178 @@ def patch(
     return report
 
 
+# ----------------------------------------------------------------------------- transformers
+@functools.cache
+def _calls_attention_registry(cls: type) -> bool:
+    """Whether ``cls.forward`` looks its attention function up in transformers' registry."""
+    try:
+        src = inspect.getsource(cls.forward)
+    except (OSError, TypeError):
+        return False
+    return "ALL_ATTENTION_FUNCTIONS" in src
+
+
+@functools.cache
+def _forward_source(cls: type) -> str:
+    try:
+        return inspect.getsource(cls.forward)
+    except (OSError, TypeError):
+        return ""
+
+
+def _hf_configs(model: nn.Module) -> list[Any]:
+    """Every distinct transformers config the model's modules read (module.config, the nested
+    copies of encoder/decoder stacks, and their sub-configs)."""
+    from transformers import PretrainedConfig
+
+    found: dict[int, Any] = {}
+    todo = [getattr(m, "config", None) for m in model.modules()]
+    while todo:
+        cfg = todo.pop()
+        if not isinstance(cfg, PretrainedConfig) or id(cfg) in found:
+            continue
+        found[id(cfg)] = cfg
+        todo += [getattr(cfg, key, None) for key in getattr(cfg, "sub_configs", {})]
+    return list(found.values())
+
+
+def _set_impl(config: Any, value: str | None) -> None:
+    # The internal attribute, not the property: the property also rewrites the sub-configs,
+    # and unpatch must restore each config to exactly its own former value.
+    if hasattr(config, "_attn_implementation_internal"):
+        config._attn_implementation_internal = value
+    else:  # pragma: no cover - other transformers versions
+        config._attn_implementation = value
+
+
 def _patch_hf_attention(model: nn.Module, report: PatchReport) -> None:
-    config = getattr(model, "config", None)
-    setter = getattr(model, "set_attn_implementation", None)
-    if config is None or setter is None:
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:
+        return
+    if not any(isinstance(m, PreTrainedModel) for m in model.modules()):
         return
     from fastattn.integrations import transformers as hf
 
-    current = getattr(config, "_attn_implementation", None)
-    if current == hf.NAME:
+    hf.register()
+    layers = [(n, m) for n, m in model.named_modules() if _calls_attention_registry(type(m))]
+    if not layers:
+        report.add(
+            "",
+            "attention",
+            "left",
+            type(model).__name__,
+            reason="no module calls transformers' AttentionInterface; attention left as it is",
+        )
         return
-    if not hf.register():
-        return
-    try:
-        setter(hf.NAME)
-    except Exception as e:  # the model does not use transformers' attention registry
-        report.left.append(("", type(model).__name__, f"attention not switchable: {e}"))
-        return
-    if getattr(config, "_attn_implementation", None) != hf.NAME:
-        report.left.append(("", type(model).__name__, "model does not use AttentionInterface"))
-        return
-    model.__dict__.setdefault(_SAVED, {}).setdefault("attn_implementation", current)
-    report.replaced.append(("", f"attn_implementation={current!r}", f"{hf.NAME!r}"))
+    configs = _hf_configs(model)
+    old = {id(c): c._attn_implementation for c in configs}
+    setter = getattr(model, "set_attn_implementation", None)
+    if setter is not None and model.config._attn_implementation != hf.NAME:
+        try:  # transformers' own checks (and whatever a model does on a switch)
+            setter(hf.NAME)
+        except Exception as e:
+            for c in configs:  # undo a partial switch
+                _set_impl(c, old[id(c)])
+            report.add("", "attention", "left", type(model).__name__, reason=f"not switchable: {e}")
+            return
+    # Every config any module reads: T5's encoder/decoder stacks keep their own deep copies.
+    saved = model.__dict__.setdefault(_SAVED, {}).setdefault("attn_configs", [])
+    for c in configs:
+        if c._attn_implementation != hf.NAME:
+            _set_impl(c, hf.NAME)
+        if old[id(c)] != hf.NAME:
+            saved.append((c, old[id(c)]))
+    for name, module in layers:
+        cfg = getattr(module, "config", None)
+        impl = getattr(cfg, "_attn_implementation", None)
+        if impl != hf.NAME:
+            report.add(
+                name,
+                "attention",
+                "left",
+                type(module).__name__,
+                reason=f"reads attn_implementation {impl!r} from a place patch() cannot reach",
+            )
+            continue
+        before = old.get(id(cfg), hf.NAME)
+        entry = report.add(
+            name,
+            "attention",
+            "replaced" if before != hf.NAME else "unchanged",
+            f"{type(module).__name__}[{before}]",
+            f"{type(module).__name__}[{hf.NAME}]",
+        )
+        entry.runtime = _attention_runtime(model, module, cfg)
+
+
+def _attention_runtime(model: nn.Module, module: nn.Module, cfg: Any) -> list[str]:
+    """Which backend serves each call path of this attention layer, and why not a kernel."""
+    from fastattn import _dispatch
+    from fastattn.ops.attention import AttentionCase
+
+    param = next(module.parameters(), None)
+    if param is None:
+        param = next(model.parameters(), None)
+    device_type = param.device.type if param is not None else "cpu"
+    dtype = param.dtype if param is not None else None
+    heads = getattr(cfg, "num_attention_heads", None) or getattr(cfg, "num_heads", None)
+    head_dim = getattr(module, "head_dim", None) or getattr(module, "key_value_proj_dim", None)
+    if head_dim is None and heads:
+        head_dim = getattr(cfg, "hidden_size", 0) // heads or None
+    src = _forward_source(type(module))
+    window = getattr(module, "sliding_window", None)
+    if window is None and "sliding_window" in src and "self.sliding_window" not in src:
+        window = getattr(cfg, "sliding_window", None)
+    softcap = getattr(module, "attn_logit_softcapping", None)
+    if softcap is None and "softcap" in src:
+        softcap = getattr(cfg, "attn_logit_softcapping", None)
+    bias = "position_bias" in src
+    causal = bool(getattr(module, "is_causal", False))
+    t = 64 if not window else int(window) * 2
+    base = AttentionCase(
+        device_type=device_type,
+        dtype=dtype,
+        head_dim=int(head_dim or 64),
+        q_len=t,
+        kv_len=t,
+        causal=causal,
+        window=False,
+        top_left=False,
+        softcap=bool(softcap),
+        bias=bias,
+        bias_grad=False,
+        dropout=False,
+        key_padding_mask=True,
+    )
+
+    def plan(case: AttentionCase) -> str:
+        try:
+            backend, skipped = _dispatch.plan("attention", device_type, case)
+        except _dispatch.BackendError as e:
+            return f"raises: {e}"
+        if backend == "reference" and skipped:
+            why = "; ".join(f"{b} skipped: {w}" for b, w in skipped)
+            return f"reference ({_FALLS_BACK}; {why})"
+        return backend
+
+    what = ("causal" if causal else "full") + " attention, padding"
+    if softcap:
+        what += f", softcap {softcap}"
+    if bias:
+        what += ", position bias (none if all zero, e.g. T5's cross-attention)"
+    notes = [f"{what}: {plan(base)}"]
+    if window:
+        notes.append(
+            f"mask cutting the sliding window ({window}): {plan(replace(base, window=True))}"
+        )
+    if bias:
+        notes.append(f"training (position-bias gradient): {plan(replace(base, bias_grad=True))}")
+    notes.append(f"packed sequences / other bool masks: {plan(replace(base, bias=True))}")
+    notes.append(
+        f"output_attentions=True: plain PyTorch ({_FALLS_BACK}; the weights are materialised)"
+    )
+    return notes
 
 
 def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
@@ -178,7 +425,8 @@ def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
 
 
 def unpatch(model: nn.Module) -> PatchReport:
-    """Undo :func:`patch`: plain torch / transformers modules with the same weights."""
+    """Undo :func:`patch`: plain torch / transformers modules with the same weights, and every
+    transformers config's attention implementation as it was."""
     report = PatchReport()
     for name, module in list(model.named_modules()):
         saved = module.__dict__.pop(_SAVED, None)
@@ -187,12 +435,18 @@ def unpatch(model: nn.Module) -> PatchReport:
         if "__module__" in saved:  # a replaced Hugging Face activation
             parent, attr = _parent(model, name)
             setattr(parent, attr, saved["__module__"])
-            report.replaced.append(
-                (name, type(module).__name__, type(saved["__module__"]).__name__)
+            report.add(
+                name,
+                "gelu",
+                "restored",
+                type(module).__name__,
+                type(saved["__module__"]).__name__,
             )
             continue
         if "__class__" in saved:
-            report.replaced.append((name, type(module).__name__, saved["__class__"].__name__))
+            report.add(
+                name, "module", "restored", type(module).__name__, saved["__class__"].__name__
+            )
             module.__class__ = saved["__class__"]
         if "activation" in saved:
             del module.activation  # the registered fastattn.nn.GELU sub-module
@@ -200,9 +454,14 @@ def unpatch(model: nn.Module) -> PatchReport:
         for attr in ("activation_relu_or_gelu", "use_nested_tensor"):
             if attr in saved:
                 setattr(module, attr, saved[attr])
-        if "attn_implementation" in saved:
-            module.set_attn_implementation(saved["attn_implementation"])
-            report.replaced.append(
-                ("", "fastattn", f"attn_implementation={saved['attn_implementation']!r}")
+        for config, impl in saved.get("attn_configs", ()):
+            before = config._attn_implementation
+            _set_impl(config, impl)
+            report.add(
+                name,
+                "config",
+                "restored",
+                f"{type(config).__name__}.attn_implementation={before!r}",
+                repr(impl),
             )
     return report

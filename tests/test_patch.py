@@ -133,6 +133,24 @@ def test_unsupported_mha_is_left_alone():
     assert report.left and "add_bias_kv" in report.left[0][2]
 
 
+def test_report_entries():
+    model = nn.Sequential(nn.LayerNorm(8), nn.GELU())
+    model.add_module("attn", nn.MultiheadAttention(8, 2, add_bias_kv=True))
+    report = fastattn.patch(model)
+    kinds = [(e.name, e.kind, e.action) for e in report.entries]
+    assert kinds == [
+        ("0", "layer_norm", "replaced"),
+        ("1", "gelu", "replaced"),
+        ("attn", "multihead_attention", "left"),
+    ]
+    assert report.layers(action="left")[0].reason.startswith("add_bias_kv")
+    text = str(report)
+    assert text.splitlines()[0] == "replaced 2 module(s), left 1"
+    assert "0: torch.nn.LayerNorm -> fastattn.nn.LayerNorm" in text
+    undo = fastattn.unpatch(model)
+    assert {e.action for e in undo.entries} == {"restored"}
+
+
 def test_import_does_not_need_transformers():
     code = "import sys, fastattn; fastattn.patch; assert 'transformers' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
@@ -216,7 +234,46 @@ def test_hf_gpt2_training_and_generation():
 def test_hf_unpatch_restores_attention():
     model = _gpt2()
     before = model.config._attn_implementation
-    fastattn.patch(model)
-    fastattn.unpatch(model)
+    report = fastattn.patch(model)
+    layers = report.layers("attention", "replaced")
+    assert [e.name for e in layers] == ["transformer.h.0.attn", "transformer.h.1.attn"]
+    assert all(e.after == "GPT2Attention[fastattn]" for e in layers)
+    # each layer says which backend serves its plain forward (causal + padding) here
+    assert all(e.runtime[0].startswith("causal attention, padding: ") for e in layers)
+    assert not fastattn.patch(model).layers("attention", "replaced")  # idempotent
+    undo = fastattn.unpatch(model)
     assert model.config._attn_implementation == before
+    assert any(e.kind == "config" and e.after == repr(before) for e in undo.entries)
     assert type(model.transformer.h[0].mlp.act).__name__ != "GELU"
+
+
+def test_hf_t5_nested_configs_switched_and_restored():
+    torch.manual_seed(0)
+    cfg = transformers.T5Config(
+        vocab_size=50, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=4
+    )
+    model = transformers.T5Model(cfg)
+    configs = [model.config, model.encoder.config, model.decoder.config]
+    assert len({id(c) for c in configs}) == 3  # the stacks keep their own copies
+    before = [c._attn_implementation for c in configs]
+    fastattn.patch(model)
+    assert [c._attn_implementation for c in configs] == ["fastattn"] * 3
+    fastattn.unpatch(model)
+    assert [c._attn_implementation for c in configs] == before
+
+
+def test_hf_model_without_attention_registry_is_reported_left():
+    class Tiny(transformers.PreTrainedModel):
+        config_class = transformers.PretrainedConfig
+
+        def __init__(self, config):
+            super().__init__(config)
+            self.lin = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.lin(x)
+
+    model = Tiny(transformers.PretrainedConfig())
+    report = fastattn.patch(model)
+    assert report.left and "AttentionInterface" in report.left[0][2]
+    assert model.config._attn_implementation != "fastattn"

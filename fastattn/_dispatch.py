@@ -332,8 +332,16 @@ def plan(
     """Which backend would serve ``op`` for ``case`` on ``device_type``, without running it:
     ``(backend, [(skipped backend, why), ...])``. ``backend`` defaults to the one in force.
     Raises :class:`BackendError` where a call would (an explicit backend that cannot serve it)."""
-    decl = OPS[op]
     chosen = get_backend() if backend is None else _check_name(backend)
+    return _plan(op, device_type, case, chosen)
+
+
+@functools.lru_cache(maxsize=4096)
+def _plan(op: str, device_type: str, case: Any, chosen: str) -> tuple[str, list[tuple[str, str]]]:
+    """:func:`plan` for a named choice. Cached: cases are frozen dataclasses, and nothing it
+    reads changes while the process runs (availability is cached too), so a call's dispatch
+    costs one dict lookup."""
+    decl = OPS[op]
     if chosen != "auto":
         why = _why_not(decl, chosen, device_type, case)
         if why is not None:

@@ -105,8 +105,14 @@ def test_triton_layer_norm_non_contiguous():
 
 
 def test_triton_layer_norm_unsupported_row_length():
-    from fastattn.triton.layernorm import TRITON
+    from fastattn import _dispatch
+    from fastattn.ops.layernorm import LayerNormCase
 
-    assert "65536" in TRITON.unsupported(dtype=torch.float32, cols=70000)
-    assert TRITON.unsupported(dtype=torch.float32, cols=65536) is None
-    assert "float64" in TRITON.unsupported(dtype=torch.float64, cols=8)
+    def plan(dtype, cols):
+        return _dispatch.plan("layer_norm", "cpu", LayerNormCase("cpu", dtype, cols), "triton")
+
+    with pytest.raises(fastattn.BackendError, match="row length 70000 > 65536"):
+        plan(torch.float32, 70000)
+    assert plan(torch.float32, 65536) == ("triton", [])
+    with pytest.raises(fastattn.BackendError, match="dtype torch.float64"):
+        plan(torch.float64, 8)

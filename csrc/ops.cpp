@@ -10,12 +10,21 @@
 // Contracts shared by every backend (cpu here, cuda in csrc/cuda/bindings.cpp, triton in
 // fastattn/triton/<op>.py, reference in fastattn/ops/<op>.py):
 //
-// layer_norm_fwd(x[N,M], weight?[M], bias?[M], residual?[N,M], eps)
-//     -> (out[N,M], sum[N,M] or [0] without residual, mean[N], rstd[N]: fp64 for fp64 x, else fp32)
-//     sum = x + residual (in x's dtype), out = (sum - mean) * rstd * weight + bias.
+// layer_norm_fwd(x[N,M], weight?[M], bias?[M], residual?[N,M], eps, out_dtype?, dropout_p, seed)
+//     -> (out[N,M], sum[N,M] or [0] without residual and dropout, mean[N], rstd[N]: fp64 for
+//         fp64 x, else fp32)
+//     sum = dropout(x) + residual, in promote(x, residual)'s dtype (x's without a residual);
+//     out = (sum - mean) * rstd * weight + bias, in out_dtype (default: sum's dtype). x and
+//     residual may be float32 / bfloat16 in any mix (an autocast sublayer output added to a
+//     float32 residual stream); float64 only unmixed. Dropout: row dropout of
+//     csrc/cpu/philox.h (Philox4x32-10 keyed by seed; fastattn/ops/layernorm.py has the
+//     reference mask), kept values scaled by 1/(1-p).
 // layer_norm_bwd(dout[N,M], x[N,M] (the normalised input, i.e. sum), weight?, mean, rstd,
-//                dsum?[N,M], need_weight_grad, need_bias_grad)
-//     -> (dx[N,M] (+ dsum when given), dweight[M] or [0], dbias[M] or [0])
+//                dsum?[N,M], need_weight_grad, need_bias_grad, need_ds, x_dtype?, dropout_p,
+//                seed)
+//     -> (ds[N,M] (+ dsum when given) or [0] without need_ds, dx[N,M] in x_dtype (ds through
+//         the dropout mask) or [0] when need_ds and it would equal ds, dweight[M] or [0],
+//         dbias[M] or [0]); dout may have any float32 / bfloat16 dtype.
 // attention_fwd(q[B,Hq,Tq,D], k[B,Hkv,Tk,D], v[B,Hkv,Tk,D], key_padding_mask?[B,Tk] bool
 //               (True = padding, ignored: torch.nn.MultiheadAttention's meaning), causal,
 //               scale, dropout_p, seed, offset)
@@ -57,11 +66,12 @@ static const bool kWithCuda = false;
 
 TORCH_LIBRARY(fastattn_C, m) {
   m.def(
-      "layer_norm_fwd(Tensor x, Tensor? weight, Tensor? bias, Tensor? residual, float eps)"
-      " -> (Tensor, Tensor, Tensor, Tensor)");
+      "layer_norm_fwd(Tensor x, Tensor? weight, Tensor? bias, Tensor? residual, float eps,"
+      " ScalarType? out_dtype, float dropout_p, int seed) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "layer_norm_bwd(Tensor dout, Tensor x, Tensor? weight, Tensor mean, Tensor rstd,"
-      " Tensor? dsum, bool need_weight_grad, bool need_bias_grad) -> (Tensor, Tensor, Tensor)");
+      " Tensor? dsum, bool need_weight_grad, bool need_bias_grad, bool need_ds,"
+      " ScalarType? x_dtype, float dropout_p, int seed) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, bool causal,"
       " float scale, float dropout_p, int seed, int offset) -> (Tensor, Tensor)");

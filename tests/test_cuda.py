@@ -46,7 +46,7 @@ def test_layer_norm(dtype, shape, affine, residual):
     w = _rand(M, dtype=torch.float32) if affine else None
     b = _rand(M, dtype=torch.float32) if affine else None
     eps = 1e-5
-    out, s, mean, rstd = OPS.layer_norm_fwd(x, w, b, res, eps)
+    out, s, mean, rstd = OPS.layer_norm_fwd(x, w, b, res, eps, None, 0.0, 0)
     # Reference from the rounded sum the kernel returns (the contract: sum in x's dtype).
     s_in = s if residual else x
     if residual:
@@ -68,7 +68,9 @@ def test_layer_norm(dtype, shape, affine, residual):
 
     dout = _rand(N, M, dtype=dtype)
     dsum = _rand(N, M, dtype=dtype) if residual else None
-    dx, dw, db = OPS.layer_norm_bwd(dout, s_in, w, mean, rstd, dsum, affine, affine)
+    _, dx, dw, db = OPS.layer_norm_bwd(
+        dout, s_in, w, mean, rstd, dsum, affine, affine, False, None, 0.0, 0
+    )
     gr = torch.autograd.grad(ref, [t for t in (s64, w64r, b64r) if t is not None], dout.double())
     gx = torch.autograd.grad(tx, [t for t in (sx, wx, bx) if t is not None], dout)
     dx_ref = gr[0] + (dsum.double() if residual else 0)
@@ -84,11 +86,11 @@ def test_layer_norm(dtype, shape, affine, residual):
 def test_layer_norm_rejects_bad_input():
     x = torch.randn(4, 8, device="cuda")
     with pytest.raises(RuntimeError, match="float32, float16 or bfloat16"):
-        OPS.layer_norm_fwd(x.double(), None, None, None, 1e-5)
+        OPS.layer_norm_fwd(x.double(), None, None, None, 1e-5, None, 0.0, 0)
     with pytest.raises(RuntimeError, match="shape"):
-        OPS.layer_norm_fwd(x, torch.ones(7, device="cuda"), None, None, 1e-5)
+        OPS.layer_norm_fwd(x, torch.ones(7, device="cuda"), None, None, 1e-5, None, 0.0, 0)
     with pytest.raises(RuntimeError, match="CUDA"):
-        OPS.layer_norm_fwd(x, torch.ones(8), None, None, 1e-5)
+        OPS.layer_norm_fwd(x, torch.ones(8), None, None, 1e-5, None, 0.0, 0)
 
 
 # ---------------------------------------------------------------- bias + GELU

@@ -180,12 +180,17 @@ def test_opcheck():
 
     x, w, b = _inputs((5,), (37,), torch.float32)
     r = torch.randn_like(x)
-    torch.library.opcheck(ln.layer_norm_fwd, (x, w, b, None, 1e-5))
-    torch.library.opcheck(ln.layer_norm_fwd, (x.requires_grad_(), w, b, r, 1e-5))
-    out = ln.layer_norm_fwd(x.detach(), w, b, None, 1e-5)
+    torch.library.opcheck(ln.layer_norm_fwd, (x, w, b, None, 1e-5, None, 0.0, 0))
+    torch.library.opcheck(ln.layer_norm_fwd, (x.requires_grad_(), w, b, r, 1e-5, None, 0.0, 0))
+    # mixed dtypes, a bfloat16 output and row dropout (the fused residual path of the GPT)
+    xb = x.detach().bfloat16().requires_grad_()
+    rr = r.clone().requires_grad_()
+    torch.library.opcheck(ln.layer_norm_fwd, (xb, w, b, rr, 1e-5, torch.bfloat16, 0.25, 1234))
+    out = ln.layer_norm_fwd(x.detach(), w, b, None, 1e-5, None, 0.0, 0)
     torch.library.opcheck(
         ln.layer_norm_bwd,
-        (torch.randn_like(x), x.detach(), w, out[2], out[3], None, True, True, "auto"),
+        (torch.randn_like(x), x.detach(), w, out[2], out[3], None, True, True, False, None, 0.0, 0,
+         "auto"),  # fmt: skip
     )
 
 
@@ -271,12 +276,12 @@ BAD = [
     (
         lambda: fastattn.add_layer_norm(torch.randn(3, 5), torch.randn(3, 4), (5,)),
         ValueError,
-        "residual must match",
+        "residual must have the input's shape",
     ),
     (
         lambda: fastattn.add_layer_norm(torch.randn(3, 5), torch.randn(3, 5).double(), (5,)),
-        ValueError,
-        "residual must match",
+        TypeError,
+        "float64 is not mixed",
     ),
     (lambda: fastattn.set_backend("gpu"), ValueError, "unknown backend"),
 ]
@@ -294,13 +299,13 @@ def test_kernel_op_checks_its_inputs():
         pytest.skip("extension not built")
     op = torch.ops.fastattn_C.layer_norm_fwd
     with pytest.raises(RuntimeError, match="must be 2-D"):
-        op(torch.randn(3), None, None, None, 1e-5)
+        op(torch.randn(3), None, None, None, 1e-5, None, 0.0, 0)
     with pytest.raises(RuntimeError, match="weight must have shape"):
-        op(torch.randn(3, 4), torch.randn(5), None, None, 1e-5)
+        op(torch.randn(3, 4), torch.randn(5), None, None, 1e-5, None, 0.0, 0)
     with pytest.raises(RuntimeError, match="float32, bfloat16 or float64"):
-        op(torch.randn(3, 4).half(), None, None, None, 1e-5)
+        op(torch.randn(3, 4).half(), None, None, None, 1e-5, None, 0.0, 0)
     with pytest.raises(RuntimeError, match="residual must have shape"):
-        op(torch.randn(3, 4), None, None, torch.randn(4, 3), 1e-5)
+        op(torch.randn(3, 4), None, None, torch.randn(4, 3), 1e-5, None, 0.0, 0)
 
 
 def test_explicit_backend_refuses_unsupported_case():
@@ -313,3 +318,91 @@ def test_explicit_backend_refuses_unsupported_case():
     out = fastattn.layer_norm(x, (8,))
     assert fastattn.last_backend("layer_norm") == "reference"
     torch.testing.assert_close(out, F.layer_norm(x.float(), (8,)).half(), rtol=1e-3, atol=1e-3)
+
+
+# ------------------------------------------------------------ mixed dtypes and fused dropout
+# The GPT's residual path under autocast: s = dropout(x) + residual with x a bfloat16 sublayer
+# output and residual the float32 stream, the normalised output written in bfloat16 for the
+# next matmul. Compared with torch doing the same steps (mask from the contract's Philox).
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize(
+    "xdt,rdt,odt",
+    [
+        (torch.bfloat16, torch.float32, torch.bfloat16),
+        (torch.bfloat16, torch.float32, None),
+        (torch.float32, torch.float32, torch.bfloat16),
+        (torch.bfloat16, torch.bfloat16, torch.float32),
+        (torch.float32, None, None),
+        (torch.bfloat16, None, torch.float32),
+    ],
+)
+@pytest.mark.parametrize("p", [0.0, 0.3])
+@pytest.mark.parametrize("rows,m", [(1, 1), (7, 37), (13, 64), (5, 100), (3, 384)])
+def test_add_layer_norm_mixed_dropout(backend, xdt, rdt, odt, p, rows, m):
+    from fastattn.ops.attention import _draw_seed
+    from fastattn.ops.layernorm import row_dropout_keep
+
+    if rdt is None and p == 0.0:
+        pytest.skip("no residual and no dropout: plain layer_norm")
+    x = (torch.randn(rows, m) * 2).to(xdt)
+    r = (torch.randn(rows, m) + 1).to(rdt) if rdt is not None else None
+    w, b = torch.randn(m), torch.randn(m)
+    sdt = torch.promote_types(xdt, rdt) if rdt is not None else xdt
+    dout = torch.randn(rows, m).to(odt or sdt)
+    dsum = torch.randn(rows, m).to(sdt)
+    torch.manual_seed(1234)
+    seed = _draw_seed()
+    keep = row_dropout_keep(seed, rows, m, p) if p > 0 else torch.ones(rows, m, dtype=torch.bool)
+
+    def run(fn, dt=None):
+        leaves = [
+            t.detach().to(dt or t.dtype).requires_grad_() if t is not None else None
+            for t in (x, r, w, b)
+        ]
+        out, s = fn(*leaves)
+        live = [t for t in leaves if t is not None]
+        cast = (lambda t: t.to(dt)) if dt else (lambda t: t.to(out.dtype))
+        grads = torch.autograd.grad((out, s), live, (cast(dout), dsum.to(s.dtype)))
+        return out.detach(), s.detach(), grads
+
+    def by_hand(x, r, w, b, out_dtype=odt):
+        s = x * keep.to(x.dtype) / (1 - p) if p > 0 else x
+        s = s + r if r is not None else s
+        out = F.layer_norm(s, (m,), w, b)
+        return (out.to(out_dtype) if out_dtype is not None else out), s
+
+    torch.manual_seed(1234)
+    with fastattn.use_backend(backend):
+        out, s, grads = run(
+            lambda x, r, w, b: fastattn.add_layer_norm(x, r, (m,), w, b, dropout_p=p, out_dtype=odt)
+        )
+    assert out.dtype == (odt or sdt) and s.dtype == sdt
+    t = run(by_hand)
+    ref = run(lambda x, r, w, b: by_hand(x, r, w, b, None), torch.float64)
+    assert_rule("out", out, t[0], ref[0])
+    assert_rule("sum", s, t[1], ref[1])
+    if p > 0 and rdt is None:  # the kept elements are exactly those of the contract's mask
+        assert torch.equal(s != 0, keep & (x != 0))
+    names = ("dx", "dres", "dw", "db") if r is not None else ("dx", "dw", "db")
+    for name, g, tg, rg in zip(names, grads, t[2], ref[2], strict=True):
+        assert g.dtype == tg.dtype, name
+        assert_rule(name, g, tg, rg)
+
+
+def test_row_dropout_mask_statistics():
+    # The contract's mask keeps ~(1 - p) of the elements, differently per seed and per row.
+    from fastattn.ops.layernorm import row_dropout_keep
+
+    a, b = row_dropout_keep(1, 64, 384, 0.2), row_dropout_keep(2, 64, 384, 0.2)
+    assert abs(a.float().mean().item() - 0.8) < 0.01
+    assert not torch.equal(a, b) and not torch.equal(a[0], a[1])
+
+
+def test_add_layer_norm_bad_dropout_and_dtype():
+    x = torch.randn(3, 8)
+    with pytest.raises(ValueError, match=r"dropout_p must be in \[0, 1\)"):
+        fastattn.add_layer_norm(x, x, (8,), dropout_p=1.0)
+    with pytest.raises(TypeError, match="float64 is not mixed"):
+        fastattn.add_layer_norm(x, x.double(), (8,))
+    with pytest.raises(TypeError, match="out_dtype must be a floating"):
+        fastattn.layer_norm(x, (8,), out_dtype=torch.int32)

@@ -16,12 +16,13 @@ namespace cpu {
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd(
     const at::Tensor& x, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual,
-    double eps);
+    double eps, std::optional<at::ScalarType> out_dtype, double dropout_p, int64_t seed);
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd(
     const at::Tensor& dout, const at::Tensor& x, const std::optional<at::Tensor>& weight,
     const at::Tensor& mean, const at::Tensor& rstd, const std::optional<at::Tensor>& dsum,
-    bool need_weight_grad, bool need_bias_grad);
+    bool need_weight_grad, bool need_bias_grad, bool need_ds,
+    std::optional<at::ScalarType> x_dtype, double dropout_p, int64_t seed);
 
 // attention.cpp ---------------------------------------------------------------
 std::tuple<at::Tensor, at::Tensor> attention_fwd(

@@ -21,6 +21,7 @@
 //
 // Test: pytest tests/test_layernorm.py.  Time: python -m benchmarks.run layernorm.
 #include "cpu/kernels.h"
+#include "cpu/philox.h"
 #include "cpu/vec.h"
 
 #include <cmath>
@@ -38,34 +39,78 @@ inline float hsum(const Vec& v) {
 // Rows per parallel task: enough work (~16K elements) to amortise scheduling.
 inline int64_t row_grain(int64_t M) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, M)); }
 
+// ---------------------------------------------------------------- row dropout helpers
+// Keep bits of the 16 columns starting at column j (j % 16 == 0 holds for the vector loops
+// when V = 16; V = 8 takes the half the column selects).
+inline uint32_t keep_bits(const uint16_t bits[4], int64_t j) {
+  return static_cast<uint32_t>(bits[(j % 64) / 16]) >> (j % 16);
+}
+inline Vec drop_vec(const Vec& v, uint32_t bits, float scale) {
+#if defined(CPU_CAPABILITY_AVX512)
+  return Vec(_mm512_maskz_mul_ps(static_cast<__mmask16>(bits), __m512(v), _mm512_set1_ps(scale)));
+#else
+  float t[kVecSize];
+  v.store(t);
+  for (int64_t l = 0; l < kVecSize; ++l) t[l] = ((bits >> l) & 1u) ? t[l] * scale : 0.f;
+  return Vec::loadu(t);
+#endif
+}
+inline float drop_one(float v, const uint16_t bits[4], int64_t j, float scale) {
+  return (keep_bits(bits, j) & 1u) ? v * scale : 0.f;
+}
+
 // ---------------------------------------------------------------- forward, float/bfloat16
-template <typename T>
-void fwd_vec(const T* x, const T* res, const float* w, const float* b, T* out, T* sum,
-             float* mean, float* rstd, int64_t N, int64_t M, float eps) {
+// TX: x (the sublayer output), TR: residual, TS: the sum s = dropout(x) + residual (the
+// promoted type; TS == TX when nothing is added or dropped), TO: the normalised output.
+template <typename TX, typename TR, typename TS, typename TO>
+void fwd_vec(const TX* x, const TR* res, const float* w, const float* b, TO* out, TS* sum,
+             float* mean, float* rstd, int64_t N, int64_t M, float eps, const RowDropout& drop) {
   constexpr int64_t V = kVecSize;
   const float inv_m = 1.0f / static_cast<float>(M);
   // Streaming stores only where rows stay 64-byte aligned and the output dwarfs the cache.
-  const bool stream = res == nullptr && (M % 16) == 0 && N * M * int64_t(sizeof(T)) >= kStreamBytes;
+  const bool stream = sum == nullptr && (M % 16) == 0 && N * M * int64_t(sizeof(TO)) >= kStreamBytes;
   at::parallel_for(0, N, row_grain(M), [&](int64_t begin, int64_t end) {
+    uint16_t bits[4] = {0, 0, 0, 0};
     for (int64_t i = begin; i < end; ++i) {
-      const T* src = x + i * M;
-      if (res != nullptr) {
-        // s = x + residual, rounded to T: the normalised value is the sum the caller gets back.
-        T* sr = sum + i * M;
-        const T* rr = res + i * M;
+      const TS* src;
+      if (sum != nullptr) {
+        // s = dropout(x) + residual, rounded to TS: the normalised value is the sum the caller
+        // gets back (and the backward reads).
+        TS* sr = sum + i * M;
+        const TX* xr = x + i * M;
+        const TR* rr = res != nullptr ? res + i * M : nullptr;
         int64_t j = 0;
-        for (; j + V <= M; j += V) store_f<T>(load_f<T>(src + j) + load_f<T>(rr + j), sr + j);
-        for (; j < M; ++j) sr[j] = static_cast<T>(static_cast<float>(src[j]) + static_cast<float>(rr[j]));
+        for (; j + V <= M; j += V) {
+          Vec v = load_f<TX>(xr + j);
+          if (drop.on) {
+            if (j % 64 == 0) drop.block(static_cast<uint32_t>(i), static_cast<uint32_t>(j / 64), bits);
+            v = drop_vec(v, keep_bits(bits, j), drop.scale);
+          }
+          if (rr != nullptr) v = v + load_f<TR>(rr + j);
+          store_f<TS>(v, sr + j);
+        }
+        for (; j < M; ++j) {
+          float v = static_cast<float>(xr[j]);
+          if (drop.on) {
+            if (j % 64 == 0 || j == (M / V) * V)
+              drop.block(static_cast<uint32_t>(i), static_cast<uint32_t>(j / 64), bits);
+            v = drop_one(v, bits, j, drop.scale);
+          }
+          if (rr != nullptr) v += static_cast<float>(rr[j]);
+          sr[j] = static_cast<TS>(v);
+        }
         src = sr;
+      } else {
+        src = reinterpret_cast<const TS*>(x + i * M);  // TS == TX here
       }
       // Pass 1: mean. Two accumulators hide the add latency.
       Vec a0(0.f), a1(0.f);
       int64_t j = 0;
       for (; j + 2 * V <= M; j += 2 * V) {
-        a0 += load_f<T>(src + j);
-        a1 += load_f<T>(src + j + V);
+        a0 += load_f<TS>(src + j);
+        a1 += load_f<TS>(src + j + V);
       }
-      for (; j + V <= M; j += V) a0 += load_f<T>(src + j);
+      for (; j + V <= M; j += V) a0 += load_f<TS>(src + j);
       float s = hsum(a0 + a1);
       for (; j < M; ++j) s += static_cast<float>(src[j]);
       const float mu = s * inv_m;
@@ -75,12 +120,12 @@ void fwd_vec(const T* x, const T* res, const float* w, const float* b, T* out, T
       a1 = Vec(0.f);
       j = 0;
       for (; j + 2 * V <= M; j += 2 * V) {
-        Vec d0 = load_f<T>(src + j) - vmu, d1 = load_f<T>(src + j + V) - vmu;
+        Vec d0 = load_f<TS>(src + j) - vmu, d1 = load_f<TS>(src + j + V) - vmu;
         a0 = at::vec::fmadd(d0, d0, a0);
         a1 = at::vec::fmadd(d1, d1, a1);
       }
       for (; j + V <= M; j += V) {
-        Vec d0 = load_f<T>(src + j) - vmu;
+        Vec d0 = load_f<TS>(src + j) - vmu;
         a0 = at::vec::fmadd(d0, d0, a0);
       }
       float ss = hsum(a0 + a1);
@@ -91,12 +136,12 @@ void fwd_vec(const T* x, const T* res, const float* w, const float* b, T* out, T
       const float rs = 1.0f / std::sqrt(ss * inv_m + eps);
       // Pass 3: normalise, scale, shift.
       const Vec vrs(rs);
-      T* o = out + i * M;
+      TO* o = out + i * M;
       j = 0;
-      if constexpr (std::is_same_v<T, float>) {
+      if constexpr (std::is_same_v<TO, float>) {
         if (stream && aligned64(o)) {
           for (; j + V <= M; j += V) {
-            Vec y = (load_f<T>(src + j) - vmu) * vrs;
+            Vec y = (load_f<TS>(src + j) - vmu) * vrs;
             if (w != nullptr) y = y * Vec::loadu(w + j);
             if (b != nullptr) y = y + Vec::loadu(b + j);
             store_stream(y, o + j);
@@ -104,16 +149,16 @@ void fwd_vec(const T* x, const T* res, const float* w, const float* b, T* out, T
         }
       }
       for (; j + V <= M; j += V) {
-        Vec y = (load_f<T>(src + j) - vmu) * vrs;
+        Vec y = (load_f<TS>(src + j) - vmu) * vrs;
         if (w != nullptr) y = y * Vec::loadu(w + j);
         if (b != nullptr) y = y + Vec::loadu(b + j);
-        store_f<T>(y, o + j);
+        store_f<TO>(y, o + j);
       }
       for (; j < M; ++j) {
         float y = (static_cast<float>(src[j]) - mu) * rs;
         if (w != nullptr) y *= w[j];
         if (b != nullptr) y += b[j];
-        o[j] = static_cast<T>(y);
+        o[j] = static_cast<TO>(y);
       }
       mean[i] = mu;
       rstd[i] = rs;
@@ -123,29 +168,32 @@ void fwd_vec(const T* x, const T* res, const float* w, const float* b, T* out, T
 }
 
 // ---------------------------------------------------------------- backward, float/bfloat16
-template <typename T>
-void bwd_vec(const T* dout, const T* x, const float* w, const float* mean, const float* rstd,
-             const T* dsum, T* dx, float* dw_part, float* db_part, int64_t chunks, int64_t N,
-             int64_t M) {
+// TD: dout (the forward's output type), TS: s, dsum and ds (the residual's gradient), TX: dx
+// (the gradient of x: ds through the dropout mask, in x's type). ds or dx may be null.
+template <typename TD, typename TS, typename TX>
+void bwd_vec(const TD* dout, const TS* x, const float* w, const float* mean, const float* rstd,
+             const TS* dsum, TS* ds, TX* dx, float* dw_part, float* db_part, int64_t chunks,
+             int64_t N, int64_t M, const RowDropout& drop) {
   constexpr int64_t V = kVecSize;
   const float inv_m = 1.0f / static_cast<float>(M);
   at::parallel_for(0, chunks, 1, [&](int64_t cbegin, int64_t cend) {
+    uint16_t bits[4] = {0, 0, 0, 0};
     for (int64_t c = cbegin; c < cend; ++c) {
       int64_t r0, r1;
       chunk_range(N, chunks, c, r0, r1);
       float* dwp = dw_part != nullptr ? dw_part + c * M : nullptr;
       float* dbp = db_part != nullptr ? db_part + c * M : nullptr;
       for (int64_t i = r0; i < r1; ++i) {
-        const T* dyr = dout + i * M;
-        const T* xr = x + i * M;
+        const TD* dyr = dout + i * M;
+        const TS* xr = x + i * M;
         const float mu = mean[i], rs = rstd[i];
         const Vec vmu(mu), vrs(rs);
         // Pass 1: the two row reductions, and this chunk's dweight / dbias partials.
         Vec ag(0.f), agx(0.f);
         int64_t j = 0;
         for (; j + V <= M; j += V) {
-          Vec dy = load_f<T>(dyr + j);
-          Vec xh = (load_f<T>(xr + j) - vmu) * vrs;
+          Vec dy = load_f<TD>(dyr + j);
+          Vec xh = (load_f<TS>(xr + j) - vmu) * vrs;
           Vec g = w != nullptr ? dy * Vec::loadu(w + j) : dy;
           ag += g;
           agx = at::vec::fmadd(g, xh, agx);
@@ -163,26 +211,42 @@ void bwd_vec(const T* dout, const T* x, const float* w, const float* mean, const
           if (dbp != nullptr) dbp[j] += dy;
         }
         const float mg = sg * inv_m, mgx = sgx * inv_m;
-        // Pass 2: dx = rstd * (g - mean(g) - xhat * mean(g * xhat)) (+ dsum).
+        // Pass 2: ds = rstd * (g - mean(g) - xhat * mean(g * xhat)) (+ dsum); dx = ds * mask.
         const Vec vmg(mg), vmgx(mgx);
-        T* dxr = dx + i * M;
-        const T* dsr = dsum != nullptr ? dsum + i * M : nullptr;
+        TS* dsr = ds != nullptr ? ds + i * M : nullptr;
+        TX* dxr = dx != nullptr ? dx + i * M : nullptr;
+        const TS* dsm = dsum != nullptr ? dsum + i * M : nullptr;
         j = 0;
         for (; j + V <= M; j += V) {
-          Vec dy = load_f<T>(dyr + j);
-          Vec xh = (load_f<T>(xr + j) - vmu) * vrs;
+          Vec dy = load_f<TD>(dyr + j);
+          Vec xh = (load_f<TS>(xr + j) - vmu) * vrs;
           Vec g = w != nullptr ? dy * Vec::loadu(w + j) : dy;
           Vec d = (g - vmg - xh * vmgx) * vrs;
-          if (dsr != nullptr) d = d + load_f<T>(dsr + j);
-          store_f<T>(d, dxr + j);
+          if (dsm != nullptr) d = d + load_f<TS>(dsm + j);
+          if (dsr != nullptr) store_f<TS>(d, dsr + j);
+          if (dxr != nullptr) {
+            if (drop.on) {
+              if (j % 64 == 0) drop.block(static_cast<uint32_t>(i), static_cast<uint32_t>(j / 64), bits);
+              d = drop_vec(d, keep_bits(bits, j), drop.scale);
+            }
+            store_f<TX>(d, dxr + j);
+          }
         }
         for (; j < M; ++j) {
           float dy = static_cast<float>(dyr[j]);
           float xh = (static_cast<float>(xr[j]) - mu) * rs;
           float g = w != nullptr ? dy * w[j] : dy;
           float d = (g - mg - xh * mgx) * rs;
-          if (dsr != nullptr) d += static_cast<float>(dsr[j]);
-          dxr[j] = static_cast<T>(d);
+          if (dsm != nullptr) d += static_cast<float>(dsm[j]);
+          if (dsr != nullptr) dsr[j] = static_cast<TS>(d);
+          if (dxr != nullptr) {
+            if (drop.on) {
+              if (j % 64 == 0 || j == (M / V) * V)
+                drop.block(static_cast<uint32_t>(i), static_cast<uint32_t>(j / 64), bits);
+              d = drop_one(d, bits, j, drop.scale);
+            }
+            dxr[j] = static_cast<TX>(d);
+          }
         }
       }
     }
@@ -190,14 +254,25 @@ void bwd_vec(const T* dout, const T* x, const float* w, const float* mean, const
 }
 
 // ---------------------------------------------------------------- float64 (gradcheck) path
+inline bool keep_one(const RowDropout& drop, uint16_t bits[4], int64_t i, int64_t j) {
+  if (j % 64 == 0) drop.block(static_cast<uint32_t>(i), static_cast<uint32_t>(j / 64), bits);
+  return keep_bits(bits, j) & 1u;
+}
+
 void fwd_double(const double* x, const double* res, const double* w, const double* b,
                 double* out, double* sum, double* mean, double* rstd, int64_t N, int64_t M,
-                double eps) {
+                double eps, const RowDropout& drop) {
+  const double scale = drop.on ? 1.0 / (1.0 - drop.p) : 1.0;
   at::parallel_for(0, N, row_grain(M), [&](int64_t begin, int64_t end) {
+    uint16_t bits[4] = {0, 0, 0, 0};
     for (int64_t i = begin; i < end; ++i) {
       const double* src = x + i * M;
-      if (res != nullptr) {
-        for (int64_t j = 0; j < M; ++j) sum[i * M + j] = src[j] + res[i * M + j];
+      if (sum != nullptr) {
+        for (int64_t j = 0; j < M; ++j) {
+          double v = src[j];
+          if (drop.on) v = keep_one(drop, bits, i, j) ? v * scale : 0.0;
+          sum[i * M + j] = v + (res != nullptr ? res[i * M + j] : 0.0);
+        }
         src = sum + i * M;
       }
       double s = 0, ss = 0;
@@ -218,9 +293,11 @@ void fwd_double(const double* x, const double* res, const double* w, const doubl
 }
 
 void bwd_double(const double* dout, const double* x, const double* w, const double* mean,
-                const double* rstd, const double* dsum, double* dx, double* dw, double* db,
-                int64_t N, int64_t M) {
+                const double* rstd, const double* dsum, double* ds, double* dx, double* dw,
+                double* db, int64_t N, int64_t M, const RowDropout& drop) {
+  const double scale = drop.on ? 1.0 / (1.0 - drop.p) : 1.0;
   at::parallel_for(0, N, row_grain(M), [&](int64_t begin, int64_t end) {
+    uint16_t bits[4] = {0, 0, 0, 0};
     for (int64_t i = begin; i < end; ++i) {
       const double *dy = dout + i * M, *xr = x + i * M;
       double sg = 0, sgx = 0;
@@ -233,7 +310,9 @@ void bwd_double(const double* dout, const double* x, const double* w, const doub
         double xh = (xr[j] - mean[i]) * rstd[i];
         double g = dy[j] * (w != nullptr ? w[j] : 1.0);
         double d = (g - sg / M - xh * sgx / M) * rstd[i];
-        dx[i * M + j] = d + (dsum != nullptr ? dsum[i * M + j] : 0.0);
+        d += dsum != nullptr ? dsum[i * M + j] : 0.0;
+        if (ds != nullptr) ds[i * M + j] = d;
+        if (dx != nullptr) dx[i * M + j] = drop.on ? (keep_one(drop, bits, i, j) ? d * scale : 0.0) : d;
       }
     }
   });
@@ -279,12 +358,30 @@ P* ptr_or_null(const at::Tensor& t) {
   return t.defined() ? t.data_ptr<P>() : nullptr;
 }
 
+
+// Calls f(T{}) with T the C++ type of a float32 / bfloat16 tensor.
+template <typename F>
+void with_fb(at::ScalarType t, F&& f) {
+  if (t == at::kFloat) f(float{});
+  else f(c10::BFloat16{});
+}
+
+void check_fb(at::ScalarType t, const char* op, const char* name) {
+  TORCH_CHECK(t == at::kFloat || t == at::kBFloat16, "fastattn_C.", op, ": ", name,
+              " must be float32 or bfloat16 (float64 only with every tensor float64), got ", t);
+}
+
+void check_dropout(double p, const char* op) {
+  TORCH_CHECK(p >= 0 && p < 1, "fastattn_C.", op, ": dropout_p must be in [0, 1), got ", p);
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd(
     const at::Tensor& x_in, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual,
-    double eps) {
+    double eps, std::optional<at::ScalarType> out_dtype, double dropout_p, int64_t seed) {
+  const char* op = "layer_norm_fwd";
   TORCH_CHECK(x_in.dim() == 2, "fastattn_C.layer_norm_fwd: x must be 2-D [rows, cols], got ",
               x_in.dim(), "-D");
   const auto dt = x_in.scalar_type();
@@ -293,103 +390,154 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd(
   const int64_t N = x_in.size(0), M = x_in.size(1);
   TORCH_CHECK(M > 0 || N == 0, "fastattn_C.layer_norm_fwd: rows must not be empty");
   TORCH_CHECK(eps >= 0, "fastattn_C.layer_norm_fwd: eps must be >= 0, got ", eps);
+  check_dropout(dropout_p, op);
   check_2d(x_in, "x", N, M, dt);
   check_vec(weight, "weight", M);
   check_vec(bias, "bias", M);
-  if (residual.has_value()) check_2d(*residual, "residual", N, M, dt);
+  const auto rdt = residual.has_value() ? residual->scalar_type() : dt;
+  if (residual.has_value()) check_2d(*residual, "residual", N, M, rdt);
+  const auto sdt = at::promote_types(dt, rdt);
+  const auto odt = out_dtype.value_or(sdt);
+  if (dt == at::kDouble || rdt == at::kDouble || odt == at::kDouble) {
+    TORCH_CHECK(dt == at::kDouble && rdt == at::kDouble && odt == at::kDouble,
+                "fastattn_C.layer_norm_fwd: float64 must not be mixed with other dtypes (x ", dt,
+                ", residual ", rdt, ", out ", odt, ")");
+  } else {
+    check_fb(rdt, op, "residual");
+    check_fb(odt, op, "out_dtype");
+  }
+  const bool has_sum = residual.has_value() || dropout_p > 0;
 
   const at::Tensor x = x_in.contiguous();
   const at::Tensor res = residual.has_value() ? residual->contiguous() : at::Tensor();
-  at::Tensor out = at::empty({N, M}, x.options());
-  at::Tensor sum = residual.has_value() ? at::empty({N, M}, x.options()) : at::empty({0}, x.options());
+  at::Tensor out = at::empty({N, M}, x.options().dtype(odt));
+  at::Tensor sum = at::empty({has_sum ? N : 0, has_sum ? M : 0}, x.options().dtype(sdt));
+  if (!has_sum) sum = at::empty({0}, x.options());
   const auto acc = dt == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor mean = at::empty({N}, x.options().dtype(acc));
   at::Tensor rstd = at::empty({N}, x.options().dtype(acc));
   if (N == 0) return {out, sum, mean, rstd};
   at::Tensor w = param_as(weight, acc), b = param_as(bias, acc);
+  const RowDropout drop(dropout_p, seed, 0);
 
   if (dt == at::kDouble) {
     fwd_double(x.data_ptr<double>(), ptr_or_null<double>(res), ptr_or_null<double>(w),
                ptr_or_null<double>(b), out.data_ptr<double>(),
-               residual.has_value() ? sum.data_ptr<double>() : nullptr, mean.data_ptr<double>(),
-               rstd.data_ptr<double>(), N, M, eps);
-  } else if (dt == at::kFloat) {
-    fwd_vec<float>(x.data_ptr<float>(), ptr_or_null<float>(res), ptr_or_null<float>(w),
-                   ptr_or_null<float>(b), out.data_ptr<float>(),
-                   residual.has_value() ? sum.data_ptr<float>() : nullptr, mean.data_ptr<float>(),
-                   rstd.data_ptr<float>(), N, M, static_cast<float>(eps));
-  } else {
-    using BF = c10::BFloat16;
-    fwd_vec<BF>(x.data_ptr<BF>(), ptr_or_null<BF>(res), ptr_or_null<float>(w),
-                ptr_or_null<float>(b), out.data_ptr<BF>(),
-                residual.has_value() ? sum.data_ptr<BF>() : nullptr, mean.data_ptr<float>(),
-                rstd.data_ptr<float>(), N, M, static_cast<float>(eps));
+               has_sum ? sum.data_ptr<double>() : nullptr, mean.data_ptr<double>(),
+               rstd.data_ptr<double>(), N, M, eps, drop);
+    return {out, sum, mean, rstd};
   }
+  const float* wp = ptr_or_null<float>(w);
+  const float* bp = ptr_or_null<float>(b);
+  with_fb(dt, [&](auto tx) {
+    using TX = decltype(tx);
+    with_fb(rdt, [&](auto tr) {
+      using TR = decltype(tr);
+      with_fb(odt, [&](auto to) {
+        using TO = decltype(to);
+        // s is float unless both addends are bfloat16 (torch's promotion).
+        using TS = std::conditional_t<std::is_same_v<TX, float> || std::is_same_v<TR, float>,
+                                      float, c10::BFloat16>;
+        if (!has_sum) {
+          fwd_vec<TX, TX, TX, TO>(x.data_ptr<TX>(), nullptr, wp, bp, out.data_ptr<TO>(), nullptr,
+                                  mean.data_ptr<float>(), rstd.data_ptr<float>(), N, M,
+                                  static_cast<float>(eps), drop);
+        } else {
+          fwd_vec<TX, TR, TS, TO>(x.data_ptr<TX>(), residual.has_value() ? res.data_ptr<TR>() : nullptr,
+                                  wp, bp, out.data_ptr<TO>(), sum.data_ptr<TS>(),
+                                  mean.data_ptr<float>(), rstd.data_ptr<float>(), N, M,
+                                  static_cast<float>(eps), drop);
+        }
+      });
+    });
+  });
   return {out, sum, mean, rstd};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd(
-    const at::Tensor& dout_in, const at::Tensor& x_in, const std::optional<at::Tensor>& weight,
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd(
+    const at::Tensor& dout_in, const at::Tensor& s_in, const std::optional<at::Tensor>& weight,
     const at::Tensor& mean_in, const at::Tensor& rstd_in, const std::optional<at::Tensor>& dsum,
-    bool need_weight_grad, bool need_bias_grad) {
-  TORCH_CHECK(x_in.dim() == 2, "fastattn_C.layer_norm_bwd: x must be 2-D, got ", x_in.dim(), "-D");
-  const auto dt = x_in.scalar_type();
-  TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kDouble,
-              "fastattn_C.layer_norm_bwd: x must be float32, bfloat16 or float64, got ", dt);
-  const int64_t N = x_in.size(0), M = x_in.size(1);
-  check_2d(dout_in, "dout", N, M, dt);
+    bool need_weight_grad, bool need_bias_grad, bool need_ds,
+    std::optional<at::ScalarType> x_dtype, double dropout_p, int64_t seed) {
+  const char* op = "layer_norm_bwd";
+  TORCH_CHECK(s_in.dim() == 2, "fastattn_C.layer_norm_bwd: x must be 2-D, got ", s_in.dim(), "-D");
+  const auto sdt = s_in.scalar_type();
+  TORCH_CHECK(sdt == at::kFloat || sdt == at::kBFloat16 || sdt == at::kDouble,
+              "fastattn_C.layer_norm_bwd: x must be float32, bfloat16 or float64, got ", sdt);
+  const int64_t N = s_in.size(0), M = s_in.size(1);
+  const auto ddt = dout_in.scalar_type();
+  const auto xdt = x_dtype.value_or(sdt);
+  check_dropout(dropout_p, op);
+  if (sdt == at::kDouble || ddt == at::kDouble || xdt == at::kDouble) {
+    TORCH_CHECK(sdt == at::kDouble && ddt == at::kDouble && xdt == at::kDouble,
+                "fastattn_C.layer_norm_bwd: float64 must not be mixed with other dtypes");
+  } else {
+    check_fb(ddt, op, "dout");
+    check_fb(xdt, op, "x_dtype");
+  }
+  check_2d(dout_in, "dout", N, M, ddt);
   check_vec(weight, "weight", M);
-  if (dsum.has_value()) check_2d(*dsum, "dsum", N, M, dt);
-  const auto acc = dt == at::kDouble ? at::kDouble : at::kFloat;
+  if (dsum.has_value()) check_2d(*dsum, "dsum", N, M, sdt);
+  const auto acc = sdt == at::kDouble ? at::kDouble : at::kFloat;
   TORCH_CHECK(mean_in.numel() == N && rstd_in.numel() == N && mean_in.scalar_type() == acc &&
                   rstd_in.scalar_type() == acc,
               "fastattn_C.layer_norm_bwd: mean and rstd must hold ", N, " values of ", acc);
   TORCH_CHECK(!need_weight_grad || weight.has_value(),
               "fastattn_C.layer_norm_bwd: need_weight_grad without a weight");
 
-  const at::Tensor dout = dout_in.contiguous(), x = x_in.contiguous();
+  const at::Tensor dout = dout_in.contiguous(), x = s_in.contiguous();
   const at::Tensor mean = mean_in.contiguous(), rstd = rstd_in.contiguous();
-  const at::Tensor ds = dsum.has_value() ? dsum->contiguous() : at::Tensor();
+  const at::Tensor dsm = dsum.has_value() ? dsum->contiguous() : at::Tensor();
   at::Tensor w = param_as(weight, acc);
-  at::Tensor dx = at::empty({N, M}, x.options());
+  // dx (x's gradient) is ds itself unless the dropout mask or a dtype change lies between.
+  const bool dx_is_ds = dropout_p == 0 && xdt == sdt;
+  at::Tensor ds = need_ds ? at::empty({N, M}, x.options()) : at::empty({0}, x.options());
+  at::Tensor dx = (need_ds && dx_is_ds) ? at::empty({0}, x.options().dtype(xdt))
+                                        : at::empty({N, M}, x.options().dtype(xdt));
   at::Tensor dw = need_weight_grad ? at::empty({M}, x.options().dtype(acc)) : at::Tensor();
   at::Tensor db = need_bias_grad ? at::empty({M}, x.options().dtype(acc)) : at::Tensor();
-  auto pdt = weight.has_value() ? weight->scalar_type() : dt;
+  auto pdt = weight.has_value() ? weight->scalar_type() : sdt;
   auto finish = [&](at::Tensor t) {
     return t.defined() ? t.to(pdt) : at::empty({0}, x.options().dtype(pdt));
   };
   if (N == 0 || M == 0) {
     if (dw.defined()) dw.zero_();
     if (db.defined()) db.zero_();
-    return {dx, finish(dw), finish(db)};
+    return {ds, dx, finish(dw), finish(db)};
   }
+  const RowDropout drop(dropout_p, seed, 0);
+  const bool write_ds = need_ds, write_dx = dx.numel() > 0;
 
-  if (dt == at::kDouble) {
+  if (sdt == at::kDouble) {
     bwd_double(dout.data_ptr<double>(), x.data_ptr<double>(), ptr_or_null<double>(w),
-               mean.data_ptr<double>(), rstd.data_ptr<double>(), ptr_or_null<double>(ds),
-               dx.data_ptr<double>(), ptr_or_null<double>(dw), ptr_or_null<double>(db), N, M);
-    return {dx, finish(dw), finish(db)};
+               mean.data_ptr<double>(), rstd.data_ptr<double>(), ptr_or_null<double>(dsm),
+               write_ds ? ds.data_ptr<double>() : nullptr,
+               write_dx ? dx.data_ptr<double>() : nullptr, ptr_or_null<double>(dw),
+               ptr_or_null<double>(db), N, M, drop);
+    return {ds, dx, finish(dw), finish(db)};
   }
 
   // At least 8 rows per chunk, so tiny batches do not pay for a [threads, M] buffer each.
   const int64_t chunks = num_chunks(N, 8);
   at::Tensor dw_part = need_weight_grad ? at::zeros({chunks, M}, x.options().dtype(at::kFloat)) : at::Tensor();
   at::Tensor db_part = need_bias_grad ? at::zeros({chunks, M}, x.options().dtype(at::kFloat)) : at::Tensor();
-  if (dt == at::kFloat) {
-    bwd_vec<float>(dout.data_ptr<float>(), x.data_ptr<float>(), ptr_or_null<float>(w),
-                   mean.data_ptr<float>(), rstd.data_ptr<float>(), ptr_or_null<float>(ds),
-                   dx.data_ptr<float>(), ptr_or_null<float>(dw_part), ptr_or_null<float>(db_part),
-                   chunks, N, M);
-  } else {
-    using BF = c10::BFloat16;
-    bwd_vec<BF>(dout.data_ptr<BF>(), x.data_ptr<BF>(), ptr_or_null<float>(w),
-                mean.data_ptr<float>(), rstd.data_ptr<float>(), ptr_or_null<BF>(ds),
-                dx.data_ptr<BF>(), ptr_or_null<float>(dw_part), ptr_or_null<float>(db_part),
-                chunks, N, M);
-  }
+  with_fb(ddt, [&](auto td) {
+    using TD = decltype(td);
+    with_fb(sdt, [&](auto ts) {
+      using TS = decltype(ts);
+      with_fb(xdt, [&](auto tx) {
+        using TX = decltype(tx);
+        bwd_vec<TD, TS, TX>(dout.data_ptr<TD>(), x.data_ptr<TS>(), ptr_or_null<float>(w),
+                            mean.data_ptr<float>(), rstd.data_ptr<float>(),
+                            ptr_or_null<TS>(dsm), write_ds ? ds.data_ptr<TS>() : nullptr,
+                            write_dx ? dx.data_ptr<TX>() : nullptr, ptr_or_null<float>(dw_part),
+                            ptr_or_null<float>(db_part), chunks, N, M, drop);
+      });
+    });
+  });
   if (need_weight_grad) reduce_chunks(dw_part.data_ptr<float>(), dw.data_ptr<float>(), chunks, M);
   if (need_bias_grad) reduce_chunks(db_part.data_ptr<float>(), db.data_ptr<float>(), chunks, M);
-  return {dx, finish(dw), finish(db)};
+  return {ds, dx, finish(dw), finish(db)};
 }
 
 }  // namespace cpu

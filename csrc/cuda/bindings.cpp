@@ -82,8 +82,12 @@ void check_launch(cudaError_t err, const char* op) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd(
     const at::Tensor& x_in, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual,
-    double eps) {
+    double eps, std::optional<at::ScalarType> out_dtype, double dropout_p, int64_t seed) {
   const char* op = "layer_norm_fwd";
+  // The registry sends mixed dtypes and row dropout to the backends that declare them.
+  TORCH_CHECK(dropout_p == 0 && (!out_dtype.has_value() || *out_dtype == x_in.scalar_type()),
+              "fastattn_C.layer_norm_fwd (cuda): dropout and out_dtype are not supported");
+  (void)seed;
   TORCH_CHECK(x_in.dim() == 2, "fastattn_C.layer_norm_fwd (cuda): x must be 2-D [rows, cols], got ",
               x_in.dim(), "-D");
   check_cuda(x_in, op, "x", x_in.device());
@@ -112,10 +116,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd(
   return {out, sum, mean, rstd};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd(
     const at::Tensor& dout_in, const at::Tensor& x_in, const std::optional<at::Tensor>& weight,
     const at::Tensor& mean_in, const at::Tensor& rstd_in, const std::optional<at::Tensor>& dsum,
-    bool need_weight_grad, bool need_bias_grad) {
+    bool need_weight_grad, bool need_bias_grad, bool need_ds,
+    std::optional<at::ScalarType> x_dtype, double dropout_p, int64_t seed) {
+  TORCH_CHECK(dropout_p == 0 && (!x_dtype.has_value() || *x_dtype == x_in.scalar_type()),
+              "fastattn_C.layer_norm_bwd (cuda): dropout and mixed dtypes are not supported");
+  (void)seed;
+  // The kernel's dx serves as ds and as x's gradient (they are equal here).
+  const at::Tensor empty0 = at::empty({0}, x_in.options());
   const char* op = "layer_norm_bwd";
   TORCH_CHECK(x_in.dim() == 2, "fastattn_C.layer_norm_bwd (cuda): x must be 2-D, got ", x_in.dim(),
               "-D");
@@ -147,7 +157,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd(
   auto finish = [&](const at::Tensor& t) {
     return t.defined() ? t.to(pdt) : at::empty({0}, x.options().dtype(pdt));
   };
-  if (M == 0) return {dx, finish(dw), finish(db)};
+  if (M == 0) return {need_ds ? dx : empty0, need_ds ? empty0 : dx, finish(dw), finish(db)};
   const size_t ws_floats = k::layer_norm_bwd_workspace(N, M, need_weight_grad, need_bias_grad);
   at::Tensor ws = at::empty({static_cast<int64_t>(ws_floats)}, f32);
   check_launch(k::layer_norm_bwd(dt, dout.data_ptr(), x.data_ptr(), ptr_or_null<float>(w),
@@ -156,7 +166,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd(
                                  ws_floats > 0 ? ws.data_ptr<float>() : nullptr, N, M,
                                  c10::cuda::getCurrentCUDAStream()),
                op);
-  return {dx, finish(dw), finish(db)};
+  return {need_ds ? dx : empty0, need_ds ? empty0 : dx, finish(dw), finish(db)};
 }
 
 // ------------------------------------------------------------------ attention

@@ -126,12 +126,27 @@ def _fused_adamw_works(device: torch.device, dtype: torch.dtype) -> bool:
     return True
 
 
-def _add_norm(ln: nn.LayerNorm, delta: Tensor, x: Tensor, fused: bool) -> tuple[Tensor, Tensor]:
-    """``s = x + delta; return ln(s), s`` (the new residual stream s and its normalised form)."""
-    delta = delta.to(x.dtype)  # under autocast the sublayer output is bf16, the stream float32
+def _next_matmul_dtype(t: Tensor) -> torch.dtype | None:
+    """The dtype the next matmul reads: autocast's where it is on (so the LayerNorm writes it
+    directly, no cast pass), else None (the input's)."""
+    dev = t.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
+
+
+def _add_norm(
+    ln: nn.LayerNorm, delta: Tensor, x: Tensor | None, fused: bool, p: float = 0.0
+) -> tuple[Tensor, Tensor]:
+    """``s = x + dropout_p(delta); return ln(s), s`` (the new residual stream s and its
+    normalised form). fastattn: one kernel (:func:`fastattn.add_layer_norm`: dropout, the add
+    of a bfloat16 sublayer output to the float32 stream, the norm written in the next matmul's
+    dtype); ``x=None`` means s = dropout(delta) (the embeddings). torch: the sublayer applied
+    its own dropout (p is 0 here)."""
     if fused:
-        return fastattn.add_layer_norm(delta, x, ln.normalized_shape, ln.weight, ln.bias, ln.eps)
-    s = x + delta
+        return fastattn.add_layer_norm(
+            delta, x, ln.normalized_shape, ln.weight, ln.bias, ln.eps,
+            dropout_p=p, out_dtype=_next_matmul_dtype(delta),
+        )  # fmt: skip
+    s = x + delta.to(x.dtype)  # under autocast the sublayer output is bf16, the stream float32
     return ln(s), s
 
 
@@ -151,21 +166,32 @@ class Block(nn.Module):
         self.ln_2 = LN(C, bias=config.bias)
         self.mlp = MLP(C, 4 * C, bias=config.bias, dropout=config.dropout)
 
-    def forward(self, x: Tensor, pending: Tensor | None = None, past_kv=None, use_cache=False):
-        """x: the residual stream (B, T, C); pending: the previous block's MLP output, not yet
-        added to x (so that the add fuses with ln_1). Returns (x, mlp_out, kv): the caller adds
-        mlp_out to x (fused with the next LayerNorm)."""
+    def forward(
+        self, x: Tensor | None, pending: Tensor | None = None, past_kv=None, use_cache=False,
+        pending_p: float = 0.0,
+    ):  # fmt: skip
+        """x: the residual stream (B, T, C); pending: the previous block's MLP output (or, for
+        the first fastattn block, the embeddings with x None), not yet added to x, so that the
+        add (and, with fastattn, its dropout ``pending_p``) fuses with ln_1. Returns
+        (x, mlp_out, kv): the caller adds mlp_out to x (fused with the next LayerNorm)."""
+        fa = self.fused
         if pending is None:
             h = self.ln_1(x)
         else:
-            h, x = _add_norm(self.ln_1, pending, x, self.fused)
+            h, x = _add_norm(self.ln_1, pending, x, fa, pending_p)
         kv = None
+        attn_kw = {"resid_dropout": False} if fa else {}  # fused into ln_2's add below
         if use_cache:
-            a, kv = self.attn(h, past_kv=past_kv, use_cache=True)
+            a, kv = self.attn(h, past_kv=past_kv, use_cache=True, **attn_kw)
         else:
-            a = self.attn(h)
-        h, x = _add_norm(self.ln_2, a, x, self.fused)  # x = x + attn(...), h = ln_2(x)
-        return x, self.mlp(h), kv
+            a = self.attn(h, **attn_kw)
+        p = self.attn.resid_dropout.p if (fa and self.training) else 0.0
+        h, x = _add_norm(self.ln_2, a, x, fa, p)  # x = x + attn(...), h = ln_2(x)
+        return x, (self.mlp(h, dropout=False) if fa else self.mlp(h)), kv
+
+    def mlp_dropout_p(self) -> float:
+        """The MLP output dropout the caller fuses into the next add (fastattn, training)."""
+        return self.mlp.dropout.p if (self.fused and self.training) else 0.0
 
 
 class GPT(nn.Module):
@@ -220,14 +246,19 @@ class GPT(nn.Module):
                 f"{self.config.block_size}"
             )
         pos = torch.arange(pos0, pos0 + T, dtype=torch.long, device=idx.device)  # (T,)
-        x = self.transformer.drop(
-            self.transformer.wte(idx) + self.transformer.wpe(pos)
-        )  # (B, T, C)
-        pending, present = None, []
+        emb = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, C)
+        fa = self.kernels == "fastattn"
+        if fa:  # the embedding dropout fuses with block 0's ln_1 (x None: s = dropout(emb))
+            x, pending = None, emb
+            p = self.transformer.drop.p if self.training else 0.0
+        else:
+            x, pending, p = self.transformer.drop(emb), None, 0.0
+        present = []
         for i, block in enumerate(self.transformer.h):
-            x, pending, kv = block(x, pending, past[i] if past else None, use_cache)
+            x, pending, kv = block(x, pending, past[i] if past else None, use_cache, p)
+            p = block.mlp_dropout_p()
             present.append(kv)
-        x = _add_norm(self.transformer.ln_f, pending, x, self.kernels == "fastattn")[0]
+        x = _add_norm(self.transformer.ln_f, pending, x, fa, p)[0]
         return x, present  # x: ln_f(residual stream), (B, T, C)
 
     def forward(self, idx: Tensor, targets: Tensor | None = None):

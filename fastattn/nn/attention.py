@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fastattn.ops import _gemm
 from fastattn.ops.attention import attention
 
 
@@ -190,10 +191,16 @@ class CausalSelfAttention(nn.Module):
         x: Tensor,
         past_kv: tuple[Tensor, Tensor] | None = None,
         use_cache: bool = False,
+        *,
+        resid_dropout: bool = True,
     ) -> Tensor | tuple[Tensor, tuple[Tensor, Tensor]]:
+        """``resid_dropout=False`` leaves out the dropout after ``c_proj``, for a caller that
+        fuses it into the residual add (``fastattn.add_layer_norm(..., dropout_p=
+        self.resid_dropout.p)``, as :class:`fastattn.models.gpt.GPT` does)."""
         B, T, C = x.shape
         hd, nh, nkv = self.head_dim, self.n_head, self.n_kv_head
-        q, k, v = self.c_attn(x).split([nh * hd, nkv * hd, nkv * hd], dim=2)
+        qkv = _gemm.linear(x, self.c_attn.weight, self.c_attn.bias)
+        q, k, v = qkv.split([nh * hd, nkv * hd, nkv * hd], dim=2)
         q = q.view(B, T, nh, hd).transpose(1, 2)  # (B, nh, T, hd), a strided view
         k = k.view(B, T, nkv, hd).transpose(1, 2)  # (B, nkv, T, hd)
         v = v.view(B, T, nkv, hd).transpose(1, 2)
@@ -202,7 +209,9 @@ class CausalSelfAttention(nn.Module):
             v = torch.cat([past_kv[1], v], dim=2)
         y = attention(q, k, v, causal=True, dropout_p=self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).reshape(B, T, C)
-        y = self.resid_dropout(self.c_proj(y))
+        y = _gemm.linear(y, self.c_proj.weight, self.c_proj.bias)
+        if resid_dropout:
+            y = self.resid_dropout(y)
         if use_cache:
             return y, (k, v)
         return y

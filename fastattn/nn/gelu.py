@@ -67,11 +67,13 @@ class FeedForward(torch.nn.Module):
         self.approximate = approximate
         self.dropout = torch.nn.Dropout(dropout)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, *, dropout: bool = True) -> Tensor:
+        """``dropout=False`` leaves out the output dropout, for a caller that fuses it into the
+        residual add (``fastattn.add_layer_norm(..., dropout_p=self.dropout.p)``)."""
         y = feed_forward(
             x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias, self.approximate
         )
-        return self.dropout(y)
+        return self.dropout(y) if dropout else y
 
     def extra_repr(self) -> str:
         return f"approximate={self.approximate!r}"

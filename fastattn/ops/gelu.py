@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastattn import _dispatch
+from fastattn.ops import _gemm
 from fastattn.ops._common import (
     NativeKernels,
     acc_dtype,
@@ -229,13 +230,17 @@ def feed_forward(
 
     ``x``: ``(..., d_model)``; ``w1``: ``(d_hidden, d_model)``; ``b1``: ``(d_hidden,)``;
     ``w2``: ``(d_model_out, d_hidden)``; ``b2``: ``(d_model_out,)`` (biases may be ``None``);
-    the layout of :class:`torch.nn.Linear` weights. The matmuls are torch's; ``+ b1`` and the
-    GELU are one fused pass, and so is their backward (``dh = dout * gelu'`` and ``db1``),
-    which reads the saved pre-activation ``x @ w1.T``.
+    the layout of :class:`torch.nn.Linear` weights. The matmuls run on the faster of torch's two
+    CPU GEMM paths (:mod:`fastattn.ops._gemm`: oneDNN or MKL, measured per shape); ``+ b1`` and
+    the GELU are one fused pass, and so is their backward (``dh = dout * gelu'`` and ``db1``),
+    which reads the saved pre-activation ``x @ w1.T``. Without a gradient to keep (inference),
+    fc1, its bias and the GELU are one oneDNN call with a GELU epilogue. Under autocast the
+    weights are cast as ``F.linear`` casts them; otherwise they must have the input's dtype.
     """
     name = "fastattn.feed_forward"
     check_tensor(name, "input", x, floating=True)
     approximate = _check_approximate(name, approximate)
+    autocast = torch.is_autocast_enabled(x.device.type)
     for what, w in (("w1", w1), ("w2", w2)):
         check_tensor(name, what, w, floating=True)
         check_same_device(name, ("input", x), (what, w))
@@ -243,7 +248,7 @@ def feed_forward(
             raise ValueError(
                 f"{name}: {what} must be 2-D (out_features, in_features), got {w.dim()}-D"
             )
-        if w.dtype != x.dtype:
+        if w.dtype != x.dtype and not autocast:
             raise TypeError(
                 f"{name}: {what} must have the input's dtype ({x.dtype}), got {w.dtype}"
             )
@@ -259,5 +264,13 @@ def feed_forward(
         )
     _validate_bias(name, "b1", x, b1, w1.shape[0])
     _validate_bias(name, "b2", x, b2, w2.shape[0])
-    h = F.linear(x, w1)  # (..., d_hidden), the pre-activation without its bias
-    return F.linear(bias_gelu(h, b1, approximate), w2, b2)
+    if x.numel() == 0:
+        return F.linear(bias_gelu_reference(F.linear(x, w1, b1), None, approximate), w2, b2)
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, w1, b1)
+    )
+    h = None if needs_grad else _gemm.linear_gelu(x, w1, b1, approximate)
+    if h is None:
+        u = _gemm.linear(x, w1)  # (..., d_hidden), the pre-activation without its bias
+        h = bias_gelu(u, b1, approximate)  # a float32 b1 is read as is under autocast
+    return _gemm.linear(h, w2, b2)

@@ -181,7 +181,10 @@ def _rows_ready(t: torch.Tensor) -> torch.Tensor:
 class _Triton:
     """The ``triton`` backend for layer_norm (contract: ``csrc/ops.cpp``)."""
 
-    def fwd(self, x, weight, bias, residual, eps):
+    def fwd(self, x, weight, bias, residual, eps, out_dtype=None, dropout_p=0.0, seed=0):
+        # Mixed dtypes and row dropout are not declared for Triton: the registry sends them to
+        # a backend that serves them.
+        assert dropout_p == 0 and out_dtype in (None, x.dtype), "not in Triton's Support"
         x = _rows_ready(x)
         n, m = x.shape
         out = torch.empty((n, m), dtype=x.dtype, device=x.device)
@@ -201,7 +204,17 @@ class _Triton:
         )  # fmt: skip
         return out, s, mean, rstd
 
-    def bwd(self, dout, x, weight, mean, rstd, dsum, need_weight_grad, need_bias_grad):
+    def bwd(
+        self, dout, x, weight, mean, rstd, dsum, need_weight_grad, need_bias_grad,
+        need_ds=False, x_dtype=None, dropout_p=0.0, seed=0,
+    ):  # fmt: skip
+        assert dropout_p == 0 and x_dtype in (None, x.dtype), "not in Triton's Support"
+        dx_, dw_, db_ = self._bwd(dout, x, weight, mean, rstd, dsum, need_weight_grad,
+                                  need_bias_grad)  # fmt: skip
+        empty = x.new_empty(0)
+        return (dx_, empty, dw_, db_) if need_ds else (empty, dx_, dw_, db_)
+
+    def _bwd(self, dout, x, weight, mean, rstd, dsum, need_weight_grad, need_bias_grad):
         x, dout = _rows_ready(x), _rows_ready(dout)
         ds = _rows_ready(dsum) if dsum is not None else None
         n, m = x.shape

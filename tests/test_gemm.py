@@ -1,0 +1,87 @@
+"""The GEMM path of the fused modules (fastattn/ops/_gemm.py): oneDNN or F.linear, forward and
+backward, against the float64 reference with the error rule."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastattn
+from fastattn.ops import _gemm
+from tests.rule import assert_rule
+
+PATHS = ["onednn", "torch"] if _gemm._HAVE_ONEDNN else ["torch"]
+
+
+def _grads(fn, tensors, dout):
+    leaves = [t.detach().requires_grad_() if t is not None else None for t in tensors]
+    out = fn(*leaves)
+    grads = torch.autograd.grad(out, [t for t in leaves if t is not None], dout)
+    return out.detach(), grads
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("lead,k,n", [((1,), 1, 1), ((3, 7), 13, 29), ((97,), 64, 130)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_matches_reference(monkeypatch, path, dtype, lead, k, n, bias):
+    monkeypatch.setenv("FASTATTN_GEMM", path)
+    x = torch.randn(*lead, k).to(dtype)
+    w = (torch.randn(n, k) / k**0.5).to(dtype)
+    b = torch.randn(n).to(dtype) if bias else None
+    dout = torch.randn(*lead, n).to(dtype)
+    out, g = _grads(_gemm.linear, (x, w, b), dout)
+    t_out, t_g = _grads(F.linear, (x, w, b), dout)
+    r_out, r_g = _grads(F.linear, [u.double() if u is not None else None for u in (x, w, b)],
+                        dout.double())  # fmt: skip
+    assert out.dtype == dtype and out.shape == t_out.shape
+    assert_rule("out", out, t_out, r_out)
+    for name, a, tb, rc in zip(("dx", "dw", "db"), g, t_g, r_g, strict=False):
+        assert_rule(name, a, tb, rc)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_linear_autocast_and_strided_input(monkeypatch, path):
+    monkeypatch.setenv("FASTATTN_GEMM", path)
+    x = torch.randn(40, 2, 24)[:, 0, :]  # rows 48 apart: not contiguous
+    w, b = torch.randn(17, 24), torch.randn(17)
+    dout = torch.randn(40, 17).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, g = _grads(_gemm.linear, (x, w, b), dout)
+        t_out, t_g = _grads(F.linear, (x, w, b), dout)
+    r_out, r_g = _grads(F.linear, (x.double(), w.double(), b.double()), dout.double())
+    assert out.dtype == t_out.dtype == torch.bfloat16
+    assert_rule("out", out, t_out, r_out)
+    for a, tb, rc in zip(g, t_g, r_g, strict=True):
+        assert a.dtype == tb.dtype  # float32 parameters get float32 gradients, as with autocast
+        assert_rule("grad", a, tb, rc)
+
+
+def test_probe_picks_a_path_once(monkeypatch):
+    monkeypatch.setenv("FASTATTN_GEMM", "auto")
+    x, w = torch.randn(31, 8), torch.randn(5, 8)
+    _gemm.linear(x, w)
+    key = (torch.float32, 31, 8, 5, False)
+    assert _gemm.choices()[key] in PATHS
+    monkeypatch.setenv("FASTATTN_GEMM", "cublas")
+    with pytest.raises(ValueError, match="FASTATTN_GEMM must be auto, onednn or torch"):
+        _gemm.linear(x, w)
+
+
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_feed_forward_inference_epilogue(approximate, dtype):
+    # Without gradients feed_forward takes one oneDNN call with a GELU epilogue for fc1.
+    x = torch.randn(37, 48).to(dtype)
+    w1, b1 = (torch.randn(96, 48) / 7).to(dtype), torch.randn(96).to(dtype)
+    w2, b2 = (torch.randn(48, 96) / 10).to(dtype), torch.randn(48).to(dtype)
+    with torch.no_grad():
+        out = fastattn.feed_forward(x, w1, b1, w2, b2, approximate)
+
+    def torch_ff(x, w1, b1, w2, b2):
+        return F.linear(F.gelu(F.linear(x, w1, b1), approximate=approximate), w2, b2)
+
+    t = torch_ff(x, w1, b1, w2, b2)
+    r = torch_ff(*(u.double() for u in (x, w1, b1, w2, b2)))
+    assert_rule("out", out, t, r)

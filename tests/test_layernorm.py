@@ -180,16 +180,16 @@ def test_opcheck():
 
     x, w, b = _inputs((5,), (37,), torch.float32)
     r = torch.randn_like(x)
-    torch.library.opcheck(ln.layer_norm_fwd, (x, w, b, None, 1e-5, None, 0.0, 0))
-    torch.library.opcheck(ln.layer_norm_fwd, (x.requires_grad_(), w, b, r, 1e-5, None, 0.0, 0))
+    torch.library.opcheck(ln.layer_norm_fwd, (x, w, b, None, 1e-5, None, 0.0, None))
+    torch.library.opcheck(ln.layer_norm_fwd, (x.requires_grad_(), w, b, r, 1e-5, None, 0.0, None))
     # mixed dtypes, a bfloat16 output and row dropout (the fused residual path of the GPT)
     xb = x.detach().bfloat16().requires_grad_()
     rr = r.clone().requires_grad_()
-    torch.library.opcheck(ln.layer_norm_fwd, (xb, w, b, rr, 1e-5, torch.bfloat16, 0.25, 1234))
-    out = ln.layer_norm_fwd(x.detach(), w, b, None, 1e-5, None, 0.0, 0)
+    torch.library.opcheck(ln.layer_norm_fwd, (xb, w, b, rr, 1e-5, torch.bfloat16, 0.25, torch.tensor(1234)))
+    out = ln.layer_norm_fwd(x.detach(), w, b, None, 1e-5, None, 0.0, None)
     torch.library.opcheck(
         ln.layer_norm_bwd,
-        (torch.randn_like(x), x.detach(), w, out[2], out[3], None, True, True, False, None, 0.0, 0,
+        (torch.randn_like(x), x.detach(), w, out[2], out[3], None, True, True, False, None, 0.0, None,
          "auto"),  # fmt: skip
     )
 
@@ -339,8 +339,7 @@ def test_explicit_backend_refuses_unsupported_case():
 @pytest.mark.parametrize("p", [0.0, 0.3])
 @pytest.mark.parametrize("rows,m", [(1, 1), (7, 37), (13, 64), (5, 100), (3, 384)])
 def test_add_layer_norm_mixed_dropout(backend, xdt, rdt, odt, p, rows, m):
-    from fastattn.ops.attention import _draw_seed
-    from fastattn.ops.layernorm import row_dropout_keep
+    from fastattn.ops.layernorm import draw_seed, row_dropout_keep
 
     if rdt is None and p == 0.0:
         pytest.skip("no residual and no dropout: plain layer_norm")
@@ -351,7 +350,7 @@ def test_add_layer_norm_mixed_dropout(backend, xdt, rdt, odt, p, rows, m):
     dout = torch.randn(rows, m).to(odt or sdt)
     dsum = torch.randn(rows, m).to(sdt)
     torch.manual_seed(1234)
-    seed = _draw_seed()
+    seed = int(draw_seed())
     keep = row_dropout_keep(seed, rows, m, p) if p > 0 else torch.ones(rows, m, dtype=torch.bool)
 
     def run(fn, dt=None):

@@ -100,6 +100,7 @@ def _path(x2: Tensor, w: Tensor, b: Tensor | None) -> str:
         raise ValueError(f"FASTATTN_GEMM must be auto, onednn or torch, got {forced!r}")
     if (
         forced == "torch"
+        or torch.compiler.is_compiling()  # inductor picks (and packs) its own GEMMs
         or not _HAVE_ONEDNN
         or x2.device.type != "cpu"
         or x2.dtype not in _ONEDNN_DTYPES
@@ -112,8 +113,6 @@ def _path(x2: Tensor, w: Tensor, b: Tensor | None) -> str:
     key = (x2.dtype, x2.shape[0], x2.shape[1], w.shape[0], b is not None)
     choice = _CHOICE.get(key)
     if choice is None:
-        if torch.compiler.is_compiling():
-            return "onednn"  # no timing inside a trace; the eager probe decides otherwise
         choice = _CHOICE[key] = _probe(x2.detach(), w.detach(), None if b is None else b.detach())
     return choice
 

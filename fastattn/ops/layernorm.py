@@ -34,7 +34,7 @@ from fastattn.ops._common import (
     check_tensor,
     fake_from,
 )
-from fastattn.ops.attention import _draw_seed, dropout_threshold, philox4x32
+from fastattn.ops.attention import dropout_threshold, philox4x32
 
 _SizeLike = int | Sequence[int] | torch.Size
 
@@ -195,18 +195,30 @@ def layer_norm_fwd(
     eps: float,
     out_dtype: torch.dtype | None,
     dropout_p: float,
-    seed: int,
+    seed: Tensor | None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """x, residual: [N, M]; weight, bias: [M]. Returns (out, dropout(x) + residual or [0],
-    mean, rstd); see the contract in ``csrc/ops.cpp``."""
+    mean, rstd); see the contract in ``csrc/ops.cpp``. ``seed``: a 0-dim int64 CPU tensor (so
+    that under ``torch.compile`` a fresh seed is drawn inside the graph, without a break), or
+    None without dropout."""
     case = _case(
         x, residual.dtype if residual is not None else None, out_dtype, dropout=dropout_p > 0
     )
-    args = (x, weight, bias, residual, eps, out_dtype, dropout_p, seed)
+    args = (x, weight, bias, residual, eps, out_dtype, dropout_p, _seed_int(seed))
     return tuple(_dispatch.run("layer_norm", "fwd", x.device, case, None, *args))
 
 
-# The dropout mask changes values, not shapes: the fake runs without it (a traced seed).
+def _seed_int(seed: Tensor | None) -> int:
+    return int(seed.item()) if seed is not None else 0
+
+
+def draw_seed() -> Tensor:
+    """A 62-bit Philox seed from torch's default generator, as a 0-dim int64 tensor."""
+    return torch.randint(0, 2**62, (), dtype=torch.int64)
+
+
+# The dropout mask changes values, not shapes: the fake draws it with seed 0 (a traced seed
+# cannot be read); dropout_p itself decides whether the sum is returned.
 layer_norm_fwd.register_fake(fake_from(REFERENCE, "fwd", fixed={7: 0}))
 
 
@@ -223,13 +235,13 @@ def layer_norm_bwd(
     need_ds: bool,
     x_dtype: torch.dtype | None,
     dropout_p: float,
-    seed: int,
+    seed: Tensor | None,
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Returns (ds (+ dsum) or [0], dx or [0] (= ds), dweight or [0], dbias or [0]);
     ``backend``: the one in force at the forward."""
     args = (dout, x, weight, mean, rstd, dsum, need_weight_grad, need_bias_grad, need_ds,
-            x_dtype, dropout_p, seed)  # fmt: skip
+            x_dtype, dropout_p, _seed_int(seed))  # fmt: skip
     case = _case(x, dout.dtype, x_dtype, dropout=dropout_p > 0)
     return tuple(_dispatch.run("layer_norm", "bwd", x.device, case, backend, *args))
 
@@ -377,7 +389,7 @@ def layer_norm(
     m = math.prod(shape)
     w = weight.reshape(m) if weight is not None else None
     b = bias.reshape(m) if bias is not None else None
-    out = layer_norm_fwd(x.reshape(-1, m), w, b, None, float(eps), out_dtype, 0.0, 0)[0]
+    out = layer_norm_fwd(x.reshape(-1, m), w, b, None, float(eps), out_dtype, 0.0, None)[0]
     return out.view(x.shape)
 
 
@@ -436,7 +448,7 @@ def add_layer_norm(
     b = bias.reshape(m) if bias is not None else None
     res = residual.reshape(-1, m) if residual is not None else None
     p = float(dropout_p)
-    seed = _draw_seed() if p > 0 else 0
+    seed = draw_seed() if p > 0 else None
     out, s, _, _ = layer_norm_fwd(x.reshape(-1, m), w, b, res, float(eps), out_dtype, p, seed)
     if residual is None and p == 0:
         s = x.reshape(-1, m)  # the kernel returns no sum: s is x itself

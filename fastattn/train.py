@@ -36,7 +36,7 @@ import torch
 from fastattn.data import DataError, TextDataset, load_text_dataset
 from fastattn.models.gpt import GPT, GPTConfig
 from fastattn.training import argtypes as t
-from fastattn.training import checkpoint
+from fastattn.training import autodtype, checkpoint
 from fastattn.training.checkpoint import CKPT_NAME, CheckpointError
 from fastattn.training.compare import compare
 from fastattn.training.dist import Dist
@@ -44,7 +44,9 @@ from fastattn.training.evaluate import estimate_loss
 from fastattn.training.log import MetricsLog, Progress
 from fastattn.training.meter import TIMING_WARMUP_ITERS, ThroughputMeter
 
-__all__ = ["PRESETS", "TIMING_WARMUP_ITERS", "Dist", "build_parser", "main", "run", "train"]
+__all__ = [
+    "PRESETS", "TIMING_WARMUP_ITERS", "Dist", "Trainer", "build_parser", "main", "run", "train",
+]  # fmt: skip
 
 # Model size, batch and learning-rate settings of each preset; flags override them.
 PRESETS: dict[str, dict] = {
@@ -89,7 +91,7 @@ COMMON_DEFAULTS = dict(
     seed=1337,
     kernels="fastattn",
     device="cpu",
-    dtype="float32",
+    dtype="auto",
     sample_tokens=300,
     log_interval=10,
 )
@@ -179,8 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--device", type=t.device, help="cpu, cuda or cuda:N")
     r.add_argument(
         "--dtype",
-        choices=["float32", "bfloat16"],
-        help="float32 or bfloat16 autocast for the forward pass",
+        choices=["auto", "float32", "bfloat16"],
+        help="float32, bfloat16 autocast for the forward pass, or auto: bfloat16 where this "
+        "machine's bf16 matmul is faster than its fp32 one (a short probe at start-up, printed)",
     )
     r.add_argument("--compile", action="store_true", help="torch.compile the model")
     r.add_argument(
@@ -206,8 +209,21 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument(
         "--compare",
         action="store_true",
-        help="train twice, --kernels torch then fastattn (subdirs of --out-dir), and "
-        "print/plot throughput and val loss (compare.json, compare.png)",
+        help="train torch eager, torch + torch.compile and fastattn at the same --dtype, "
+        "interleaved in blocks of --compare-block steps (subdirs of --out-dir), and print/plot "
+        "throughput and val loss (compare.json, compare.png)",
+    )
+    r.add_argument(
+        "--compare-block",
+        type=t.positive_int,
+        default=10,
+        help="--compare: steps each run takes before the next one's turn",
+    )
+    r.add_argument(
+        "--compare-compile",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="--compare: include the torch + torch.compile run",
     )
     return p
 
@@ -264,6 +280,21 @@ def get_lr(step: int, args: argparse.Namespace) -> float:
 
 
 # ----------------------------------------------------------------------------- setup
+def resolve_dtype(args: argparse.Namespace, dist: Dist | None = None) -> None:
+    """``--dtype auto`` -> float32 or bfloat16 (:mod:`fastattn.training.autodtype`), in place;
+    every rank takes rank 0's answer. The probe's numbers are printed (rank 0)."""
+    if args.dtype != "auto":
+        return
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    pick, why = autodtype.resolve(args.device, args.batch_size * args.block_size, args.n_embd)
+    if dist is not None and dist.world > 1:
+        pick = dist.gather(pick)[0]
+    args.dtype = pick
+    if dist is None or dist.master:
+        print(why, flush=True)
+
+
 @dataclass
 class Run:
     """One training run's state, made by :func:`setup`; read by the loop and its helpers."""
@@ -291,6 +322,7 @@ def setup(args: argparse.Namespace, dist: Dist) -> Run:
     """Data, model, optimizer and RNG states: fresh, or from the checkpoint with --resume."""
     if args.threads:
         torch.set_num_threads(args.threads)
+    resolve_dtype(args, dist)
     out_dir = Path(args.out_dir)
     if dist.master:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -334,53 +366,93 @@ def setup(args: argparse.Namespace, dist: Dist) -> Run:
 
 
 # ----------------------------------------------------------------------------- the loop
-def train(args: argparse.Namespace, dist: Dist | None = None) -> dict:
-    """One training run as described by ``args``; returns a summary (rank 0's view)."""
-    dist = dist or Dist(args.device)
-    run = setup(args, dist)
-    B, T = args.batch_size, run.config.block_size
-    meter = ThroughputMeter(tokens_per_iter=B * T * dist.world)
-    resume_step = run.start_step if args.resume else None
-    log = MetricsLog(run.out_dir / "metrics.jsonl", enabled=dist.master, resume_step=resume_step)
-    announce(run)
-    bar = Progress(args.max_iters, run.start_step, show=dist.master and not args.no_progress)
-    evals, loss = [], float("nan")
-    try:
-        for step in range(run.start_step, args.max_iters):
-            # evaluate (and checkpoint) before the step; a resumed run did so before it stopped
+class Trainer:
+    """One training run as described by ``args``, advanced in pieces: :meth:`run_until` trains
+    (evaluating and checkpointing every --eval-interval steps), :meth:`finish` evaluates the
+    last step and returns the summary. :func:`train` runs it in one go; ``--compare`` advances
+    several in alternating blocks of steps (:mod:`fastattn.training.compare`)."""
+
+    def __init__(self, args: argparse.Namespace, dist: Dist | None = None, show: bool = True):
+        self.args, self.dist = args, dist or Dist(args.device)
+        self.run = setup(args, self.dist)
+        self.B, self.T = args.batch_size, self.run.config.block_size
+        self.meter = ThroughputMeter(tokens_per_iter=self.B * self.T * self.dist.world)
+        resume = self.run.start_step if args.resume else None
+        self.log = MetricsLog(self.run.out_dir / "metrics.jsonl", enabled=self.dist.master,
+                              resume_step=resume)  # fmt: skip
+        announce(self.run)
+        show = show and self.dist.master and not args.no_progress
+        self.bar = Progress(args.max_iters, self.run.start_step, show=show)
+        self.step, self.evals, self.loss = self.run.start_step, [], float("nan")
+
+    def run_until(self, stop: int) -> None:
+        """Train steps ``self.step .. stop - 1``; evaluate (and checkpoint) before a step at
+        each --eval-interval (a resumed run did so before it stopped)."""
+        args, run = self.args, self.run
+        for step in range(self.step, min(stop, args.max_iters)):
             if step % args.eval_interval == 0 and not (args.resume and step == run.start_step):
-                evals.append(evaluate_and_checkpoint(run, step, meter, log, bar))
+                self.evals.append(
+                    evaluate_and_checkpoint(run, step, self.meter, self.log, self.bar)
+                )
             lr = get_lr(step, args)
             for group in run.optimizer.param_groups:
                 group["lr"] = lr
             t0 = time.perf_counter()
-            loss = train_step(run, B, T)
-            meter.add(time.perf_counter() - t0)
+            self.loss = train_step(run, self.B, self.T)
+            self.meter.add(time.perf_counter() - t0)
             if step % args.log_interval == 0 or step == args.max_iters - 1:
-                log.write({"kind": "iter", "step": step, "loss": loss, "lr": lr})
-            bar.update(loss, meter.window_rate)
-        if args.max_iters > run.start_step or not args.resume:
-            evals.append(evaluate_and_checkpoint(run, args.max_iters, meter, log, bar))
-    finally:
-        bar.close()
-        log.close()
+                self.log.write({"kind": "iter", "step": step, "loss": self.loss, "lr": lr})
+            self.bar.update(self.loss, self.meter.window_rate)
+            self.step = step + 1
 
-    summary = {
-        "kernels": args.kernels,
-        "out_dir": str(run.out_dir),
-        "steps": args.max_iters,
-        "tokens_per_s": meter.rate,
-        "timed_iters": meter.timed_iters,
-        "final_train_loss": evals[-1]["train_loss"] if evals else None,
-        "final_val_loss": evals[-1]["val_loss"] if evals else None,
-        "last_step_loss": loss,
-        "elapsed_s": run.elapsed(),
-        "evals": evals,
-        "model": run.model,
-    }
-    if dist.master and args.sample_tokens > 0:
-        summary["sample"] = write_sample(run)
-    return summary
+    @property
+    def done(self) -> bool:
+        return self.step >= self.args.max_iters
+
+    def finish(self) -> dict:
+        """The last evaluation and checkpoint, the sample; returns the summary (rank 0's)."""
+        args, run = self.args, self.run
+        try:
+            if args.max_iters > run.start_step or not args.resume:
+                self.evals.append(
+                    evaluate_and_checkpoint(run, args.max_iters, self.meter, self.log, self.bar)
+                )
+        finally:
+            self.close()
+        summary = {
+            "kernels": args.kernels,
+            "compile": bool(args.compile),
+            "dtype": args.dtype,
+            "out_dir": str(run.out_dir),
+            "steps": args.max_iters,
+            "tokens_per_s": self.meter.rate,
+            "timed_iters": self.meter.timed_iters,
+            "step_ms_median": self.meter.median_ms,
+            "final_train_loss": self.evals[-1]["train_loss"] if self.evals else None,
+            "final_val_loss": self.evals[-1]["val_loss"] if self.evals else None,
+            "last_step_loss": self.loss,
+            "elapsed_s": run.elapsed(),
+            "evals": self.evals,
+            "model": run.model,
+        }
+        if self.dist.master and args.sample_tokens > 0:
+            summary["sample"] = write_sample(run)
+        return summary
+
+    def close(self) -> None:
+        self.bar.close()
+        self.log.close()
+
+
+def train(args: argparse.Namespace, dist: Dist | None = None) -> dict:
+    """One training run as described by ``args``; returns a summary (rank 0's view)."""
+    trainer = Trainer(args, dist)
+    try:
+        trainer.run_until(args.max_iters)
+    except BaseException:
+        trainer.close()
+        raise
+    return trainer.finish()
 
 
 def train_step(run: Run, B: int, T: int) -> float:
@@ -420,8 +492,9 @@ def evaluate_and_checkpoint(
     log.write(rec)
     if run.dist.master:
         tps_txt = f", {tps:,.0f} tok/s" if tps else ""
+        label = getattr(args, "run_label", None)
         bar.say(
-            f"step {step}: train loss {losses['train_loss']:.4f}, val loss "
+            f"{f'[{label}] ' if label else ''}step {step}: train loss {losses['train_loss']:.4f}, val loss "
             f"{losses['val_loss']:.4f}{tps_txt}, {elapsed:.1f} s"
         )
     save_checkpoint(run, step, elapsed)
@@ -475,7 +548,8 @@ def run(argv: list[str] | None = None) -> dict:
     args, parser = parse_args(argv)
     try:
         if args.compare:
-            return compare(args, train)
+            resolve_dtype(args)  # once: every run of the comparison trains in the same dtype
+            return compare(args, Trainer)
         dist = Dist(args.device)
         try:
             return train(args, dist)

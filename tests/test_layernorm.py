@@ -185,12 +185,27 @@ def test_opcheck():
     # mixed dtypes, a bfloat16 output and row dropout (the fused residual path of the GPT)
     xb = x.detach().bfloat16().requires_grad_()
     rr = r.clone().requires_grad_()
-    torch.library.opcheck(ln.layer_norm_fwd, (xb, w, b, rr, 1e-5, torch.bfloat16, 0.25, torch.tensor(1234)))
+    torch.library.opcheck(
+        ln.layer_norm_fwd, (xb, w, b, rr, 1e-5, torch.bfloat16, 0.25, torch.tensor(1234))
+    )
     out = ln.layer_norm_fwd(x.detach(), w, b, None, 1e-5, None, 0.0, None)
     torch.library.opcheck(
         ln.layer_norm_bwd,
-        (torch.randn_like(x), x.detach(), w, out[2], out[3], None, True, True, False, None, 0.0, None,
-         "auto"),  # fmt: skip
+        (
+            torch.randn_like(x),
+            x.detach(),
+            w,
+            out[2],
+            out[3],
+            None,
+            True,
+            True,
+            False,
+            None,
+            0.0,
+            None,
+            "auto",
+        ),  # fmt: skip
     )
 
 

@@ -28,7 +28,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:fastattn.nn")
 TINY_FLAGS = [
     "--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--block-size", "16",
     "--batch-size", "4", "--eval-iters", "2", "--sample-tokens", "0", "--no-progress",
-    "--threads", "1",
+    "--threads", "1", "--dtype", "float32",
 ]  # fmt: skip
 
 
@@ -173,14 +173,17 @@ def test_resume_continues_exactly(tmp_path, small_text):
 # ----------------------------------------------------------------------------- --compare
 def test_compare_writes_table_json_and_plot(tmp_path, small_text, capsys):
     argv = flags(tmp_path, small_text, "--compare", "--max-iters", "6", "--eval-interval", "3",
-                 "--sample-tokens", "20")  # fmt: skip
+                 "--sample-tokens", "20", "--no-compare-compile",
+                 "--compare-block", "2")  # fmt: skip
     train.main(argv)
     out = capsys.readouterr().out
     assert "speed-up" in out and "tokens/s" in out and "--- sample" in out
+    assert "interleaved in blocks of 2" in out
     rec = json.loads((tmp_path / "out" / "compare.json").read_text())
-    rows = {r["kernels"]: r for r in rec["rows"]}
+    rows = {r["run"]: r for r in rec["rows"]}
     assert set(rows) == {"torch", "fastattn"} and rows["torch"]["speedup"] == pytest.approx(1.0)
     assert rows["fastattn"]["timed_iters"] == 6 - train.TIMING_WARMUP_ITERS
+    assert rows["fastattn"]["step_ms_median"] > 0
     # same seed and config: the two runs learn the same thing
     assert rows["fastattn"]["final_val_loss"] == pytest.approx(
         rows["torch"]["final_val_loss"], rel=1e-4
@@ -188,16 +191,50 @@ def test_compare_writes_table_json_and_plot(tmp_path, small_text, capsys):
     assert (tmp_path / "out" / "compare.png").stat().st_size > 1000
     for k in ("torch", "fastattn"):
         assert (tmp_path / "out" / k / "ckpt.pt").exists()
-        assert (
-            len(
-                [
-                    r
-                    for r in read_metrics(tmp_path / "out" / k / "metrics.jsonl")
-                    if r["kind"] == "eval"
-                ]
-            )
-            == 3
-        )
+        evals = [r for r in read_metrics(tmp_path / "out" / k / "metrics.jsonl")
+                 if r["kind"] == "eval"]  # fmt: skip
+        assert len(evals) == 3
+
+
+def test_compare_interleaves_runs_and_adds_the_compile_row(tmp_path):
+    """The runs take turns in blocks; the compile row is there by default."""
+    order = []
+
+    class FakeTrainer:
+        def __init__(self, args):
+            self.args, self.step = args, 0
+            self.label = "torch+compile" if args.compile else args.kernels
+
+        @property
+        def done(self):
+            return self.step >= self.args.max_iters
+
+        def run_until(self, stop):
+            order.append((self.label, self.step, min(stop, self.args.max_iters)))
+            self.step = min(stop, self.args.max_iters)
+
+        def finish(self):
+            tps = {"torch": 1000.0, "torch+compile": 1100.0, "fastattn": 1500.0}[self.label]
+            return {"kernels": self.args.kernels, "compile": self.args.compile,
+                    "tokens_per_s": tps, "final_val_loss": 2.0, "elapsed_s": 3.0,
+                    "timed_iters": 5, "step_ms_median": 10.0,
+                    "evals": [{"train_time_s": 1.0, "val_loss": 2.0}]}  # fmt: skip
+
+    args, _ = train.parse_args(["--out-dir", str(tmp_path), "--max-iters", "5",
+                                "--compare-block", "2", "--no-progress"])  # fmt: skip
+    record = compare(args, FakeTrainer)
+    assert order[:3] == [("torch", 0, 2), ("torch+compile", 0, 2), ("fastattn", 0, 2)]
+    assert order[-1] == ("fastattn", 4, 5) and len(order) == 9
+    assert [r["run"] for r in record["rows"]] == ["torch", "torch+compile", "fastattn"]
+    assert [r["speedup"] for r in record["rows"]] == [1.0, 1.1, 1.5]
+
+
+def test_dtype_auto_probes_and_says_why(capsys):
+    from fastattn.training import autodtype
+
+    dtype, why = autodtype.resolve("cpu", 64, 32)
+    assert dtype in ("float32", "bfloat16")
+    assert "GFLOP/s" in why and dtype in why
 
 
 # ----------------------------------------------------------------------------- DDP
@@ -368,14 +405,26 @@ def test_compare_without_matplotlib_says_so(tmp_path, monkeypatch, capsys):
     assert not write_plot(tmp_path / "c.png", rows, {"torch": [], "fastattn": []}, "t")
     assert not (tmp_path / "c.png").exists()
 
-    def fake_train(args):
-        tps = 1000.0 if args.kernels == "torch" else 1500.0
-        evals = [{"elapsed_s": 1.0, "val_loss": 2.0}]
-        return {"tokens_per_s": tps, "final_val_loss": 2.0, "elapsed_s": 3.0,
-                "timed_iters": 5, "evals": evals}  # fmt: skip
+    class FakeTrainer:
+        def __init__(self, args):
+            self.args, self.step = args, 0
 
-    args, _ = train.parse_args(["--out-dir", str(tmp_path), "--max-iters", "8"])
-    record = compare(args, fake_train)
+        @property
+        def done(self):
+            return self.step >= self.args.max_iters
+
+        def run_until(self, stop):
+            self.step = stop
+
+        def finish(self):
+            tps = 1000.0 if self.args.kernels == "torch" else 1500.0
+            evals = [{"train_time_s": 1.0, "val_loss": 2.0}]
+            return {"tokens_per_s": tps, "final_val_loss": 2.0, "elapsed_s": 3.0,
+                    "timed_iters": 5, "evals": evals, "kernels": self.args.kernels}  # fmt: skip
+
+    args, _ = train.parse_args(["--out-dir", str(tmp_path), "--max-iters", "8",
+                                "--no-compare-compile", "--no-progress"])  # fmt: skip
+    record = compare(args, FakeTrainer)
     out = capsys.readouterr().out
     assert [r["speedup"] for r in record["rows"]] == [1.0, 1.5]
     assert "compare.png" not in out and "matplotlib is not installed" in out

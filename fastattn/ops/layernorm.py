@@ -355,7 +355,9 @@ def _check_out_dtype(name: str, x: Tensor, out_dtype: torch.dtype | None) -> Non
     if out_dtype is None:
         return
     if not isinstance(out_dtype, torch.dtype) or not out_dtype.is_floating_point:
-        raise TypeError(f"{name}: out_dtype must be a floating torch.dtype or None, got {out_dtype!r}")
+        raise TypeError(
+            f"{name}: out_dtype must be a floating torch.dtype or None, got {out_dtype!r}"
+        )
     if (out_dtype == torch.float64) != (x.dtype == torch.float64):
         raise TypeError(
             f"{name}: out_dtype {out_dtype} with a {x.dtype} input: float64 is not mixed with "

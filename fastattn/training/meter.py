@@ -23,6 +23,7 @@ class ThroughputMeter:
         self.total_s = 0.0
         self.window_iters = 0
         self.window_s = 0.0
+        self.step_s: list[float] = []  # every timed iteration, for the median
 
     def add(self, seconds: float) -> None:
         """One training iteration took ``seconds``."""
@@ -31,6 +32,7 @@ class ThroughputMeter:
             return
         self.timed_iters += 1
         self.total_s += seconds
+        self.step_s.append(seconds)
         self.window_iters += 1
         self.window_s += seconds
 
@@ -48,3 +50,12 @@ class ThroughputMeter:
         if self.window_s <= 0:
             return None
         return self.window_iters * self.tokens_per_iter / self.window_s
+
+    @property
+    def median_ms(self) -> float | None:
+        """The median timed iteration in milliseconds (robust to a noisy machine's outliers);
+        None before the first one."""
+        if not self.step_s:
+            return None
+        xs = sorted(self.step_s)
+        return 1e3 * xs[len(xs) // 2]

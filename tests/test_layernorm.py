@@ -420,3 +420,21 @@ def test_add_layer_norm_bad_dropout_and_dtype():
         fastattn.add_layer_norm(x, x.double(), (8,))
     with pytest.raises(TypeError, match="out_dtype must be a floating"):
         fastattn.layer_norm(x, (8,), out_dtype=torch.int32)
+
+
+def test_eager_fast_path_equals_the_custom_op():
+    # Eager calls skip the dispatcher (ops/_common.eager_fast_path); the custom op (what
+    # torch.compile sees) must compute exactly the same, forward and backward.
+    from fastattn.ops import layernorm as ln
+
+    x, w, b = (t.requires_grad_() for t in _inputs((9,), (130,), torch.float32))
+    r = torch.randn(9, 130, requires_grad=True)
+    dout = torch.randn(9, 130)
+    args = (x, w, b, r, 1e-5, torch.bfloat16, 0.2, ln.draw_seed())
+    runs = []
+    for fn in (ln._fwd_call, ln.layer_norm_fwd):
+        out, s, _, _ = fn(*args)
+        grads = torch.autograd.grad((out, s), (x, w, b, r), (dout.bfloat16(), dout))
+        runs.append((out, s, *grads))
+    for a, c in zip(*runs, strict=True):
+        assert torch.equal(a, c)

@@ -3,6 +3,7 @@ accumulation dtype, the native-kernel implementation object and fakes derived fr
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -70,3 +71,59 @@ def fake_from(
         return tuple(t.contiguous() for t in out)  # every kernel returns contiguous outputs
 
     return fake
+
+
+def _tracing(args: tuple) -> bool:
+    """Under dynamo, or with any tensor argument that is not a plain eager tensor (fake,
+    functional or proxy tensors of AOTAutograd / export / opcheck)."""
+    if torch.compiler.is_compiling():
+        return True
+    return any(
+        isinstance(a, Tensor) and type(a) is not Tensor and type(a) is not torch.nn.Parameter
+        for a in args
+    )
+
+
+def eager_fast_path(
+    op: Any, body: Callable[..., Any], setup_context: Callable, backward: Callable
+) -> Callable[..., Any]:
+    """How the public functions call a differentiable custom op.
+
+    Under ``torch.compile`` / ``torch.export`` tracing: the ``torch.library`` custom op ``op``
+    itself (a graph leaf with its fake and registered autograd). In eager mode the same
+    implementation without the dispatcher round-trips (Python -> C++ dispatcher -> autograd
+    kernel -> Python body costs ~20-45 us a call, more than a small kernel): ``body`` (the op's
+    Python function) directly when no gradient is needed, else inside an
+    ``autograd.Function`` whose forward and backward are the op's own ``setup_context`` and
+    ``backward``. Both paths run the same code on the same backend, so they compute the same.
+    """
+
+    class _Eager(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, *args):
+            out = body(*args)
+            setup_context(ctx, args, out)
+            return out
+
+        @staticmethod
+        def backward(ctx, *grads):
+            return backward(ctx, *grads)
+
+    def call(*args: Any) -> Any:
+        if _tracing(args):
+            return op(*args)
+        if torch.is_grad_enabled() and any(isinstance(a, Tensor) and a.requires_grad for a in args):
+            return _Eager.apply(*args)
+        return body(*args)
+
+    return call
+
+
+def eager_call(op: Any, body: Callable[..., Any]) -> Callable[..., Any]:
+    """``op`` (a custom op) while tracing, its Python ``body`` in eager mode: for the backward
+    ops, called from an autograd formula (see :func:`eager_fast_path`)."""
+
+    def call(*args: Any) -> Any:
+        return op(*args) if _tracing(args) else body(*args)
+
+    return call

@@ -41,6 +41,8 @@ from fastattn.ops._common import (
     acc_dtype,
     check_same_device,
     check_tensor,
+    eager_call,
+    eager_fast_path,
     fake_from,
 )
 
@@ -126,19 +128,18 @@ def _case(x: Tensor, approximate: str) -> GeluCase:
 # ----------------------------------------------------------------------------- custom ops
 
 
-@torch.library.custom_op("fastattn::bias_gelu_fwd", mutates_args=())
-def bias_gelu_fwd(x: Tensor, bias: Tensor | None, approximate: str) -> Tensor:
+def _bias_gelu_fwd(x: Tensor, bias: Tensor | None, approximate: str) -> Tensor:
     """x: [N, M]; bias: [M]. Returns gelu(x + bias): [N, M] in x's dtype."""
     return _dispatch.run(
         "bias_gelu", "fwd", x.device, _case(x, approximate), None, x, bias, approximate
     )
 
 
+bias_gelu_fwd = torch.library.custom_op("fastattn::bias_gelu_fwd", mutates_args=())(_bias_gelu_fwd)
 bias_gelu_fwd.register_fake(fake_from(REFERENCE, "fwd"))
 
 
-@torch.library.custom_op("fastattn::bias_gelu_bwd", mutates_args=())
-def bias_gelu_bwd(
+def _bias_gelu_bwd(
     dout: Tensor,
     x: Tensor,
     bias: Tensor | None,
@@ -153,7 +154,9 @@ def bias_gelu_bwd(
     return tuple(_dispatch.run("bias_gelu", "bwd", x.device, case, backend, *args))
 
 
+bias_gelu_bwd = torch.library.custom_op("fastattn::bias_gelu_bwd", mutates_args=())(_bias_gelu_bwd)
 bias_gelu_bwd.register_fake(fake_from(REFERENCE, "bwd", trailing=1))
+_bwd_call = eager_call(bias_gelu_bwd, _bias_gelu_bwd)
 
 
 def _setup_context(ctx, inputs, output):
@@ -170,11 +173,12 @@ def _backward(ctx, dout):
     need_b = bias is not None and ctx.needs_input_grad[1]
     if not (ctx.needs_input_grad[0] or need_b):
         return None, None, None
-    dx, db = bias_gelu_bwd(dout.contiguous(), x, bias, ctx.approximate, need_b, ctx.backend)
+    dx, db = _bwd_call(dout.contiguous(), x, bias, ctx.approximate, need_b, ctx.backend)
     return (dx if ctx.needs_input_grad[0] else None), (db if need_b else None), None
 
 
 bias_gelu_fwd.register_autograd(_backward, setup_context=_setup_context)
+_fwd_call = eager_fast_path(bias_gelu_fwd, _bias_gelu_fwd, _setup_context, _backward)
 
 
 # ----------------------------------------------------------------------------- public API
@@ -215,7 +219,7 @@ def bias_gelu(x: Tensor, bias: Tensor | None = None, approximate: str = "none") 
     _validate_bias(name, "bias", x, bias, m)
     if x.numel() == 0:
         return bias_gelu_reference(x, bias, approximate).to(x.dtype)
-    return bias_gelu_fwd(x.reshape(-1, m), bias, approximate).view(x.shape)
+    return _fwd_call(x.reshape(-1, m), bias, approximate).view(x.shape)
 
 
 def feed_forward(

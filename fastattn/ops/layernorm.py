@@ -32,6 +32,8 @@ from fastattn.ops._common import (
     acc_dtype,
     check_same_device,
     check_tensor,
+    eager_call,
+    eager_fast_path,
     fake_from,
 )
 from fastattn.ops.attention import dropout_threshold, philox4x32
@@ -186,8 +188,7 @@ def _case(x: Tensor, *others: torch.dtype | None, dropout: bool = False) -> Laye
 # ----------------------------------------------------------------------------- custom ops
 
 
-@torch.library.custom_op("fastattn::layer_norm_fwd", mutates_args=())
-def layer_norm_fwd(
+def _layer_norm_fwd(
     x: Tensor,
     weight: Tensor | None,
     bias: Tensor | None,
@@ -208,6 +209,11 @@ def layer_norm_fwd(
     return tuple(_dispatch.run("layer_norm", "fwd", x.device, case, None, *args))
 
 
+layer_norm_fwd = torch.library.custom_op("fastattn::layer_norm_fwd", mutates_args=())(
+    _layer_norm_fwd
+)
+
+
 def _seed_int(seed: Tensor | None) -> int:
     return int(seed.item()) if seed is not None else 0
 
@@ -222,8 +228,7 @@ def draw_seed() -> Tensor:
 layer_norm_fwd.register_fake(fake_from(REFERENCE, "fwd", fixed={7: 0}))
 
 
-@torch.library.custom_op("fastattn::layer_norm_bwd", mutates_args=())
-def layer_norm_bwd(
+def _layer_norm_bwd(
     dout: Tensor,
     x: Tensor,
     weight: Tensor | None,
@@ -246,7 +251,11 @@ def layer_norm_bwd(
     return tuple(_dispatch.run("layer_norm", "bwd", x.device, case, backend, *args))
 
 
+layer_norm_bwd = torch.library.custom_op("fastattn::layer_norm_bwd", mutates_args=())(
+    _layer_norm_bwd
+)
 layer_norm_bwd.register_fake(fake_from(REFERENCE, "bwd", trailing=1, fixed={11: 0}))
+_bwd_call = eager_call(layer_norm_bwd, _layer_norm_bwd)
 
 
 def _setup_context(ctx, inputs, output):
@@ -268,7 +277,7 @@ def _backward(ctx, dout, dsum, _dmean, _drstd):
     need_w = weight is not None and ctx.needs_input_grad[1]
     need_b = ctx.needs_input_grad[2]
     need_ds = ctx.has_residual and ctx.needs_input_grad[3]
-    ds, dx, dw, db = layer_norm_bwd(
+    ds, dx, dw, db = _bwd_call(
         dout.contiguous(),
         xs,
         weight,
@@ -298,6 +307,7 @@ def _backward(ctx, dout, dsum, _dmean, _drstd):
 
 
 layer_norm_fwd.register_autograd(_backward, setup_context=_setup_context)
+_fwd_call = eager_fast_path(layer_norm_fwd, _layer_norm_fwd, _setup_context, _backward)
 
 
 # ----------------------------------------------------------------------------- public API
@@ -391,7 +401,7 @@ def layer_norm(
     m = math.prod(shape)
     w = weight.reshape(m) if weight is not None else None
     b = bias.reshape(m) if bias is not None else None
-    out = layer_norm_fwd(x.reshape(-1, m), w, b, None, float(eps), out_dtype, 0.0, None)[0]
+    out = _fwd_call(x.reshape(-1, m), w, b, None, float(eps), out_dtype, 0.0, None)[0]
     return out.view(x.shape)
 
 
@@ -451,7 +461,7 @@ def add_layer_norm(
     res = residual.reshape(-1, m) if residual is not None else None
     p = float(dropout_p)
     seed = draw_seed() if p > 0 else None
-    out, s, _, _ = layer_norm_fwd(x.reshape(-1, m), w, b, res, float(eps), out_dtype, p, seed)
+    out, s, _, _ = _fwd_call(x.reshape(-1, m), w, b, res, float(eps), out_dtype, p, seed)
     if residual is None and p == 0:
         s = x.reshape(-1, m)  # the kernel returns no sum: s is x itself
         return out.view(x.shape), x

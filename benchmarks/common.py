@@ -284,6 +284,8 @@ class Report:
     # Per round, "case | impl" -> {"seconds": [...], "minor_faults": [...]} (kept in the JSON
     # for re-analysis).
     raw: dict[str, dict[str, list]] = field(default_factory=dict)
+    # Further tables: (title, columns, rows), written after the main one.
+    sections: list[tuple[str, list[str], list[list[object]]]] = field(default_factory=list)
     # Optional: a function path -> None that draws this run's figure (not saved in the JSON).
     plot: Callable[[Path], None] | None = field(default=None, repr=False, compare=False)
 
@@ -343,6 +345,10 @@ class Report:
         lines.append("|" + "---|" * len(self.columns))
         for row in self.rows:
             lines.append("| " + " | ".join(_fmt(c) for c in row) + " |")
+        for title, columns, rows in self.sections:
+            lines += ["", f"{title}:", "", "| " + " | ".join(columns) + " |"]
+            lines.append("|" + "---|" * len(columns))
+            lines += ["| " + " | ".join(_fmt(c) for c in row) + " |" for row in rows]
         notes = [*self.notes, METHOD_NOTE] if self.raw else self.notes
         if notes:
             lines += [""] + [f"- {n}" for n in notes]
@@ -359,6 +365,7 @@ class Report:
             "cores_shared_during_ceilings": self.ceilings.shared if self.ceilings else None,
             "columns": self.columns,
             "rows": self.rows,
+            "sections": [{"title": t, "columns": c, "rows": r} for t, c, r in self.sections],
             "notes": [*self.notes, METHOD_NOTE] if self.raw else self.notes,
             "raw_per_round": self.raw,
         }

@@ -32,6 +32,7 @@ from benchmarks.common import (
     interleaved,
     machine,
 )
+from benchmarks.training import suite_training
 
 
 @dataclass
@@ -362,6 +363,7 @@ SUITES: dict[str, Suite] = {
     "attention": Suite(suite_attention, "causal attention fwd, fwd+bwd vs SDPA (compute-bound)"),
     "gelu": Suite(suite_gelu, "bias_gelu (memory-bound) and FeedForward (compute-bound)"),
     "patch": Suite(suite_patch, "fastattn.patch on whole models, fwd+bwd"),
+    "training": Suite(suite_training, "the demo GPT's training step and its budget"),
 }
 
 

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 import fastattn
 from fastattn.nn import CausalSelfAttention, MultiheadAttention
 from fastattn.ops.attention import (
+    _draw_seed,
     attention_reference,
     dropout_keep_mask,
     philox4x32,
@@ -330,7 +331,7 @@ def test_dropout_mask_and_gradients_match_reference(backend):
     B, Hq, Hkv, Tq, Tk, D, p = 2, 4, 2, 33, 41, 16, 0.25
     q, k, v, kpm, dout = make_inputs(B, Hq, Hkv, Tq, Tk, D, torch.float32, pad=True)
     torch.manual_seed(99)
-    seed = int(torch.randint(0, 2**62, (1,)).item())
+    seed = int(_draw_seed())
     mask = dropout_keep_mask(seed, 0, B, Hq, Tq, Tk, p)
     kw = dict(causal=True, key_padding_mask=kpm)
     with fastattn.use_backend(backend):
@@ -349,7 +350,7 @@ def _op_args(requires_grad=True, pad=True, causal=True, dropout_p=0.0, bias=Fals
     q, k, v = (t.requires_grad_(requires_grad) for t in (q, k, v))
     b = torch.randn(1, 4, 9, 11).requires_grad_(requires_grad) if bias else None
     wr = 0 if causal else -1
-    return (q, k, v, kpm, b, 0.25, softcap, -1, wr, 11 - 9, dropout_p, 12345, 0)
+    return (q, k, v, kpm, b, 0.25, softcap, -1, wr, 11 - 9, dropout_p, torch.tensor(12345), 0)
 
 
 @pytest.mark.parametrize(
@@ -371,7 +372,9 @@ def test_lse_and_empty_rows_contract():
     """lse is the natural-log logsumexp of the scaled scores, +inf for a row that sees nothing
     (served by auto: the cpu kernel where built, else the reference)."""
     q, k, v, kpm, _ = make_inputs(2, 2, 2, 6, 4, 16, torch.float64, pad=True)
-    out, lse = torch.ops.fastattn.attention_fwd(q, k, v, kpm, None, 0.25, 0.0, -1, 0, -2, 0.0, 0, 0)
+    out, lse = torch.ops.fastattn.attention_fwd(
+        q, k, v, kpm, None, 0.25, 0.0, -1, 0, -2, 0.0, None, 0
+    )
     s = (q @ k.transpose(-2, -1)) * 0.25
     vis = torch.ones(6, 4, dtype=torch.bool).tril(4 - 6)[None, None] & ~kpm[:, None, None, :]
     want = torch.logsumexp(s.masked_fill(~vis, float("-inf")), -1)

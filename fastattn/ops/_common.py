@@ -127,3 +127,10 @@ def eager_call(op: Any, body: Callable[..., Any]) -> Callable[..., Any]:
         return op(*args) if _tracing(args) else body(*args)
 
     return call
+
+
+def draw_seed() -> Tensor:
+    """A 62-bit Philox seed from torch's default CPU generator (``torch.manual_seed`` makes a
+    run repeatable), as a 0-dim int64 tensor: under ``torch.compile`` the draw is part of the
+    graph (no ``.item()`` break), a fresh seed every call."""
+    return torch.randint(0, 2**62, (), dtype=torch.int64)

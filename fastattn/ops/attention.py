@@ -46,7 +46,15 @@ import torch
 from torch import Tensor
 
 from fastattn import _dispatch
-from fastattn.ops._common import acc_dtype, check_same_device, check_tensor, fake_from
+from fastattn.ops._common import (
+    acc_dtype,
+    check_same_device,
+    check_tensor,
+    draw_seed,
+    eager_call,
+    eager_fast_path,
+    fake_from,
+)
 
 _MASK32 = 0xFFFFFFFF
 _PHILOX_ROUND_A = 0xD2511F53
@@ -439,8 +447,7 @@ def _case(q, k, key_padding_mask, bias, softcap, wl, wr, off, dropout_p, bias_gr
     )
 
 
-@torch.library.custom_op("fastattn::attention_fwd", mutates_args=())
-def attention_fwd(
+def _attention_fwd(
     q: Tensor,
     k: Tensor,
     v: Tensor,
@@ -452,7 +459,7 @@ def attention_fwd(
     window_right: int,
     diag_offset: int,
     dropout_p: float,
-    seed: int,
+    seed: Tensor | None,
     offset: int,
 ) -> tuple[Tensor, Tensor]:
     """q [B,Hq,Tq,D], k/v [B,Hkv,Tk,D], bias None or [B,Hq,Tq,Tk] (broadcast by stride 0,
@@ -460,17 +467,22 @@ def attention_fwd(
     case = _case(q, k, key_padding_mask, bias, softcap, window_left, window_right, diag_offset,
                  dropout_p, False)  # fmt: skip
     args = (q, k, v, key_padding_mask, bias, scale, softcap, window_left, window_right,
-            diag_offset, dropout_p, seed, offset)  # fmt: skip
+            diag_offset, dropout_p, _seed_int(seed), offset)  # fmt: skip
     out, lse = _dispatch.run("attention", "fwd", q.device, case, None, *args)
     return out.contiguous(), lse.contiguous()
 
 
+def _seed_int(seed: Tensor | None) -> int:
+    """The Philox seed: a 0-dim int64 tensor (drawn inside a compiled graph: no break)."""
+    return int(seed.item()) if seed is not None else 0
+
+
+attention_fwd = torch.library.custom_op("fastattn::attention_fwd", mutates_args=())(_attention_fwd)
 # Dropout (p, seed, offset) changes values, not shapes: the fake runs without it.
 attention_fwd.register_fake(fake_from(REFERENCE, "fwd", fixed={10: 0.0, 11: 0, 12: 0}))
 
 
-@torch.library.custom_op("fastattn::attention_bwd", mutates_args=())
-def attention_bwd(
+def _attention_bwd(
     dout: Tensor,
     q: Tensor,
     k: Tensor,
@@ -485,7 +497,7 @@ def attention_bwd(
     window_right: int,
     diag_offset: int,
     dropout_p: float,
-    seed: int,
+    seed: Tensor | None,
     offset: int,
     need_bias_grad: bool,
     backend: str,
@@ -496,12 +508,15 @@ def attention_bwd(
     case = _case(q, k, key_padding_mask, bias, softcap, window_left, window_right, diag_offset,
                  dropout_p, need_bias_grad)  # fmt: skip
     args = (dout, q, k, v, out, lse, key_padding_mask, bias, scale, softcap, window_left,
-            window_right, diag_offset, dropout_p, seed, offset, need_bias_grad)  # fmt: skip
+            window_right, diag_offset, dropout_p, _seed_int(seed), offset,
+            need_bias_grad)  # fmt: skip
     dq, dk, dv, dbias = _dispatch.run("attention", "bwd", q.device, case, backend, *args)
     return dq.contiguous(), dk.contiguous(), dv.contiguous(), dbias.contiguous()
 
 
+attention_bwd = torch.library.custom_op("fastattn::attention_bwd", mutates_args=())(_attention_bwd)
 attention_bwd.register_fake(fake_from(REFERENCE, "bwd", trailing=1, fixed={13: 0.0, 14: 0, 15: 0}))
+_bwd_call = eager_call(attention_bwd, _attention_bwd)
 
 
 def _setup_context(ctx, inputs, output):
@@ -515,7 +530,7 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, dout, _dlse):
     q, k, v, out, lse, key_padding_mask, bias = ctx.saved_tensors
     need_bias_grad = bias is not None and ctx.needs_input_grad[4]
-    dq, dk, dv, dbias = attention_bwd(
+    dq, dk, dv, dbias = _bwd_call(
         dout.contiguous(),
         q,
         k,
@@ -532,6 +547,7 @@ def _backward(ctx, dout, _dlse):
 
 
 attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+_fwd_call = eager_fast_path(attention_fwd, _attention_fwd, _setup_context, _backward)
 
 
 # ----------------------------------------------------------------------------- public API
@@ -631,9 +647,7 @@ def _validate(
             )
 
 
-def _draw_seed() -> int:
-    """A 62-bit Philox seed from torch's default CPU generator (``torch.manual_seed``)."""
-    return int(torch.randint(0, 2**62, (1,)).item())
+_draw_seed = draw_seed  # the one seed draw of every op with dropout (ops/_common.py)
 
 
 def _kernel_bias(
@@ -729,8 +743,8 @@ def attention(
         key_padding_mask = key_padding_mask.contiguous()
     bias = _kernel_bias(attn_bias, attn_mask, (B, Hq, Tq, Tk), q)
     dropout_p = float(dropout_p)
-    seed = _draw_seed() if dropout_p > 0 else 0
-    out, _ = attention_fwd(
+    seed = _draw_seed() if dropout_p > 0 else None
+    out, _ = _fwd_call(
         q,
         k,
         v,

@@ -32,6 +32,7 @@ from fastattn.ops._common import (
     acc_dtype,
     check_same_device,
     check_tensor,
+    draw_seed,
     eager_call,
     eager_fast_path,
     fake_from,
@@ -216,11 +217,6 @@ layer_norm_fwd = torch.library.custom_op("fastattn::layer_norm_fwd", mutates_arg
 
 def _seed_int(seed: Tensor | None) -> int:
     return int(seed.item()) if seed is not None else 0
-
-
-def draw_seed() -> Tensor:
-    """A 62-bit Philox seed from torch's default generator, as a 0-dim int64 tensor."""
-    return torch.randint(0, 2**62, (), dtype=torch.int64)
 
 
 # The dropout mask changes values, not shapes: the fake draws it with seed 0 (a traced seed

@@ -6,7 +6,9 @@ Maths (per row of the last ``len(normalized_shape)`` dims, flattened to M values
 - ``s = x (+ residual)`` (the sum rounded to the input's dtype: it is the caller's new residual
   stream), ``rstd = 1 / sqrt(mean(s^2) + eps)``, ``xhat = s * rstd``,
   ``y = xhat * (weight + weight_offset)``; exactly :func:`torch.nn.functional.rms_norm` for
-  ``weight_offset=0`` (``eps=None``: ``torch.finfo(x.dtype).eps``, as torch does).
+  ``weight_offset=0`` (``eps=None``: the eps of the accumulation dtype, as torch does:
+  ``torch.finfo(torch.float32).eps`` for float16 / bfloat16 / float32 inputs, float64's for
+  float64).
 - ``weight_offset=1.0`` is Gemma's ``(1 + weight)`` scaling (``GemmaRMSNorm``).
 - ``cast_before_weight=True`` rounds ``xhat`` to the input's dtype before the weight multiply,
   as ``LlamaRMSNorm`` does (``weight * xhat.to(input_dtype)``): in bfloat16 that rounds twice.
@@ -61,7 +63,7 @@ def rms_norm_reference(
     shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
     dims = tuple(range(-len(shape), 0))
     if eps is None:
-        eps = torch.finfo(dtype or x.dtype).eps
+        eps = torch.finfo(acc_dtype(dtype or x.dtype)).eps
     y = x * torch.rsqrt((x * x).mean(dims, keepdim=True) + eps)
     if cast_before_weight and dtype is not None:
         y = y.to(dtype).to(x.dtype)
@@ -229,8 +231,8 @@ def _validate(
 ) -> tuple[tuple[int, ...], float]:
     """The shape checks of layer_norm (one wording for both norms), then RMSNorm's own."""
     check_tensor(name, "input", x, floating=True)
-    if eps is None:
-        eps = torch.finfo(x.dtype).eps
+    if eps is None:  # torch's default: the accumulation dtype's eps (float32 for half types)
+        eps = torch.finfo(acc_dtype(x.dtype)).eps
     if weight is not None:
         check_tensor(name, "weight", weight, floating=True)
         weight = _weight(weight, x)
@@ -263,7 +265,9 @@ def rms_norm(
     dtype; the weight may be of ``x``'s dtype or float32 (others are converted to ``x``'s).
     """
     name = "fastattn.rms_norm"
-    shape, eps = _validate(name, x, normalized_shape, weight, eps, weight_offset, cast_before_weight)
+    shape, eps = _validate(
+        name, x, normalized_shape, weight, eps, weight_offset, cast_before_weight
+    )
     if x.numel() == 0:
         return _empty_reference(x, shape, weight, eps, weight_offset, cast_before_weight)
     m = math.prod(shape)
@@ -288,7 +292,9 @@ def add_rms_norm(
     gradients flow to both ``x`` and ``residual``.
     """
     name = "fastattn.add_rms_norm"
-    shape, eps = _validate(name, x, normalized_shape, weight, eps, weight_offset, cast_before_weight)
+    shape, eps = _validate(
+        name, x, normalized_shape, weight, eps, weight_offset, cast_before_weight
+    )
     check_tensor(name, "residual", residual, floating=True)
     check_same_device(name, ("input", x), ("residual", residual))
     if residual.shape != x.shape or residual.dtype != x.dtype:

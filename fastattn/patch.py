@@ -330,18 +330,9 @@ def _rms_style_of(cls: type) -> _RMSStyle | None:
     return style
 
 
-@functools.cache
-def _fast_rms_class(cls: type, mixin: type) -> type:
-    """The class a matched module gets: fastattn's forward first, the original class (its
-    constructor, attributes, extra_repr) behind it. One per original class, so patching twice
-    finds the class it made."""
-    new = type(f"Fastattn{cls.__name__}", (mixin, cls), {"__module__": mixin.__module__})
-    new._fastattn_rms_base = cls  # type: ignore[attr-defined]
-    return new
-
-
 def _patch_rms_norms(model: nn.Module, report: PatchReport) -> None:
     from fastattn import nn as fnn
+    from fastattn.nn import rms_norm as frms
 
     styles = None
     for name, module in list(model.named_modules()):
@@ -367,7 +358,7 @@ def _patch_rms_norms(model: nn.Module, report: PatchReport) -> None:
             if rms_like:
                 report.add(name, "rms_norm", "left", cls.__name__, reason=why + "; left as it is")
             continue
-        new = _fast_rms_class(cls, style.mixin)
+        new = frms.patched_class(cls, style.mixin)
         _swap_class(module, new)
         report.add(
             name,

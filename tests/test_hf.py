@@ -451,6 +451,25 @@ def test_rms_norm_parameters_are_shared_not_copied():
     _close(a, b)
 
 
+def test_patched_rms_norms_pickle_and_deepcopy():
+    import io
+
+    model = _llama().eval()
+    fastattn.patch(model)
+    ids = torch.randint(3, V, (1, 6))
+    buf = io.BytesIO()
+    torch.save(model, buf)  # the made class pickles as (original class, fastattn forward)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    for m in (loaded, copy.deepcopy(model)):
+        assert type(m.model.norm) is type(model.model.norm)
+        assert m.model.norm.weight is not model.model.norm.weight
+        with torch.no_grad():
+            torch.testing.assert_close(m(ids).logits, model(ids).logits, rtol=0, atol=0)
+        fastattn.unpatch(m)
+        assert type(m.model.norm) is transformers.models.llama.modeling_llama.LlamaRMSNorm
+
+
 def test_unknown_rms_norm_variant_is_left_with_a_reason():
     class OddRMSNorm(torch.nn.Module):  # another formula: the mean of |x|, not of x^2
         def __init__(self, n):

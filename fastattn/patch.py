@@ -348,7 +348,9 @@ def _patch_rms_norms(model: nn.Module, report: PatchReport) -> None:
         style = _rms_style_of(cls) if styles else None
         rms_like = "rmsnorm" in cls.__name__.lower()
         why = None
-        if style is None:
+        if not styles:
+            why = "transformers is not importable: no LlamaRMSNorm / GemmaRMSNorm to compare with"
+        elif style is None:
             why = "its forward is neither LlamaRMSNorm's nor GemmaRMSNorm's code"
         elif not isinstance(getattr(module, "weight", None), nn.Parameter):
             why = "no weight parameter"

@@ -116,6 +116,53 @@ def suite_layernorm(ctx: Context) -> Report:
     return rep
 
 
+# ----------------------------------------------------------------------------- rms_norm
+def rms_norm_cases(
+    shapes: list[tuple[int, int]],
+) -> Iterator[tuple[tuple[int, int], dict[str, Callable]]]:
+    """(shape, callables) for RMSNorm: fastattn cpu, F.rms_norm eager and compiled."""
+    compiled = _compiled(lambda x, w: F.rms_norm(x, (x.shape[-1],), w, 1e-6))
+    for n, m in shapes:
+        impls = {
+            "fastattn": lambda x, w: fastattn.rms_norm(x, (x.shape[-1],), w, 1e-6),
+            "torch eager": lambda x, w: F.rms_norm(x, (x.shape[-1],), w, 1e-6),
+            "torch.compile": compiled,
+        }
+        yield (n, m), impls
+
+
+def suite_rms_norm(ctx: Context) -> Report:
+    shapes = [(8192, 768), (32768, 1024)] if not ctx.quick else [(2048, 768)]
+    baselines = ["torch eager", "torch.compile"]
+    copy = ctx.ceilings.memory()
+    rep = Report(
+        "RMSNorm (float32, CPU)",
+        comparison_columns(["shape", "pass"], "GB/s", "copy BW", baselines),
+        ceilings=ctx.ceilings,
+        notes=[
+            "Bytes counted: forward reads x and writes y (2 N M 4); forward+backward adds reading "
+            "dy and x and writing dx (5 N M 4 in all). The weight and rstd are negligible.",
+            "torch eager = F.rms_norm (ATen's fused CPU kernel); torch.compile = Inductor on it.",
+            fresh_output_note("Outputs (y; dx, dw in fwd+bwd)"),
+            cache_note(),
+        ],
+    )
+    for (n, m), impls in rms_norm_cases(shapes):
+        x, w, dy = torch.randn(n, m), torch.randn(m), torch.randn(n, m)
+        xg, wg = (t.clone().requires_grad_() for t in (x, w))
+        for pas, nbytes in (("fwd", 2 * n * m * 4), ("fwd+bwd", 5 * n * m * 4)):
+            if pas == "fwd":
+                fns = {k: (lambda fn=fn: fn(x, w)) for k, fn in impls.items()}
+            else:
+                fns = {k: (lambda fn=fn: _grads(fn, (xg, wg), dy)) for k, fn in impls.items()}
+            with torch.set_grad_enabled(pas != "fwd"):
+                cmp = interleaved(fns, rounds=ctx.rounds_or(MEMORY_ROUNDS), max_s=MEMORY_MAX_S)
+            rep.add_comparison(
+                [f"{n}x{m}", pas], cmp, work=nbytes, ceiling=copy, baselines=baselines
+            )
+    return rep
+
+
 # ----------------------------------------------------------------------------- attention
 def attention_impls() -> dict[str, Callable]:
     """fastattn, PyTorch's fused SDPA (its CPU flash path), the reference eager and compiled."""
@@ -360,6 +407,7 @@ class Suite:
 # the same cases as its bench_<name>.py pytest-benchmark file). Run in this order by "all".
 SUITES: dict[str, Suite] = {
     "layernorm": Suite(suite_layernorm, "LayerNorm fwd, fwd+bwd vs F.layer_norm (memory-bound)"),
+    "rms_norm": Suite(suite_rms_norm, "RMSNorm fwd, fwd+bwd vs F.rms_norm (memory-bound)"),
     "attention": Suite(suite_attention, "causal attention fwd, fwd+bwd vs SDPA (compute-bound)"),
     "gelu": Suite(suite_gelu, "bias_gelu (memory-bound) and FeedForward (compute-bound)"),
     "patch": Suite(suite_patch, "fastattn.patch on whole models, fwd+bwd"),

@@ -25,6 +25,14 @@
 //     -> (ds[N,M] (+ dsum when given) or [0] without need_ds, dx[N,M] in x_dtype (ds through
 //         the dropout mask) or [0] when need_ds and it would equal ds, dweight[M] or [0],
 //         dbias[M] or [0]); dout may have any float32 / bfloat16 dtype.
+// rms_norm_fwd(x[N,M], weight?[M], residual?[N,M], eps, weight_offset, cast_before_weight)
+//     -> (out[N,M], sum[N,M] or [0] without residual, rstd[N]: fp64 for fp64 x, else fp32)
+//     sum = x + residual (in x's dtype), xhat = sum * rstd, rstd = 1/sqrt(mean(sum^2) + eps),
+//     out = r(xhat) * (weight + weight_offset) (no weight: r(xhat)), where r rounds to x's dtype
+//     if cast_before_weight (LlamaRMSNorm's order) and is the identity otherwise.
+// rms_norm_bwd(dout[N,M], x[N,M] (the normalised input, i.e. sum), weight?, rstd, dsum?[N,M],
+//              weight_offset, cast_before_weight, need_weight_grad)
+//     -> (dx[N,M] (+ dsum when given), dweight[M] (sum of dout * r(xhat)) or [0])
 // attention_fwd(q[B,Hq,Tq,D], k[B,Hkv,Tk,D], v[B,Hkv,Tk,D], key_padding_mask?[B,Tk] bool
 //               (True = padding, ignored: torch.nn.MultiheadAttention's meaning), causal,
 //               scale, dropout_p, seed, offset)
@@ -73,6 +81,12 @@ TORCH_LIBRARY(fastattn_C, m) {
       " Tensor? dsum, bool need_weight_grad, bool need_bias_grad, bool need_ds,"
       " ScalarType? x_dtype, float dropout_p, int seed) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def(
+      "rms_norm_fwd(Tensor x, Tensor? weight, Tensor? residual, float eps, float weight_offset,"
+      " bool cast_before_weight) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "rms_norm_bwd(Tensor dout, Tensor x, Tensor? weight, Tensor rstd, Tensor? dsum,"
+      " float weight_offset, bool cast_before_weight, bool need_weight_grad) -> (Tensor, Tensor)");
+  m.def(
       "attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, bool causal,"
       " float scale, float dropout_p, int seed, int offset) -> (Tensor, Tensor)");
   m.def(
@@ -88,6 +102,8 @@ TORCH_LIBRARY(fastattn_C, m) {
 TORCH_LIBRARY_IMPL(fastattn_C, CPU, m) {
   m.impl("layer_norm_fwd", &fastattn::cpu::layer_norm_fwd);
   m.impl("layer_norm_bwd", &fastattn::cpu::layer_norm_bwd);
+  m.impl("rms_norm_fwd", &fastattn::cpu::rms_norm_fwd);
+  m.impl("rms_norm_bwd", &fastattn::cpu::rms_norm_bwd);
   m.impl("attention_fwd", &fastattn::cpu::attention_fwd);
   m.impl("attention_bwd", &fastattn::cpu::attention_bwd);
   m.impl("bias_gelu_fwd", &fastattn::cpu::bias_gelu_fwd);

@@ -16,14 +16,17 @@ from fastattn._dispatch import (  # noqa: E402
 from fastattn.ops.attention import attention  # noqa: E402
 from fastattn.ops.gelu import bias_gelu, feed_forward  # noqa: E402
 from fastattn.ops.layernorm import add_layer_norm, layer_norm  # noqa: E402
+from fastattn.ops.rms_norm import add_rms_norm, rms_norm  # noqa: E402
 from fastattn.patch import PatchReport, patch, unpatch  # noqa: E402
 
 __all__ = [
     "attention",
     "add_layer_norm",
+    "add_rms_norm",
     "bias_gelu",
     "feed_forward",
     "layer_norm",
+    "rms_norm",
     "nn",
     "patch",
     "unpatch",

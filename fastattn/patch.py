@@ -11,6 +11,11 @@ What is replaced (each kind can be switched off):
   above, a functional GELU activation (``activation="gelu"``) becomes a :class:`fastattn.nn.GELU`
   module, and PyTorch's inference fast paths (which call fused ATen kernels with the raw weights
   and would bypass the patched modules) are switched off for the patched layers.
+- ``torch.nn.RMSNorm`` -> :class:`fastattn.nn.RMSNorm`, and Hugging Face RMSNorm classes whose
+  ``forward`` is (as code) ``LlamaRMSNorm``'s (Llama, Mistral, Qwen2, ...: the normalised value
+  rounded to the input dtype before the weight) or ``GemmaRMSNorm``'s (Gemma, Gemma2, ...: the
+  ``1 + weight`` scale, one rounding) get a subclass with fastattn's forward of the same
+  rounding (:mod:`fastattn.nn.rms_norm`); other RMSNorm variants are left and reported.
 - Hugging Face transformers models: attention through transformers' attention registry: the
   ``"fastattn"`` implementation (:mod:`fastattn.integrations.transformers`) is set on every
   config the model's modules read (``model.config``, its sub-configs, and the deep copies that
@@ -38,8 +43,11 @@ plain modules with the same weights and every config's former attention implemen
 
 from __future__ import annotations
 
+import ast
 import functools
+import importlib
 import inspect
+import textwrap
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -176,8 +184,9 @@ def patch(
     layer_norm: bool = True,
     gelu: bool = True,
     attention: bool = True,
+    rms_norm: bool = True,
 ) -> PatchReport:
-    """Swap ``model``'s LayerNorm, GELU and attention layers for fastattn's, in place.
+    """Swap ``model``'s LayerNorm, RMSNorm, GELU and attention layers for fastattn's, in place.
 
     Returns a :class:`PatchReport` of what was replaced and what was left and why.
     """
@@ -240,9 +249,127 @@ def patch(
             module.__dict__.setdefault(_SAVED, {}).setdefault("use_nested_tensor", True)
             module.use_nested_tensor = False
 
+    if rms_norm:
+        _patch_rms_norms(model, report)
     if attention:
         _patch_hf_attention(model, report)
     return report
+
+
+# ----------------------------------------------------------------------------- RMSNorm
+# torch.nn.RMSNorm by exact class; Hugging Face RMSNorm classes by their code: a class is served
+# when its forward (and the helpers that forward calls) is, as an AST without docstrings and
+# annotations, that of transformers' LlamaRMSNorm or GemmaRMSNorm. Class names are read only to
+# report RMSNorm-like classes with other code as left.
+
+
+def _method_ast(cls: type, name: str) -> str | None:
+    fn = getattr(cls, name, None)
+    if fn is None:
+        return None
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
+    except (OSError, TypeError, SyntaxError):
+        return None
+    node = tree.body[0]
+    if not isinstance(node, ast.FunctionDef):
+        return None
+    node.decorator_list, node.returns, node.name = [], None, "_"
+    for a in ast.walk(node.args):
+        if isinstance(a, ast.arg):
+            a.annotation = None
+    body = node.body
+    if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
+        node.body = body[1:] or [ast.Pass()]  # the docstring
+    return ast.dump(node, annotate_fields=False, include_attributes=False)
+
+
+@dataclass(frozen=True)
+class _RMSStyle:
+    name: str  # "llama" / "gemma"
+    mixin: type  # the fastattn forward (fastattn.nn.rms_norm)
+    eps_attr: str  # the attribute the forward reads eps from
+    norm_ast: str | None  # the helper the forward calls (GemmaRMSNorm._norm), if any
+    how: str  # for the report
+
+
+@functools.cache
+def _hf_rms_styles() -> dict[str, _RMSStyle]:
+    """forward's AST -> the style of transformers' LlamaRMSNorm / GemmaRMSNorm ({} without
+    transformers)."""
+    from fastattn.nn import rms_norm as frms
+
+    out: dict[str, _RMSStyle] = {}
+    for mod_name, cls_name, mixin, eps_attr, how in (
+        ("llama", "LlamaRMSNorm", frms.LlamaRMSNormForward, "variance_epsilon",
+         "cast to the input dtype before the weight"),
+        ("gemma", "GemmaRMSNorm", frms.GemmaRMSNormForward, "eps", "scale 1 + weight"),
+    ):  # fmt: skip
+        try:
+            mod = importlib.import_module(f"transformers.models.{mod_name}.modeling_{mod_name}")
+        except ImportError:
+            continue
+        cls = getattr(mod, cls_name, None)
+        fwd = _method_ast(cls, "forward") if isinstance(cls, type) else None
+        if fwd is not None:
+            norm = _method_ast(cls, "_norm") if mod_name == "gemma" else None
+            out[fwd] = _RMSStyle(mod_name, mixin, eps_attr, norm, how)
+    return out
+
+
+@functools.cache
+def _rms_style_of(cls: type) -> _RMSStyle | None:
+    fwd = _method_ast(cls, "forward")
+    style = _hf_rms_styles().get(fwd) if fwd is not None else None
+    if (
+        style is not None
+        and style.norm_ast is not None
+        and _method_ast(cls, "_norm") != style.norm_ast
+    ):
+        return None
+    return style
+
+
+def _patch_rms_norms(model: nn.Module, report: PatchReport) -> None:
+    from fastattn import nn as fnn
+    from fastattn.nn import rms_norm as frms
+
+    styles = None
+    for name, module in list(model.named_modules()):
+        cls = type(module)
+        if cls is nn.RMSNorm:
+            _swap_class(module, fnn.RMSNorm)
+            report.add(name, "rms_norm", "replaced", "torch.nn.RMSNorm", "fastattn.nn.RMSNorm")
+            continue
+        if cls.__module__.startswith(("torch.", "fastattn.")):
+            continue  # torch's own modules, and those patched before
+        if styles is None:
+            styles = _hf_rms_styles()
+        style = _rms_style_of(cls) if styles else None
+        rms_like = "rmsnorm" in cls.__name__.lower()
+        why = None
+        if not styles:
+            why = "transformers is not importable: no LlamaRMSNorm / GemmaRMSNorm to compare with"
+        elif style is None:
+            why = "its forward is neither LlamaRMSNorm's nor GemmaRMSNorm's code"
+        elif not isinstance(getattr(module, "weight", None), nn.Parameter):
+            why = "no weight parameter"
+        elif not isinstance(getattr(module, style.eps_attr, None), (int, float)):
+            why = f"no numeric {style.eps_attr} attribute"
+        if why is not None:
+            if rms_like:
+                report.add(name, "rms_norm", "left", cls.__name__, reason=why + "; left as it is")
+            continue
+        new = frms.patched_class(cls, style.mixin)
+        _swap_class(module, new)
+        report.add(
+            name,
+            "rms_norm",
+            "replaced",
+            cls.__name__,
+            f"{new.__name__} (fastattn.rms_norm)",
+            reason=style.how,
+        )
 
 
 # ----------------------------------------------------------------------------- transformers

@@ -16,6 +16,6 @@ FASTATTN_ASAN=1 "$py" setup.py -q build_ext --inplace
 # libstdc++ preloaded right after libasan: otherwise asan's __cxa_throw interceptor finds no real
 # __cxa_throw and every C++ exception (TORCH_CHECK) aborts the process.
 preload="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libstdc++.so)"
-tests=${*:-tests/test_layernorm.py tests/test_attention.py tests/test_gelu.py tests/test_properties.py}
+tests=${*:-tests/test_layernorm.py tests/test_rms_norm.py tests/test_attention.py tests/test_gelu.py tests/test_properties.py}
 LD_PRELOAD=$preload ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 \
     "$py" -m pytest -q -p no:cacheprovider -k "not compile and not export" $tests

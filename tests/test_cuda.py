@@ -93,6 +93,73 @@ def test_layer_norm_rejects_bad_input():
         OPS.layer_norm_fwd(x, torch.ones(8), None, None, 1e-5, None, 0.0, 0)
 
 
+# ---------------------------------------------------------------- rms norm
+def _rms_math(s, w, offset, cast, eps):
+    """RMSNorm as a model computes it in s's dtype: statistics in float32 (float64 for float64),
+    LlamaRMSNorm's order with ``cast`` (xhat rounded to s's dtype, then the weight), else one
+    rounding at the end (F.rms_norm, GemmaRMSNorm). Differentiable in s and w."""
+    acc = torch.float64 if s.dtype == torch.float64 else torch.float32
+    h = s.to(acc)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    if cast:
+        h = h.to(s.dtype)
+        return h * (w.to(s.dtype) + offset) if w is not None else h
+    return (h * (w.to(acc) + offset) if w is not None else h).to(s.dtype)
+
+
+# (weight, weight_offset, cast_before_weight): plain, Gemma's 1 + w, Llama's order, no weight.
+RMS_MODES = [(True, 0.0, False), (True, 1.0, False), (True, 0.0, True), (False, 0.0, False)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 1), (7, 33), (13, 768), (5, 1500), (3, 4104)])
+@pytest.mark.parametrize("affine,offset,cast", RMS_MODES)
+@pytest.mark.parametrize("residual", [False, True])
+def test_rms_norm(dtype, shape, affine, offset, cast, residual):
+    N, M = shape
+    x = _rand(N, M, dtype=dtype, scale=2.0) + 0.5
+    res = _rand(N, M, dtype=dtype) if residual else None
+    w = _rand(M, dtype=dtype) if affine else None
+    eps = 1e-6
+    out, s, rstd = OPS.rms_norm_fwd(x, w, res, eps, offset, cast)
+    s_in = s if residual else x
+    if residual:
+        assert_rule("sum", s, (x + res), x.double() + res.double())
+    s64 = s_in.double().requires_grad_(True)
+    w64 = w.double().requires_grad_(True) if affine else None
+    ref = _rms_math(s64, w64, offset, False, eps)
+    sx = s_in.detach().clone().requires_grad_(True)
+    wx = w.clone().requires_grad_(True) if affine else None
+    tx = _rms_math(sx, wx, offset, cast, eps)
+    assert_rule("out", out, tx, ref)
+    ms = s64.detach().pow(2).mean(-1)
+    torch.testing.assert_close(rstd.double(), 1 / torch.sqrt(ms + eps), rtol=1e-3, atol=1e-4)
+    dout = _rand(N, M, dtype=dtype)
+    dsum = _rand(N, M, dtype=dtype) if residual else None
+    dx, dw = OPS.rms_norm_bwd(dout, s_in, w, rstd, dsum, offset, cast, affine)
+    gr = torch.autograd.grad(ref, [t for t in (s64, w64) if t is not None], dout.double())
+    gx = torch.autograd.grad(tx, [t for t in (sx, wx) if t is not None], dout)
+    extra = (dsum.double(), dsum) if residual else (0, 0)
+    assert_rule("dx", dx, gx[0] + extra[1], gr[0] + extra[0])
+    if affine:
+        assert dw.dtype == dtype
+        assert_rule("dweight", dw, gx[1], gr[1])
+    else:
+        assert dw.numel() == 0
+
+
+def test_rms_norm_rejects_bad_input():
+    x = torch.randn(4, 8, device="cuda")
+    with pytest.raises(RuntimeError, match="float32, float16 or bfloat16"):
+        OPS.rms_norm_fwd(x.double(), None, None, 1e-6, 0.0, False)
+    with pytest.raises(RuntimeError, match="shape"):
+        OPS.rms_norm_fwd(x, torch.ones(7, device="cuda"), None, 1e-6, 0.0, False)
+    with pytest.raises(RuntimeError, match="CUDA"):
+        OPS.rms_norm_fwd(x, torch.ones(8), None, 1e-6, 0.0, False)
+    with pytest.raises(RuntimeError, match="need_weight_grad without a weight"):
+        OPS.rms_norm_bwd(x, x, None, torch.ones(4, device="cuda"), None, 0.0, False, True)
+
+
 # ---------------------------------------------------------------- bias + GELU
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(1, 1), (7, 33), (129, 256), (3, 1001)])

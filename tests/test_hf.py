@@ -375,6 +375,122 @@ def test_vit_and_qwen2():
     _same_generation(original, patched, ids, max_new_tokens=4)
 
 
+# ----------------------------------------------------------------------------- RMSNorm
+def _gemma():
+    torch.manual_seed(0)
+    cfg = transformers.GemmaConfig(
+        vocab_size=V,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=64,
+    )
+    return transformers.GemmaForCausalLM(cfg)
+
+
+def _logits_and_grads(model, ids, dlogits):
+    model.zero_grad(set_to_none=True)
+    logits = model(ids).logits
+    logits.backward(dlogits.to(logits.dtype))
+    return logits.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("make", [_llama, _gemma])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norms_replaced_logits_and_grads_within_the_rule(make, dtype):
+    from tests.rule import assert_rule
+
+    model = make().eval()
+    with torch.no_grad():  # non-trivial norm weights (they start at 1 / 0), so each term shows
+        for m in model.modules():
+            if "RMSNorm" in type(m).__name__:
+                m.weight.normal_(0.0 if make is _gemma else 1.0, 0.5)
+    ref64 = copy.deepcopy(model).double()
+    original = copy.deepcopy(model).to(dtype)
+    patched = copy.deepcopy(original)
+    report = fastattn.patch(patched)
+    norms = report.layers("rms_norm", "replaced")
+    cls = "LlamaRMSNorm" if make is _llama else "GemmaRMSNorm"
+    assert len(norms) == 5 and {e.before for e in norms} == {cls}  # 2 per layer + the final one
+    assert not report.layers("rms_norm", "left")
+    assert f"{cls} -> Fastattn{cls}" in str(report)
+    assert isinstance(patched.model.norm, type(original.model.norm))
+    assert patched.model.norm.weight is not original.model.norm.weight  # a deep copy's
+    assert dict(patched.named_parameters()).keys() == dict(original.named_parameters()).keys()
+
+    ids = torch.randint(3, V, (2, 10))
+    dlogits = torch.randn(2, 10, V)
+    _dispatch._last.clear()
+    out, grads = _logits_and_grads(patched, ids, dlogits)
+    assert fastattn.last_backend("rms_norm") is not None  # the patched norms ran fastattn's op
+    t_out, t_grads = _logits_and_grads(original, ids, dlogits)
+    r_out, r_grads = _logits_and_grads(ref64, ids, dlogits.double())
+    assert_rule("logits", out, t_out, r_out)
+    assert grads.keys() == t_grads.keys() == r_grads.keys()
+    for name in grads:
+        assert_rule(f"grad {name}", grads[name], t_grads[name], r_grads[name])
+    fastattn.unpatch(patched)
+    assert type(patched.model.norm) is type(original.model.norm)
+
+
+def test_rms_norm_parameters_are_shared_not_copied():
+    model = _llama().eval()
+    weights = [m.weight for m in model.modules() if "RMSNorm" in type(m).__name__]
+    fastattn.patch(model)
+    after = [m.weight for m in model.modules() if "RMSNorm" in type(m).__name__]
+    assert all(a is b for a, b in zip(weights, after, strict=True))
+    ids = torch.randint(3, V, (1, 6))
+    with torch.no_grad():
+        model.model.norm.weight.mul_(2.0)  # the patched module reads the same parameter
+        a = model(ids).logits
+        fastattn.unpatch(model)
+        b = model(ids).logits
+    _close(a, b)
+
+
+def test_patched_rms_norms_pickle_and_deepcopy():
+    import io
+
+    model = _llama().eval()
+    fastattn.patch(model)
+    ids = torch.randint(3, V, (1, 6))
+    buf = io.BytesIO()
+    torch.save(model, buf)  # the made class pickles as (original class, fastattn forward)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    for m in (loaded, copy.deepcopy(model)):
+        assert type(m.model.norm) is type(model.model.norm)
+        assert m.model.norm.weight is not model.model.norm.weight
+        with torch.no_grad():
+            torch.testing.assert_close(m(ids).logits, model(ids).logits, rtol=0, atol=0)
+        fastattn.unpatch(m)
+        assert type(m.model.norm) is transformers.models.llama.modeling_llama.LlamaRMSNorm
+
+
+def test_unknown_rms_norm_variant_is_left_with_a_reason():
+    class OddRMSNorm(torch.nn.Module):  # another formula: the mean of |x|, not of x^2
+        def __init__(self, n):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.ones(n))
+            self.variance_epsilon = 1e-6
+
+        def forward(self, hidden_states):
+            h = hidden_states.abs().mean(-1, keepdim=True)
+            return self.weight * hidden_states / (h + self.variance_epsilon)
+
+    model = _llama().eval()
+    model.model.norm = OddRMSNorm(32)
+    report = fastattn.patch(model)
+    left = report.layers("rms_norm", "left")
+    assert [(e.name, e.before) for e in left] == [("model.norm", "OddRMSNorm")]
+    assert "neither LlamaRMSNorm's nor GemmaRMSNorm's" in left[0].reason
+    assert type(model.model.norm) is OddRMSNorm
+    assert len(report.layers("rms_norm", "replaced")) == 4
+
+
 # ----------------------------------------------------------------------------- output_attentions
 @pytest.mark.parametrize("how", ["kwarg", "config"])
 def test_output_attentions_returns_eager_weights(how):

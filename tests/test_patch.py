@@ -151,6 +151,56 @@ def test_report_entries():
     assert {e.action for e in undo.entries} == {"restored"}
 
 
+def _rms_model():
+    model = nn.Sequential(
+        nn.Linear(8, 24),
+        nn.RMSNorm(24, eps=1e-6),
+        nn.GELU(),
+        nn.Unflatten(-1, (3, 8)),
+        nn.RMSNorm((3, 8)),
+    )
+    with torch.no_grad():  # non-trivial weights (they start at 1)
+        for i in (1, 4):
+            model[i].weight.normal_(1.0, 0.5)
+    return model
+
+
+def test_torch_rms_norm_swapped_within_the_rule():
+    original = _rms_model()
+    patched = copy.deepcopy(original)
+    report = fastattn.patch(patched)
+    assert [(e.name, e.kind, e.action) for e in report.layers("rms_norm")] == [
+        ("1", "rms_norm", "replaced"),
+        ("4", "rms_norm", "replaced"),
+    ]
+    assert report.count("fastattn.nn.RMSNorm") == 2
+    assert type(patched[1]) is fastattn.nn.RMSNorm and patched[4].normalized_shape == (3, 8)
+    x = torch.randn(5, 7, 8)
+    _dispatch._last.clear()
+    _compare(original, patched, lambda dt: (x.to(dt),))
+    assert _dispatch.last_backend("rms_norm") is not None
+
+
+def test_torch_rms_norm_patch_twice_state_dict_and_unpatch():
+    model = _rms_model()
+    weight = model[1].weight
+    x = torch.randn(2, 8)
+    with torch.no_grad():
+        before = model(x)
+    assert fastattn.patch(model).count("fastattn.nn.RMSNorm") == 2
+    assert not fastattn.patch(model).layers("rms_norm")  # already patched: nothing more
+    assert model[1].weight is weight  # the same parameter, not a copy
+    fresh = _rms_model()
+    fresh.load_state_dict(model.state_dict())
+    assert fresh.state_dict().keys() == model.state_dict().keys()
+    undo = fastattn.unpatch(model)
+    assert ("1", "RMSNorm", "RMSNorm") in undo.replaced
+    assert type(model[1]) is nn.RMSNorm and type(model[4]) is nn.RMSNorm
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), before, rtol=1e-6, atol=1e-6)
+    assert fastattn.patch(model, rms_norm=False).count("fastattn.nn.RMSNorm") == 0
+
+
 def test_import_does_not_need_transformers():
     code = "import sys, fastattn; fastattn.patch; assert 'transformers' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -172,6 +172,62 @@ def check_bias_gelu(backend, rows, m, dtype, bias, approximate, strided, scale):
         assert_rule("grad", g, tg, rg, scale)
 
 
+@_settings
+@given(
+    rows=st.lists(st.integers(1, 9), min_size=1, max_size=3),
+    m=st.integers(1, 1100),
+    dtype=dtypes,
+    affine=st.booleans(),
+    offset=st.sampled_from([0.0, 1.0]),
+    cast=st.booleans(),
+    strided=st.integers(0, 2),
+    residual=st.booleans(),
+    scale=st.sampled_from([1e-3, 1.0, 1e3]),
+)
+def test_rms_norm_property(rows, m, dtype, affine, offset, cast, strided, residual, scale):
+    check_rms_norm(BACKEND, rows, m, dtype, affine, offset, cast, strided, residual, scale)
+
+
+def check_rms_norm(backend, rows, m, dtype, affine, offset, cast, strided, residual, scale):
+    from fastattn.ops.rms_norm import rms_norm_reference
+    from tests.test_rms_norm import _torch_x
+
+    offset = offset if affine else 0.0
+    x = _maybe_strided((torch.randn(*rows, m) * scale + scale).to(dtype), strided)
+    r = (torch.randn(x.shape) * scale).to(dtype) if residual else None
+    w = torch.randn(m).to(dtype) if affine else None
+    dout = torch.randn(x.shape).to(dtype)
+    kw = {"weight_offset": offset, "cast_before_weight": cast}
+
+    def run(fn, dt):
+        leaves = [t.to(dt).detach().requires_grad_() if t is not None else None for t in (x, r, w)]
+        out = fn(*leaves)
+        live = [t for t in leaves if t is not None]
+        return out.detach(), torch.autograd.grad(out, live, dout.to(dt))
+
+    def ours(x, r, w):
+        if r is None:
+            return fastattn.rms_norm(x, (m,), w, 1e-6, **kw)
+        return fastattn.add_rms_norm(x, r, (m,), w, 1e-6, **kw)[0]
+
+    def theirs(x, r, w):
+        return _torch_x(x + r if r is not None else x, (m,), w, offset, cast)
+
+    def ref(x, r, w):
+        return rms_norm_reference(
+            x + r if r is not None else x, (m,), w, 1e-6, weight_offset=offset
+        )
+
+    with fastattn.use_backend(backend):
+        out, grads = run(ours, dtype)
+    t_out, t_grads = run(theirs, dtype)
+    r_out, r_grads = run(ref, torch.float64)
+    scale = max(t.abs().max().item() for t in (r_out, *r_grads) if t.numel())
+    assert_rule("out", out, t_out, r_out, scale)
+    for g, tg, rg in zip(grads, t_grads, r_grads, strict=True):
+        assert_rule("grad", g, tg, rg, scale)
+
+
 # ----------------------------------------------------------------------------- Triton
 # A smaller set through the Triton interpreter (slow): float32, small shapes.
 TRITON = "triton" in fastattn.available_backends("cpu")
@@ -210,3 +266,16 @@ def test_attention_property_triton(hkv, group, tq, tk, d, causal, padded):
 @given(rows=st.integers(1, 9), m=st.integers(1, 300), approximate=st.sampled_from(["none", "tanh"]))
 def test_bias_gelu_property_triton(rows, m, approximate):
     check_bias_gelu("triton", [rows], m, torch.float32, True, approximate, 0, 1.0)
+
+
+@needs_triton
+@_few
+@given(
+    rows=st.integers(1, 9),
+    m=st.integers(1, 300),
+    affine=st.booleans(),
+    offset=st.sampled_from([0.0, 1.0]),
+    residual=st.booleans(),
+)
+def test_rms_norm_property_triton(rows, m, affine, offset, residual):
+    check_rms_norm("triton", [rows], m, torch.float32, affine, offset, False, 0, residual, 1.0)

@@ -43,7 +43,22 @@ def _gelu(x):
     return fastattn.bias_gelu(x, x[0], approximate="tanh")
 
 
-OPS = {"layer_norm": _ln, "add_layer_norm": _add_ln, "attention": _attn, "bias_gelu": _gelu}
+def _rms(x):
+    return fastattn.rms_norm(x, (x.shape[-1],), x[0], 1e-6, weight_offset=1.0)
+
+
+def _add_rms(x):
+    return fastattn.add_rms_norm(x, x * 0.5, (x.shape[-1],), x[0], cast_before_weight=True)[0]
+
+
+OPS = {
+    "layer_norm": _ln,
+    "add_layer_norm": _add_ln,
+    "attention": _attn,
+    "bias_gelu": _gelu,
+    "rms_norm": _rms,
+    "add_rms_norm": _add_rms,
+}
 
 
 def _fwd_bwd(fn, x):
@@ -264,6 +279,12 @@ def test_nan_and_inf_propagate_like_torch():
     ref = torch.nn.functional.layer_norm(x, (9,))
     assert torch.equal(out.isnan(), ref.isnan())
     assert torch.isfinite(out[[0, 3]]).all()
+    for dtype in (torch.float32, torch.bfloat16):
+        xd = x.to(dtype)
+        out = fastattn.rms_norm(xd, (9,), eps=1e-6)
+        ref = torch.nn.functional.rms_norm(xd, (9,), eps=1e-6)
+        assert torch.equal(out.isnan(), ref.isnan()) and torch.equal(out.isinf(), ref.isinf())
+        assert torch.isfinite(out[[0, 3]]).all()
 
 
 def test_odd_strides():

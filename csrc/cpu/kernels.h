@@ -24,6 +24,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd(
     bool need_weight_grad, bool need_bias_grad, bool need_ds,
     std::optional<at::ScalarType> x_dtype, double dropout_p, int64_t seed);
 
+// rms_norm.cpp ----------------------------------------------------------------
+std::tuple<at::Tensor, at::Tensor, at::Tensor> rms_norm_fwd(
+    const at::Tensor& x, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& residual, double eps, double weight_offset,
+    bool cast_before_weight);
+
+std::tuple<at::Tensor, at::Tensor> rms_norm_bwd(
+    const at::Tensor& dout, const at::Tensor& x, const std::optional<at::Tensor>& weight,
+    const at::Tensor& rstd, const std::optional<at::Tensor>& dsum, double weight_offset,
+    bool cast_before_weight, bool need_weight_grad);
+
 // attention.cpp ---------------------------------------------------------------
 std::tuple<at::Tensor, at::Tensor> attention_fwd(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,

@@ -169,6 +169,91 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd(
   return {need_ds ? dx : empty0, need_ds ? empty0 : dx, finish(dw), finish(db)};
 }
 
+// ------------------------------------------------------------------ rms norm
+// The scale weight + weight_offset as a contiguous float tensor ([M]), or undefined.
+at::Tensor rms_scale(const std::optional<at::Tensor>& weight, double offset, const at::Tensor& x,
+                     int64_t M, const char* op) {
+  TORCH_CHECK(std::isfinite(offset), "fastattn_C.", op, " (cuda): weight_offset must be finite, got ",
+              offset);
+  at::Tensor c = param_f32(weight, x, M, op, "weight");
+  if (c.defined() && offset != 0.0) c = c + offset;
+  return c;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> rms_norm_fwd(
+    const at::Tensor& x_in, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& residual, double eps, double weight_offset,
+    bool cast_before_weight) {
+  const char* op = "rms_norm_fwd";
+  TORCH_CHECK(x_in.dim() == 2, "fastattn_C.rms_norm_fwd (cuda): x must be 2-D [rows, cols], got ",
+              x_in.dim(), "-D");
+  check_cuda(x_in, op, "x", x_in.device());
+  const k::DType dt = kernel_dtype(x_in, op, "x");
+  const int64_t N = x_in.size(0), M = x_in.size(1);
+  TORCH_CHECK(M > 0 || N == 0, "fastattn_C.rms_norm_fwd (cuda): rows must not be empty");
+  TORCH_CHECK(eps >= 0 && std::isfinite(eps),
+              "fastattn_C.rms_norm_fwd (cuda): eps must be a finite value >= 0, got ", eps);
+  if (residual.has_value()) check_same(*residual, x_in, op, "residual", "x");
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const at::Tensor c = rms_scale(weight, weight_offset, x_in, M, op);
+
+  const at::Tensor x = x_in.contiguous();
+  const at::Tensor res = residual.has_value() ? residual->contiguous() : at::Tensor();
+  at::Tensor out = at::empty({N, M}, x.options());
+  at::Tensor sum = residual.has_value() ? at::empty({N, M}, x.options()) : at::empty({0}, x.options());
+  at::Tensor rstd = at::empty({N}, x.options().dtype(at::kFloat));
+  if (N == 0) return {out, sum, rstd};
+  check_launch(k::rms_norm_fwd(dt, x.data_ptr(), cptr_or_null(res), ptr_or_null<float>(c),
+                               out.data_ptr(), residual.has_value() ? sum.data_ptr() : nullptr,
+                               rstd.data_ptr<float>(), N, M, static_cast<float>(eps),
+                               cast_before_weight, c10::cuda::getCurrentCUDAStream()),
+               op);
+  return {out, sum, rstd};
+}
+
+std::tuple<at::Tensor, at::Tensor> rms_norm_bwd(
+    const at::Tensor& dout_in, const at::Tensor& x_in, const std::optional<at::Tensor>& weight,
+    const at::Tensor& rstd_in, const std::optional<at::Tensor>& dsum, double weight_offset,
+    bool cast_before_weight, bool need_weight_grad) {
+  const char* op = "rms_norm_bwd";
+  TORCH_CHECK(x_in.dim() == 2, "fastattn_C.rms_norm_bwd (cuda): x must be 2-D, got ", x_in.dim(),
+              "-D");
+  check_cuda(x_in, op, "x", x_in.device());
+  const k::DType dt = kernel_dtype(x_in, op, "x");
+  const int64_t N = x_in.size(0), M = x_in.size(1);
+  check_same(dout_in, x_in, op, "dout", "x");
+  if (dsum.has_value()) check_same(*dsum, x_in, op, "dsum", "x");
+  check_cuda(rstd_in, op, "rstd", x_in.device());
+  TORCH_CHECK(rstd_in.numel() == N && rstd_in.scalar_type() == at::kFloat,
+              "fastattn_C.rms_norm_bwd (cuda): rstd must hold ", N, " float32 values, got ",
+              rstd_in.sizes(), " ", rstd_in.scalar_type());
+  TORCH_CHECK(!need_weight_grad || weight.has_value(),
+              "fastattn_C.rms_norm_bwd (cuda): need_weight_grad without a weight");
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const at::Tensor c = rms_scale(weight, weight_offset, x_in, M, op);
+
+  const at::Tensor dout = dout_in.contiguous(), x = x_in.contiguous();
+  const at::Tensor rstd = rstd_in.contiguous();
+  const at::Tensor ds = dsum.has_value() ? dsum->contiguous() : at::Tensor();
+  at::Tensor dx = at::empty({N, M}, x.options());
+  const auto f32 = x.options().dtype(at::kFloat);
+  at::Tensor dw = need_weight_grad ? at::empty({M}, f32) : at::Tensor();
+  const auto pdt = weight.has_value() ? weight->scalar_type() : x.scalar_type();
+  auto finish = [&](const at::Tensor& t) {
+    return t.defined() ? t.to(pdt) : at::empty({0}, x.options().dtype(pdt));
+  };
+  if (M == 0) return {dx, finish(dw)};
+  const size_t ws_floats = k::rms_norm_bwd_workspace(N, M, need_weight_grad);
+  at::Tensor ws = at::empty({static_cast<int64_t>(ws_floats)}, f32);
+  check_launch(k::rms_norm_bwd(dt, dout.data_ptr(), x.data_ptr(), ptr_or_null<float>(c),
+                               rstd.data_ptr<float>(), cptr_or_null(ds), dx.data_ptr(),
+                               ptr_or_null<float>(dw),
+                               ws_floats > 0 ? ws.data_ptr<float>() : nullptr, N, M,
+                               cast_before_weight, c10::cuda::getCurrentCUDAStream()),
+               op);
+  return {dx, finish(dw)};
+}
+
 // ------------------------------------------------------------------ attention
 k::Strides3 strides3(const at::Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2)}; }
 
@@ -410,6 +495,8 @@ std::tuple<at::Tensor, at::Tensor> bias_gelu_bwd(const at::Tensor& dout_in, cons
 TORCH_LIBRARY_IMPL(fastattn_C, CUDA, m) {
   m.impl("layer_norm_fwd", &fastattn::cuda_glue::layer_norm_fwd);
   m.impl("layer_norm_bwd", &fastattn::cuda_glue::layer_norm_bwd);
+  m.impl("rms_norm_fwd", &fastattn::cuda_glue::rms_norm_fwd);
+  m.impl("rms_norm_bwd", &fastattn::cuda_glue::rms_norm_bwd);
   m.impl("attention_fwd", &fastattn::cuda_glue::attention_fwd);
   m.impl("attention_bwd", &fastattn::cuda_glue::attention_bwd);
   m.impl("bias_gelu_fwd", &fastattn::cuda_glue::bias_gelu_fwd);

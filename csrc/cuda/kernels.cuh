@@ -35,6 +35,24 @@ cudaError_t layer_norm_bwd(DType dt, const void* dout, const void* x, const floa
                            float* dweight, float* dbias, float* workspace, int64_t N, int64_t M,
                            cudaStream_t stream);
 
+// rms_norm.cu -----------------------------------------------------------------
+// x, residual, out, sum: [N, M] contiguous rows of `dt`; residual/sum may be null (sum non-null
+// iff residual is). scale: [M] float = weight + weight_offset, or null (no weight). rstd: [N]
+// float. cast_before_weight: round xhat to `dt` before the scale (LlamaRMSNorm's order).
+cudaError_t rms_norm_fwd(DType dt, const void* x, const void* residual, const float* scale,
+                         void* out, void* sum, float* rstd, int64_t N, int64_t M, float eps,
+                         bool cast_before_weight, cudaStream_t stream);
+
+// Floats of workspace rms_norm_bwd needs for the dweight partials (0 if not wanted).
+size_t rms_norm_bwd_workspace(int64_t N, int64_t M, bool need_weight_grad);
+
+// dout, x (the normalised input, i.e. sum), dsum (nullable), dx: [N, M] contiguous of `dt`.
+// scale as in rms_norm_fwd; dweight: [M] float, or null when not wanted.
+cudaError_t rms_norm_bwd(DType dt, const void* dout, const void* x, const float* scale,
+                         const float* rstd, const void* dsum, void* dx, float* dweight,
+                         float* workspace, int64_t N, int64_t M, bool cast_before_weight,
+                         cudaStream_t stream);
+
 // attention.cu ----------------------------------------------------------------
 // Largest head dim the attention kernels take (head dims are padded up to 16, 32, 64 or 128).
 constexpr int kAttentionMaxHeadDim = 128;

@@ -3,5 +3,13 @@
 from fastattn.nn.attention import CausalSelfAttention, MultiheadAttention
 from fastattn.nn.gelu import GELU, FeedForward
 from fastattn.nn.layernorm import LayerNorm
+from fastattn.nn.rms_norm import RMSNorm
 
-__all__ = ["CausalSelfAttention", "FeedForward", "GELU", "LayerNorm", "MultiheadAttention"]
+__all__ = [
+    "CausalSelfAttention",
+    "FeedForward",
+    "GELU",
+    "LayerNorm",
+    "MultiheadAttention",
+    "RMSNorm",
+]

@@ -1,6 +1,6 @@
 """Run the host-emulated CUDA kernels (see run.sh) on CPU tensors against float64 references.
 
-Usage: python drive.py LIB [ln|gelu|attn|f32|all] [SEED]. Same cases and error rule as
+Usage: python drive.py LIB [ln|rms|gelu|attn|f32|all] [SEED]. Same cases and error rule as
 tests/test_cuda.py (whose helpers it imports).
 """
 
@@ -111,6 +111,42 @@ def ln(dtype, N, M, affine, residual):
     if affine:
         rule(tag + " dw", dw.to(dtype), gx[1], gr[1])
         rule(tag + " db", db.to(dtype), gx[2], gr[2])
+
+
+def rms(dtype, N, M, affine, offset, cast, residual):
+    x = torch.randn(N, M, dtype=torch.float64).mul(2).add(0.5).to(dtype)
+    res = torch.randn(N, M).to(dtype) if residual else None
+    w = torch.randn(M).to(dtype) if affine else None
+    c = (w.float() + offset) if affine else None  # the scale the launcher takes
+    out, s = poison(N, M, dtype=dtype), (poison(N, M, dtype=dtype) if residual else None)
+    rstd = poison(N, dtype=torch.float32)
+    eps = 1e-6
+    args = (P(x), P(res), P(c), P(out), P(s), P(rstd), I64(N), I64(M), C.c_float(eps), int(cast))
+    assert lib.rms_fwd(DT[dtype], *args) == 0
+    s_in = s if residual else x
+    s64 = s_in.double().requires_grad_(True)
+    w64 = w.double().requires_grad_(True) if affine else None
+    ref = tc._rms_math(s64, w64, offset, False, eps)
+    sx = s_in.clone().requires_grad_(True)
+    wx = w.clone().requires_grad_(True) if affine else None
+    tx = tc._rms_math(sx, wx, offset, cast, eps)
+    tag = f"rms {dtype} {N}x{M} affine={affine} offset={offset} cast={cast} res={residual}"
+    if residual:
+        rule(tag + " sum", s, x + res, x.double() + res.double())
+    rule(tag + " out", out, tx, ref)
+    dout = torch.randn(N, M).to(dtype)
+    dsum = torch.randn(N, M).to(dtype) if residual else None
+    dx = poison(N, M, dtype=dtype)
+    dw = poison(M, dtype=torch.float32) if affine else None
+    ws = poison(max(1, lib.rms_ws(I64(N), I64(M), int(affine))), dtype=torch.float32)
+    bargs = (P(dout), P(s_in), P(c), P(rstd), P(dsum), P(dx), P(dw), P(ws), I64(N), I64(M))
+    assert lib.rms_bwd(DT[dtype], *bargs, int(cast)) == 0
+    gr = torch.autograd.grad(ref, [t for t in (s64, w64) if t is not None], dout.double())
+    gx = torch.autograd.grad(tx, [t for t in (sx, wx) if t is not None], dout)
+    extra = (dsum.double(), dsum) if residual else (0, 0)
+    rule(tag + " dx", dx, gx[0] + extra[1], gr[0] + extra[0])
+    if affine:
+        rule(tag + " dw", dw.to(dtype), gx[1], gr[1])
 
 
 def gelu(dtype, N, M, approx, with_bias):
@@ -244,6 +280,13 @@ if which in ("all", "ln"):
             for affine, residual in [(True, False), (False, False), (True, True)]:
                 ln(dtype, N, M, affine, residual)
     print("ln done")
+if which in ("all", "rms"):
+    for dtype in tc.DTYPES:
+        for N, M in [(1, 1), (7, 33), (13, 768), (5, 1500), (3, 4104)]:
+            for affine, offset, cast in tc.RMS_MODES:
+                for residual in (False, True):
+                    rms(dtype, N, M, affine, offset, cast, residual)
+    print("rms done")
 if which in ("all", "gelu"):
     for dtype in tc.DTYPES:
         for N, M in [(1, 1), (7, 33), (129, 256), (3, 1001)]:

@@ -10,6 +10,15 @@ int ln_bwd(int dt, const void* dout, const void* x, const float* w, const float*
            const void* dsum, void* dx, float* dw, float* db, float* ws, int64_t N, int64_t M) {
   return layer_norm_bwd(DType(dt), dout, x, w, mean, rstd, dsum, dx, dw, db, ws, N, M, nullptr);
 }
+int rms_fwd(int dt, const void* x, const void* r, const float* c, void* out, void* sum, float* rstd,
+            int64_t N, int64_t M, float eps, int cast) {
+  return rms_norm_fwd(DType(dt), x, r, c, out, sum, rstd, N, M, eps, cast, nullptr);
+}
+int64_t rms_ws(int64_t N, int64_t M, int nw) { return rms_norm_bwd_workspace(N, M, nw); }
+int rms_bwd(int dt, const void* dout, const void* x, const float* c, const float* rstd, const void* dsum,
+            void* dx, float* dw, float* ws, int64_t N, int64_t M, int cast) {
+  return rms_norm_bwd(DType(dt), dout, x, c, rstd, dsum, dx, dw, ws, N, M, cast, nullptr);
+}
 int gelu_fwd(int dt, const void* x, const float* b, void* out, int64_t N, int64_t M, int t) {
   return bias_gelu_fwd(DType(dt), x, b, out, N, M, t, nullptr);
 }

@@ -146,7 +146,9 @@ def st(*ts):
     return (I64 * (3 * len(ts)))(*[s for t in ts for s in t.stride()[:3]])
 
 
-def attn(dtype, case, p, layout):
+def attn(dtype, case, p, layout, impl=0, backward=True, compare=None, bwd_impl=0):
+    """impl: 0 = attention_fwd (the bindings' entry), 1 = the simple kernel, 2 = the FA2 kernel.
+    compare: another impl whose output must agree with this one to the error rule's size."""
     B, Hq, Hkv, Tq, Tk, D, causal, padding = case
     if layout == "bthd":
         q = torch.randn(B, Tq, Hq, D).to(dtype).transpose(1, 2)
@@ -167,6 +169,7 @@ def attn(dtype, case, p, layout):
     mk = kpm.contiguous() if padding else None
     assert (
         lib.attn_fwd(
+            impl,
             DT[dtype],
             P(q),
             P(k),
@@ -189,8 +192,17 @@ def attn(dtype, case, p, layout):
     ref, lse_ref = tc._attn_math(q64, k64, v64, kpm, causal, scale, keep, p)
     qx, kx, vx = (t.clone().requires_grad_(True) for t in (q, k, v))
     tx, _ = tc._attn_math(qx, kx, vx, kpm, causal, scale, keep, p)
-    tag = f"attn {dtype} {case} p={p} {layout}"
+    tag = f"attn[{impl}] {dtype} {case} p={p} {layout}"
     rule(tag + " out", out, tx, ref)
+    if compare is not None:  # new kernel vs old: both within the rule of the reference
+        out2 = poison(B, Hq, Tq, D, dtype=dtype)
+        lse2 = poison(B, Hq, Tq, dtype=torch.float32)
+        args = (P(q), P(k), P(v), st(q, k, v), P(mk), I64(Tk), P(out2), P(lse2), sh, int(causal))
+        fa = (C.c_float(scale), C.c_float(p), C.c_uint64(seed), C.c_uint64(offset))
+        assert lib.attn_fwd(compare, DT[dtype], *args, *fa) == 0
+        rule(tag + f" out vs impl {compare}", out, out2, ref)
+        if not torch.equal(torch.isfinite(lse), torch.isfinite(lse2)):
+            fails.append(tag + " lse finiteness vs impl")
     fin = torch.isfinite(lse_ref)
     ok = torch.equal(torch.isfinite(lse), fin) and bool((lse[~fin] > 0).all())
     if ok:
@@ -198,6 +210,8 @@ def attn(dtype, case, p, layout):
     if not ok:
         fails.append(tag + " lse")
         print("FAIL", tag, "lse")
+    if not backward:
+        return
     dout = torch.randn(B, Hq, Tq, D).to(dtype)
     dq, dk, dv = (
         poison(B, Hq, Tq, D, dtype=dtype),
@@ -207,6 +221,7 @@ def attn(dtype, case, p, layout):
     delta = poison(B, Hq, Tq, dtype=torch.float32)
     assert (
         lib.attn_bwd(
+            bwd_impl,
             DT[dtype],
             P(dout),
             P(q),
@@ -258,6 +273,29 @@ if which in ("all", "attn"):
                 for layout in ("contiguous", "bthd"):
                     attn(dtype, case, p, layout)
         print("attn done", dtype, flush=True)
+# FA2 forward (fp16 / bf16), beyond tc.CASES: several key blocks with causal + padding (the
+# mask-free path next to masked tiles), head dims 256 (Q re-read from shared memory, BN = 32)
+# and 20 (not a multiple of 8: element copies instead of cp.async), GQA, Tq > Tk.
+FA2_CASES = tc.CASES + [
+    (1, 4, 2, 150, 200, 64, True, True),
+    (1, 2, 1, 70, 140, 256, True, False),
+    (1, 2, 2, 37, 45, 20, False, True),
+    (2, 2, 1, 129, 64, 128, True, False),
+]
+if which in ("fa2", "quick"):
+    for dtype in (torch.float16, torch.bfloat16):
+        for case in FA2_CASES:
+            for p in (0.0, 0.3):
+                for layout in ("contiguous", "bthd"):
+                    D = case[5]
+                    cmp = 1 if D <= 128 and layout == "contiguous" else None
+                    attn(dtype, case, p, layout, impl=2, backward=False, compare=cmp)
+        print("fa2 forward done", dtype, flush=True)
+if which == "quick":  # the bindings' path, forward + backward, a few cases per dtype
+    for dtype in tc.DTYPES:
+        for case in tc.CASES[1:4]:
+            attn(dtype, case, 0.3, "bthd")
+        print("attn fwd+bwd done", dtype, flush=True)
 if which == "f32":
     for s in range(6):
         torch.manual_seed(100 + s)

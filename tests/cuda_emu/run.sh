@@ -18,7 +18,8 @@ ROOT="$(cd "$HERE/../.." && pwd)"
 BUILD="${BUILD:-/tmp/fastattn_cuda_emu}"
 PY="${PY:-python}"
 mkdir -p "$BUILD"
-for f in "$ROOT"/csrc/cuda/*.cu "$ROOT"/csrc/cuda/*.cuh; do
+rm -f "$BUILD"/*.cpp
+for f in "$ROOT"/csrc/cuda/*.cu "$ROOT"/csrc/cuda/*.cuh "$ROOT"/csrc/cuda/*.h; do
   base="$(basename "$f")"
   case "$base" in *.cu) base="${base%.cu}.cpp" ;; esac
   perl "$HERE/prep.pl" "$f" > "$BUILD/$base"
@@ -27,6 +28,6 @@ cp "$HERE/harness.cpp" "$BUILD/"
 CUDA_INC="${CUDA_INC:-$(dirname "$(dirname "$(command -v nvcc)")")/include}"
 [ -f "$CUDA_INC/cuda_fp16.h" ] || CUDA_INC=/usr/local/cuda/include
 g++ -std=c++20 -O1 -pthread -shared -fPIC -w -include "$HERE/shim.h" -I"$CUDA_INC" -I"$BUILD" \
-  "$BUILD"/gelu.cpp "$BUILD"/layernorm.cpp "$BUILD"/attention.cpp "$BUILD"/harness.cpp \
+  "$BUILD"/*.cpp \
   -o "$BUILD/libemu.so"
 "$PY" "$HERE/drive.py" "$BUILD/libemu.so" "${1:-all}" "${2:-0}"

@@ -18,26 +18,50 @@
 //   key = (seed mod 2^32, seed >> 32)), output word 0: u = (c0 >> 8) * 2^-24, keep iff u >= p.
 //   Every backend draws the same mask; the backward regenerates it.
 //
-// Launch configuration (128 threads = 4 warps per block, everything staged in shared memory):
+// Two sets of kernels. attention_fwd / attention_bwd send fp16 / bf16 to the FA2 kernels and
+// fp32 to the simple ones; both sets stay callable (attention_*_simple / _fa2) so that the host
+// emulation checks each against float64 and against the other.
+//
+// FA2 kernels (fp16 / bf16; tiles and shared-memory layouts in attention_tiles.h):
+// - 4 warps per block. Forward: warp w owns 16 query rows of a 64-row block (the key/value
+//   head's K, V tiles are shared); backward: warp w owns 16 keys of a 64-key block.
+// - Products on tensor cores by mma.sync.m16n8k16 (f32 accumulate) with operands from ldmatrix
+//   (.trans for the operand whose reduction dim is the row dim in memory: V, dO, Q, K). S, P,
+//   O (forward) and S^T, dP^T, dK, dV (backward) never leave registers: an accumulator
+//   fragment of S becomes the A fragment of P V in place (same lane / row / column map).
+// - The streamed tiles (forward K, V; backward Q, dO, lse, Delta) are double-buffered in
+//   shared memory by cp.async (16-byte chunks, when D, the strides and pointers allow; plain
+//   copies otherwise): the next tile's copy is in flight while this one is computed; two
+//   barriers per tile.
+// - Masks (causal, key tail, padding) only on tiles that they cut; others take a mask-free path.
+// - Online softmax on the fragments: each row lives in the 4 lanes of a quad, so the row max /
+//   sum are two __shfl_xor_sync steps; O and l are rescaled in registers.
+// - dQ: dS goes through shared memory (rounded to T), each block adds its dS K into an fp32
+//   [B, Hq, Tq, D] workspace with atomicAdd, a last kernel rounds it (the FA2 arrangement: one
+//   pass over the key blocks instead of a dQ kernel that recomputes S and dP; not bitwise
+//   reproducible). Head dims padded to 16, 32, 64, 128 (and 256 in the forward).
+// - Dropout draws one Philox call per element (word 0), the mapping every backend shares; using
+//   all four words per call would change the mask that the CPU / Triton / reference backends
+//   draw for the same seed.
+//
+// Simple kernels (fp32; the first 16-bit implementation, kept as a reference):
+// 128 threads = 4 warps per block, everything staged in shared memory:
 // - Head dims are padded up to Dp in {16, 32, 64, 128} (template parameter); the padding
 //   columns are loaded as zeros and never written back.
 // - Tiles (rows of Q x rows of K): forward 64 x 64 (fp32 with Dp = 128: 64 x 32), dQ 64 x 64
 //   (Dp = 128: 64 x 32; fp32 Dp = 128: 32 x 32), dK/dV 64 x 64 (Dp = 128 or fp32: 64 x 32;
 //   fp32 Dp = 128: 32 x 32): the largest tiles whose shared memory stays under ~150 KB (sm_80
 //   allows 163 KB per block). The sizes of every buffer are compile-time (static_asserted).
-// - fp16 / bf16: every product (Q K^T, P V, dO V^T, dS K, P^T dO, dS^T Q) runs on tensor cores
-//   through nvcuda::wmma 16x16x16 fragments with fp32 accumulation; each warp owns a set of
-//   16x16 output tiles, the accumulators (O, dQ, dK, dV) live in fp32 shared memory and are
-//   loaded into / stored from the accumulator fragments around each product. P and dS are
-//   rounded to the input type before their products (as in FlashAttention). fp32: the same
-//   products by plain FMAs from shared memory (no TF32, which would be less accurate than
-//   PyTorch's fp32 attention).
+// - fp16 / bf16: every product runs on tensor cores through nvcuda::wmma 16x16x16 fragments,
+//   accumulators (O, dQ, dK, dV) in fp32 shared memory. fp32: the same products by plain FMAs
+//   from shared memory (no TF32, which would be less accurate than PyTorch's fp32 attention).
 // - The softmax step works on rows: a warp per row, lanes across the key block, shuffles for
 //   the row max and sum. Rows of shared-memory tiles are padded by 16 bytes (bank spread; wmma
 //   needs 32-byte aligned fragments and a leading dimension multiple of 16 bytes).
 // - Global loads are 16-byte vectors when D, the strides and the pointers allow it.
 //
-// Compile-check (registers, spills): bash scripts/cuda_check.sh
+// Compile-check (registers, spills, shared memory): bash scripts/cuda_check.sh
+// Host emulation: pytest tests/test_cuda_emu.py (bash tests/cuda_emu/run.sh fa2: all cases)
 // Test (needs a GPU): pytest tests/test_cuda.py -k attention
 #include "common.cuh"
 #include "attention_tiles.h"

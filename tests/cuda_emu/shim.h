@@ -12,8 +12,10 @@
 // fragment layouts of the PTX ISA ("Matrix Fragments for mma.m16n8k16 with floating point
 // type"; ldmatrix .m8n8 .x4 [.trans]), so a kernel that puts a wrong element in a wrong register
 // computes a wrong answer here too. cp.async copies are deferred: each thread queues its copies,
-// commit_group closes a group, wait_group<N> performs all but the newest N groups; a read of a
-// staged tile before its wait + barrier sees stale data (or the 0xFF poison).
+// commit_group closes a group, wait_group<N> performs all but the newest N groups; the
+// destination is poisoned (0xFF: NaN) at issue, so a read of a tile before its wait + barrier,
+// or a restage while another warp still reads the old tile, computes NaNs. Warps are scheduled
+// warp-major (each runs as far as the barriers let it) so that such races happen here.
 #pragma once
 #define FASTATTN_HOST_EMULATION 1
 #include <ucontext.h>
@@ -61,6 +63,9 @@ struct Fiber {
   std::vector<CpAsyncCopy> cp_open;              // not yet committed
   std::deque<std::vector<CpAsyncCopy>> cp_groups;  // committed, pending
   bool done = false;
+  const struct Barrier* waiting = nullptr;  // the barrier this fiber waits at, and its generation
+  unsigned waiting_gen = 0;
+  bool runnable() const;
 };
 // A barrier over `alive` fibers; a fiber that exits counts as arrived from then on.
 struct Barrier {
@@ -80,6 +85,9 @@ inline ucontext_t sched_uc;
 inline uint3 bid;
 inline dim3 g_block, g_grid;
 inline void yield() { swapcontext(&cur->uc, &sched_uc); }
+inline bool Fiber::runnable() const {
+  return !done && (waiting == nullptr || waiting->gen != waiting_gen);
+}
 inline void arrive_and_wait(Barrier& b) {
   const unsigned gen = b.gen;
   if (++b.count == b.alive) {
@@ -87,7 +95,10 @@ inline void arrive_and_wait(Barrier& b) {
     ++b.gen;
     return;
   }
+  cur->waiting = &b;
+  cur->waiting_gen = gen;
   while (b.gen == gen) yield();
+  cur->waiting = nullptr;
 }
 inline void drop(Barrier& b) {
   --b.alive;
@@ -195,14 +206,23 @@ struct Launch {
             fb.uc.uc_link = &sched_uc;
             makecontext(&fb.uc, fiber_main, 0);
           }
+          // Warp-major schedule: warp 0 runs as far as it can (until all its lanes wait at
+          // __syncthreads or are done), then warp 1, ...: warps drift as far apart as the
+          // barriers allow, so a missing __syncthreads shows up as a race.
           unsigned left = nt;
           while (left > 0)
-            for (auto& fb : fibers) {
-              if (fb.done) continue;
-              cur = &fb;
-              swapcontext(&sched_uc, &fb.uc);
-              if (fb.done) --left;
-            }
+            for (unsigned w = 0; w < nw; ++w)
+              for (bool any = true; any;) {
+                any = false;
+                for (unsigned t = 32 * w; t < std::min(nt, 32 * w + 32); ++t) {
+                  Fiber& fb = fibers[t];
+                  if (!fb.runnable()) continue;
+                  any = true;
+                  cur = &fb;
+                  swapcontext(&sched_uc, &fb.uc);
+                  if (fb.done) --left;
+                }
+              }
           cur = nullptr;
           blk = nullptr;
         }
@@ -294,7 +314,12 @@ inline void ldmatrix_x4(uint32_t (&r)[4], const void* row_addr) { ldmatrix_x4_im
 inline void ldmatrix_x4_trans(uint32_t (&r)[4], const void* row_addr) {
   ldmatrix_x4_impl(r, row_addr, true);
 }
-inline void cp_async_16(void* dst, const void* src) { emu::cur->cp_open.push_back({dst, src, 16}); }
+// In flight, the destination holds garbage (the 0xFF poison) until the wait performs the copy:
+// a read before the wait, or a restage while another warp still reads the old tile, sees NaNs.
+inline void cp_async_16(void* dst, const void* src) {
+  std::memset(dst, 0xFF, 16);
+  emu::cur->cp_open.push_back({dst, src, 16});
+}
 inline void cp_async_commit() {
   emu::cur->cp_groups.push_back(std::move(emu::cur->cp_open));
   emu::cur->cp_open.clear();

@@ -34,6 +34,7 @@
 //   copies otherwise): the next tile's copy is in flight while this one is computed; two
 //   barriers per tile.
 // - Masks (causal, key tail, padding) only on tiles that they cut; others take a mask-free path.
+// - Results (O; dK, dV) are rounded into shared memory and leave as 16-byte row stores.
 // - Online softmax on the fragments: each row lives in the 4 lanes of a quad, so the row max /
 //   sum are two __shfl_xor_sync steps; O and l are rescaled in registers.
 // - dQ: dS goes through shared memory (rounded to T), each block adds its dS K into an fp32
@@ -914,26 +915,35 @@ __global__ void __launch_bounds__(tiles::Fa2Fwd<2, Dp>::kThreads)
   }
 
   // out = O / l (0 for a row that saw no key), lse = m + log l (+inf for it), in natural log.
-  T* out = static_cast<T*>(a.out) + static_cast<int64_t>(bh) * Tq * D;
+  // O goes through shared memory (sQ, free now) so that the rows leave in 16-byte stores.
+  __syncthreads();  // every warp is done reading sQ
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const float l = quad_sum(l_run[r]);
     const int i = iw + g + 8 * r;
     const float inv = l > 0.f ? 1.f / l : 0.f;
-    if (i < Tq) {
-      T* orow = out + static_cast<int64_t>(i) * D;
+    uint32_t* srow = reinterpret_cast<uint32_t*>(sQ + (warp * 16 + g + 8 * r) * LD);
 #pragma unroll
-      for (int n = 0; n < NO; ++n) {
-        const int c = n * 8 + 2 * t;
-        if (c < D) orow[c] = from_float<T>(o[n][2 * r] * inv);
-        if (c + 1 < D) orow[c + 1] = from_float<T>(o[n][2 * r + 1] * inv);
-      }
-      if (t == 0)
-        a.lse[static_cast<int64_t>(bh) * Tq + i] = l > 0.f ? (m_run[r] + log2f(l)) * kLn2 : kInf;
+    for (int n = 0; n < NO; ++n) srow[n * 4 + t] = pack2<T>(o[n][2 * r] * inv, o[n][2 * r + 1] * inv);
+    if (t == 0 && i < Tq)
+      a.lse[static_cast<int64_t>(bh) * Tq + i] = l > 0.f ? (m_run[r] + log2f(l)) * kLn2 : kInf;
+  }
+  __syncthreads();
+  T* out = static_cast<T*>(a.out) + (static_cast<int64_t>(bh) * Tq + i0) * D;
+  const int rows = min(BM, Tq - i0);
+  if (D % kVec<T> == 0 && reinterpret_cast<uintptr_t>(a.out) % 16 == 0) {
+    constexpr int V = kVec<T>;
+    const int chunks = D / V;
+    for (int idx = threadIdx.x; idx < rows * chunks; idx += NT) {
+      const int r = idx / chunks, c = (idx % chunks) * V;
+      *reinterpret_cast<Pack<T, V>*>(out + static_cast<int64_t>(r) * D + c) =
+          *reinterpret_cast<const Pack<T, V>*>(sQ + r * LD + c);
     }
+  } else {
+    for (int idx = threadIdx.x; idx < rows * D; idx += NT)
+      out[idx] = sQ[(idx / D) * LD + idx % D];
   }
 }
-
 
 // ------------------------------------------------------------------ FA2 backward
 // grid (B * Hkv, ceil(Tk / BN)); 4 warps, warp w owns keys j0 + 16 w .. + 15 of the block and
@@ -1157,28 +1167,41 @@ __global__ void __launch_bounds__(tiles::Fa2Bwd<2, Dp>::kThreads)
         }
     }
   }
-  if (n_steps == 0) cp_async_wait<0>();
+  cp_async_wait<0>();  // (nothing in flight after the last step; n_steps = 0: K, V)
 
-  // dK = scale dS^T Q, dV: rows jw + g (+ 8), straight from the fragments.
-  const int64_t base = static_cast<int64_t>(bhk) * Tk * D;
-  T* dkp = static_cast<T*>(a.dk) + base;
-  T* dvp = static_cast<T*>(a.dv) + base;
+  // dK = scale dS^T Q and dV, through shared memory (sK, sV, free now) so that rows leave in
+  // 16-byte stores.
+  __syncthreads();  // every warp is done reading sK, sV
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    const int j = jw + g + 8 * r;
-    if (j >= Tk) continue;
+    const int row = warp * 16 + g + 8 * r;
+    uint32_t* krow = reinterpret_cast<uint32_t*>(sK + row * LD);
+    uint32_t* vrow = reinterpret_cast<uint32_t*>(sV + row * LD);
 #pragma unroll
     for (int n = 0; n < NO; ++n) {
-      const int c = n * 8 + 2 * t;
-      const int64_t o = static_cast<int64_t>(j) * D + c;
-      if (c < D) {
-        dkp[o] = from_float<T>(dk[n][2 * r] * a.scale);
-        dvp[o] = from_float<T>(dv[n][2 * r]);
-      }
-      if (c + 1 < D) {
-        dkp[o + 1] = from_float<T>(dk[n][2 * r + 1] * a.scale);
-        dvp[o + 1] = from_float<T>(dv[n][2 * r + 1]);
-      }
+      krow[n * 4 + t] = pack2<T>(dk[n][2 * r] * a.scale, dk[n][2 * r + 1] * a.scale);
+      vrow[n * 4 + t] = pack2<T>(dv[n][2 * r], dv[n][2 * r + 1]);
+    }
+  }
+  __syncthreads();
+  const int64_t base = (static_cast<int64_t>(bhk) * Tk + j0) * D;
+  T* dkp = static_cast<T*>(a.dk) + base;
+  T* dvp = static_cast<T*>(a.dv) + base;
+  if (D % kVec<T> == 0 && reinterpret_cast<uintptr_t>(a.dk) % 16 == 0 &&
+      reinterpret_cast<uintptr_t>(a.dv) % 16 == 0) {
+    constexpr int V = kVec<T>;
+    const int chunks = D / V;
+    for (int idx = threadIdx.x; idx < nk * chunks; idx += NT) {
+      const int r = idx / chunks, c = (idx % chunks) * V;
+      const int64_t o = static_cast<int64_t>(r) * D + c;
+      *reinterpret_cast<Pack<T, V>*>(dkp + o) = *reinterpret_cast<const Pack<T, V>*>(sK + r * LD + c);
+      *reinterpret_cast<Pack<T, V>*>(dvp + o) = *reinterpret_cast<const Pack<T, V>*>(sV + r * LD + c);
+    }
+  } else {
+    for (int idx = threadIdx.x; idx < nk * D; idx += NT) {
+      const int s = (idx / D) * LD + idx % D;
+      dkp[idx] = sK[s];
+      dvp[idx] = sV[s];
     }
   }
 }

@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # Compile-check the CUDA kernels: every csrc/cuda/*.cu with nvcc for sm_80 and sm_90, then a
-# table of registers, spill stores / loads and static shared memory per kernel and arch
-# (attention's tiles use dynamic shared memory, sized at compile time and static_asserted
-# <= 160 KB in csrc/cuda/attention.cu; ptxas does not report it).
+# table of registers, spill stores / loads and static shared memory per kernel and arch, and
+# for the FlashAttention-2 attention kernels their dynamic shared memory (ptxas does not report
+# it: it is computed from csrc/cuda/attention_tiles.h, compiled and run on the host) against the
+# opt-in limit of the arch (sm_80 166912 B, sm_90 232448 B). The simple attention kernels' tiles
+# are static_asserted <= 160 KB in csrc/cuda/attention.cu.
 #
-# Exit 1 on any compile error, or if an attention kernel for head dim 64 or 128 spills.
+# Exit 1 on any compile error, if an FA2 attention kernel (fp16 / bf16) spills or exceeds the
+# shared memory of an arch, or if a simple attention kernel for head dim 64 or 128 spills.
 # Usage: bash scripts/cuda_check.sh   (env NVCC to pick the compiler, default: nvcc on PATH)
 # Flags are those of the real build: setup.py's (-O3 --use_fast_math, C++17) plus the ones
 # torch.utils.cpp_extension always adds (no implicit half / bfloat16 conversions or operators).
@@ -50,6 +53,21 @@ for src in "${sources[@]}"; do
   i=$((i + 1))
 done
 [ $status -eq 0 ] || exit 1
+
+# Dynamic shared memory of the FA2 kernels per padded head dim, from the tile headers.
+"${CXX:-c++}" -std=c++17 -I"$ROOT/csrc" -x c++ -o "$OUT/fa2_tiles" - <<'CPP' || exit 1
+#include "cuda/attention_tiles.h"
+#include <cstdio>
+using namespace fastattn::cuda::tiles;
+template <int Dp> void fwd() { std::printf("fwd %d %zu\n", Dp, Fa2Fwd<2, Dp>::bytes); }
+template <int Dp> void bwd() { std::printf("bwd %d %zu\n", Dp, Fa2Bwd<2, Dp>::bytes); }
+int main() {
+  fwd<16>(); fwd<32>(); fwd<64>(); fwd<128>(); fwd<256>();
+  bwd<16>(); bwd<32>(); bwd<64>(); bwd<128>();
+  std::printf("limit sm_80 %zu\nlimit sm_90 %zu\n", kSmemOptInSm80, kSmemOptInSm90);
+}
+CPP
+"$OUT/fa2_tiles" > "$OUT/fa2_tiles.txt" || exit 1
 
 python3 - "$OUT" "${sources[@]}" <<'PY'
 import os
@@ -110,16 +128,33 @@ for r, n in zip(rows, names):
     r[1] = short(n)
 rows.sort(key=lambda r: (r[0], r[1], r[2]))
 
+fa2_smem, limit = {}, {}
+with open(os.path.join(out_dir, "fa2_tiles.txt")) as f:
+    for line in f:
+        kind, key, val = line.split()
+        (limit if kind == "limit" else fa2_smem)[(kind, key)] = int(val)
+fa2 = re.compile(r"attention_(fwd|bwd)_fa2_kernel<\w+, (\d+)>")
+
 w = max(len(r[1]) for r in rows)
-print(f"{'file':<10} {'kernel':<{w}} {'arch':<6} {'regs':>4} {'spill st':>8} {'spill ld':>8} {'smem':>6}")
+print(f"{'file':<10} {'kernel':<{w}} {'arch':<6} {'regs':>4} {'spill st':>8} {'spill ld':>8} "
+      f"{'smem':>6} {'dyn smem':>8}")
 bad = []
 for r in rows:
-    print(f"{r[0]:<10} {r[1]:<{w}} {r[2]:<6} {r[3]:>4} {r[4]:>8} {r[5]:>8} {r[6]:>6}")
+    m = fa2.search(r[1])
+    dyn = fa2_smem.get((m.group(1), m.group(2))) if m else None
+    print(f"{r[0]:<10} {r[1]:<{w}} {r[2]:<6} {r[3]:>4} {r[4]:>8} {r[5]:>8} {r[6]:>6} "
+          f"{dyn if dyn is not None else '':>8}")
     spills = (r[4] or 0) + (r[5] or 0)
     if r[3] is None or r[4] is None:
         bad.append(f"{r[1]} {r[2]}: could not parse ptxas output")
+    elif spills and m:
+        bad.append(f"{r[1]} {r[2]}: spills {r[4]} B stored / {r[5]} B loaded")
     elif spills and r[0] == "attention" and re.search(r"\b(64|128)>", r[1]):
         bad.append(f"{r[1]} {r[2]}: spills {r[4]} B stored / {r[5]} B loaded")
+    if m and dyn is None:
+        bad.append(f"{r[1]}: no shared-memory size in attention_tiles.h")
+    elif m and dyn + r[6] > limit[("limit", r[2])]:
+        bad.append(f"{r[1]} {r[2]}: {dyn + r[6]} B of shared memory > {limit[('limit', r[2])]}")
 spilling = sum(1 for r in rows if (r[4] or 0) + (r[5] or 0))
 print(f"cuda_check: {len(rows)} kernel builds, {spilling} with spills")
 if bad:

@@ -252,6 +252,10 @@ CASES = [
     (2, 2, 2, 130, 65, 128, True, True),  # Tq > Tk: the first rows see no key
     (1, 3, 1, 33, 33, 80, True, False),  # padded head dim, MQA
     (1, 2, 2, 40, 70, 24, False, False),
+    # Several key and query blocks of the FA2 kernels with causal + padding (mask-free tiles
+    # next to cut ones), GQA; and a head dim that is not a multiple of 8 (no 16-byte copies).
+    (1, 4, 2, 150, 200, 64, True, True),
+    (1, 2, 2, 37, 45, 20, False, True),
 ]
 
 

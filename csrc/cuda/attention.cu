@@ -18,31 +18,58 @@
 //   key = (seed mod 2^32, seed >> 32)), output word 0: u = (c0 >> 8) * 2^-24, keep iff u >= p.
 //   Every backend draws the same mask; the backward regenerates it.
 //
-// Launch configuration (128 threads = 4 warps per block, everything staged in shared memory):
+// Two sets of kernels. attention_fwd / attention_bwd send fp16 / bf16 to the FA2 kernels and
+// fp32 to the simple ones; both sets stay callable (attention_*_simple / _fa2) so that the host
+// emulation checks each against float64 and against the other.
+//
+// FA2 kernels (fp16 / bf16; tiles and shared-memory layouts in attention_tiles.h):
+// - 4 warps per block. Forward: warp w owns 16 query rows of a 64-row block (the key/value
+//   head's K, V tiles are shared); backward: warp w owns 16 keys of a 64-key block.
+// - Products on tensor cores by mma.sync.m16n8k16 (f32 accumulate) with operands from ldmatrix
+//   (.trans for the operand whose reduction dim is the row dim in memory: V, dO, Q, K). S, P,
+//   O (forward) and S^T, dP^T, dK, dV (backward) never leave registers: an accumulator
+//   fragment of S becomes the A fragment of P V in place (same lane / row / column map).
+// - The streamed tiles (forward K, V; backward Q, dO, lse, Delta) are double-buffered in
+//   shared memory by cp.async (16-byte chunks, when D, the strides and pointers allow; plain
+//   copies otherwise): the next tile's copy is in flight while this one is computed; two
+//   barriers per tile.
+// - Masks (causal, key tail, padding) only on tiles that they cut; others take a mask-free path.
+// - Results (O; dK, dV) are rounded into shared memory and leave as 16-byte row stores.
+// - Online softmax on the fragments: each row lives in the 4 lanes of a quad, so the row max /
+//   sum are two __shfl_xor_sync steps; O and l are rescaled in registers.
+// - dQ: dS goes through shared memory (rounded to T), each block adds its dS K into an fp32
+//   [B, Hq, Tq, D] workspace with atomicAdd, a last kernel rounds it (the FA2 arrangement: one
+//   pass over the key blocks instead of a dQ kernel that recomputes S and dP; not bitwise
+//   reproducible). Head dims padded to 16, 32, 64, 128 (and 256 in the forward).
+// - Dropout draws one Philox call per element (word 0), the mapping every backend shares; using
+//   all four words per call would change the mask that the CPU / Triton / reference backends
+//   draw for the same seed.
+//
+// Simple kernels (fp32; the first 16-bit implementation, kept as a reference):
+// 128 threads = 4 warps per block, everything staged in shared memory:
 // - Head dims are padded up to Dp in {16, 32, 64, 128} (template parameter); the padding
 //   columns are loaded as zeros and never written back.
 // - Tiles (rows of Q x rows of K): forward 64 x 64 (fp32 with Dp = 128: 64 x 32), dQ 64 x 64
 //   (Dp = 128: 64 x 32; fp32 Dp = 128: 32 x 32), dK/dV 64 x 64 (Dp = 128 or fp32: 64 x 32;
 //   fp32 Dp = 128: 32 x 32): the largest tiles whose shared memory stays under ~150 KB (sm_80
 //   allows 163 KB per block). The sizes of every buffer are compile-time (static_asserted).
-// - fp16 / bf16: every product (Q K^T, P V, dO V^T, dS K, P^T dO, dS^T Q) runs on tensor cores
-//   through nvcuda::wmma 16x16x16 fragments with fp32 accumulation; each warp owns a set of
-//   16x16 output tiles, the accumulators (O, dQ, dK, dV) live in fp32 shared memory and are
-//   loaded into / stored from the accumulator fragments around each product. P and dS are
-//   rounded to the input type before their products (as in FlashAttention). fp32: the same
-//   products by plain FMAs from shared memory (no TF32, which would be less accurate than
-//   PyTorch's fp32 attention).
+// - fp16 / bf16: every product runs on tensor cores through nvcuda::wmma 16x16x16 fragments,
+//   accumulators (O, dQ, dK, dV) in fp32 shared memory. fp32: the same products by plain FMAs
+//   from shared memory (no TF32, which would be less accurate than PyTorch's fp32 attention).
 // - The softmax step works on rows: a warp per row, lanes across the key block, shuffles for
 //   the row max and sum. Rows of shared-memory tiles are padded by 16 bytes (bank spread; wmma
 //   needs 32-byte aligned fragments and a leading dimension multiple of 16 bytes).
 // - Global loads are 16-byte vectors when D, the strides and the pointers allow it.
 //
-// Compile-check (registers, spills): bash scripts/cuda_check.sh
+// Compile-check (registers, spills, shared memory): bash scripts/cuda_check.sh
+// Host emulation: pytest tests/test_cuda_emu.py (bash tests/cuda_emu/run.sh fa2: all cases)
 // Test (needs a GPU): pytest tests/test_cuda.py -k attention
 #include "common.cuh"
+#include "attention_tiles.h"
 
 #include <mma.h>
 
+#include <algorithm>
 #include <type_traits>
 
 namespace fastattn {
@@ -265,7 +292,7 @@ __device__ __forceinline__ T* at(unsigned char* base, size_t off) {
 // grid: (B * Hq, ceil(Tq / BM)).
 template <typename T, int Dp>
 __global__ void __launch_bounds__(kThreads)
-    attention_fwd_kernel(const AttentionFwdArgs a, bool vec) {
+    attention_fwd_simple_kernel(const AttentionFwdArgs a, bool vec) {
   using C = Cfg<T, Dp>;
   using L = FwdSmem<T, Dp>;
   constexpr int BM = L::BM, BN = L::BN, LDS = L::LDS, LDP = L::LDP;
@@ -419,7 +446,7 @@ __device__ __forceinline__ void softmax_grad_tile(const AttentionBwdArgs& a, con
 
 // dQ: grid (B * Hq, ceil(Tq / BM)); walks the key blocks this query block can see.
 template <typename T, int Dp>
-__global__ void __launch_bounds__(kThreads) attention_bwd_dq_kernel(const AttentionBwdArgs a,
+__global__ void __launch_bounds__(kThreads) attention_bwd_dq_simple_kernel(const AttentionBwdArgs a,
                                                                     bool vec) {
   using C = Cfg<T, Dp>;
   using L = DqSmem<T, Dp>;
@@ -486,7 +513,7 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dq_kernel(const Attent
 // dK, dV: grid (B * Hkv, ceil(Tk / BN)); walks, for every query head of the kv head's group,
 // the query blocks that can see this key block.
 template <typename T, int Dp>
-__global__ void __launch_bounds__(kThreads) attention_bwd_dkdv_kernel(const AttentionBwdArgs a,
+__global__ void __launch_bounds__(kThreads) attention_bwd_dkdv_simple_kernel(const AttentionBwdArgs a,
                                                                       bool vec) {
   using C = Cfg<T, Dp>;
   using L = KvSmem<T, Dp>;
@@ -569,6 +596,625 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dkdv_kernel(const Atte
   }
 }
 
+// ================================================================== FlashAttention-2 kernels
+// fp16 / bf16 only (fp32 stays on the *_simple kernels above: no TF32, see the header).
+// Tiles are in csrc/cuda/attention_tiles.h (shared with scripts/cuda_check.sh's table).
+
+// ------------------------------------------------------------------ PTX primitives
+// Tensor-core product, fragment loads and async copies. The host emulation
+// (tests/cuda_emu/shim.h) provides the same functions with the PTX ISA's per-lane layouts.
+#ifndef FASTATTN_HOST_EMULATION
+__device__ __forceinline__ uint32_t smem_u32(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// d += a b: a 16x16 (row), b 16x8 (col), fp32 accumulators. Fragment layout (PTX ISA),
+// g = lane / 4, t = lane % 4: a[r] = A(g + 8 (r & 1), 2t + 8 (r >> 1) + {0, 1});
+// b{0,1} = B(2t + 8 {0,1} + {0, 1}, g); d[e] = D(g + 8 (e >> 1), 2t + (e & 1)).
+template <typename T>
+__device__ __forceinline__ void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
+                                             uint32_t b1) {
+  if constexpr (std::is_same_v<T, __half>) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+}
+
+// Four 8x8 b16 matrices; lanes 8i..8i+7 give the row addresses of matrix i, register i of lane l
+// gets row l / 4, columns 2 (l % 4) + {0, 1} of it (.trans: of its transpose).
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* row_addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_u32(row_addr))
+               : "memory");
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* row_addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_u32(row_addr))
+               : "memory");
+}
+
+// 16 bytes global -> shared, bypassing L1 (.cg): the tile is read once per block from L2.
+__device__ __forceinline__ void cp_async_16(void* dst, const void* src) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_u32(dst)), "l"(src)
+               : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() {
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+}
+// Wait until at most N of this thread's committed groups are still in flight.
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+#endif  // FASTATTN_HOST_EMULATION
+
+__device__ __forceinline__ uint32_t bits16(__half h) { return __half_as_ushort(h); }
+__device__ __forceinline__ uint32_t bits16(__nv_bfloat16 h) { return __bfloat16_as_ushort(h); }
+// Two floats rounded to T, packed as one b32 register (lo in the low half, as mma expects).
+template <typename T>
+__device__ __forceinline__ uint32_t pack2(float lo, float hi) {
+  return bits16(from_float<T>(lo)) | (bits16(from_float<T>(hi)) << 16);
+}
+
+__device__ __forceinline__ float quad_max(float v) {
+  v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 1));
+  return fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 2));
+}
+__device__ __forceinline__ float quad_sum(float v) {
+  v += __shfl_xor_sync(0xffffffffu, v, 1);
+  return v + __shfl_xor_sync(0xffffffffu, v, 2);
+}
+
+// rows x Dp tile of T into shared memory (row stride LD): rows [0, rows) x cols [0, D) from g
+// (row stride `stride`), zeros elsewhere. vec: 16-byte cp.async chunks (the caller commits and
+// waits); else plain element copies (visible after the next barrier). Threads: NT.
+template <typename T, int ROWS, int Dp, int LD, int NT>
+__device__ __forceinline__ void stage_tile(T* __restrict__ s, const T* __restrict__ g,
+                                           int64_t stride, int rows, int D, bool vec) {
+  if (vec) {
+    constexpr int V = kVec<T>;
+    constexpr int kChunks = Dp / V;
+    for (int idx = threadIdx.x; idx < ROWS * kChunks; idx += NT) {
+      const int r = idx / kChunks, c = (idx % kChunks) * V;
+      if (r < rows && c < D) {
+        cp_async_16(s + r * LD + c, g + r * stride + c);
+      } else {
+        Pack<T, V> z;
+#pragma unroll
+        for (int e = 0; e < V; ++e) z.v[e] = from_float<T>(0.f);
+        *reinterpret_cast<Pack<T, V>*>(s + r * LD + c) = z;
+      }
+    }
+  } else {
+    for (int idx = threadIdx.x; idx < ROWS * Dp; idx += NT) {
+      const int r = idx / Dp, c = idx % Dp;
+      s[r * LD + c] = (r < rows && c < D) ? g[r * stride + c] : from_float<T>(0.f);
+    }
+  }
+}
+
+// ------------------------------------------------------------------ FA2 forward
+// grid (B * Hq, ceil(Tq / BM)); 4 warps, warp w owns query rows i0 + 16 w .. + 15 of the block.
+// Per key block (K, V double-buffered, the next block's cp.async in flight while this one is
+// computed; two barriers per block: tile ready, tile consumed):
+//   S = Q K^T      16 x BN per warp, BN / 8 accumulator fragments (registers)
+//   mask           only on a tile that the causal diagonal, the key tail or padding cuts
+//   softmax        row max / sum over the lane's values then the 4 lanes of its quad (rows are
+//                  split across a quad in the C layout); O, l rescaled by exp2(m_old - m_new)
+//   O += P V       P's C fragments become A fragments in place (same lane / row / column map),
+//                  rounded to T; V fragments through ldmatrix.trans
+template <typename T, int Dp>
+__global__ void __launch_bounds__(tiles::Fa2Fwd<2, Dp>::kThreads)
+    attention_fwd_fa2_kernel(const AttentionFwdArgs a, bool vec) {
+  using L = tiles::Fa2Fwd<2, Dp>;
+  constexpr int BM = L::BM, BN = L::BN, LD = L::LD, NT = L::kThreads;
+  constexpr int NS = BN / 8;   // S fragments per warp (n tiles of 8 keys)
+  constexpr int NO = Dp / 8;   // O fragments per warp (n tiles of 8 head-dim columns)
+  constexpr int KD = Dp / 16;  // k steps of Q K^T
+  constexpr bool kQRegs = L::kQInRegisters;
+  extern __shared__ __align__(128) unsigned char smem[];
+  T* sQ = at<T>(smem, L::q);
+  T* sK = at<T>(smem, L::k);  // [2][BN][LD]
+  T* sV = at<T>(smem, L::v);  // [2][BN][LD]
+  uint8_t* sKeyOk = at<uint8_t>(smem, L::key_ok);  // [2][BN]
+
+  const int bh = blockIdx.x, b = bh / a.Hq, h = bh % a.Hq, hk = h / (a.Hq / a.Hkv);
+  const int i0 = blockIdx.y * BM;
+  const int Tq = a.Tq, Tk = a.Tk, D = a.D;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+  const int iw = i0 + warp * 16;  // first query row of this warp
+  const T* q = static_cast<const T*>(a.q) + b * a.q_stride.b + h * a.q_stride.h;
+  const T* k = static_cast<const T*>(a.k) + b * a.k_stride.b + hk * a.k_stride.h;
+  const T* v = static_cast<const T*>(a.v) + b * a.v_stride.b + hk * a.v_stride.h;
+  const uint8_t* mask_row =
+      a.key_padding_mask != nullptr ? a.key_padding_mask + b * a.mask_stride_b : nullptr;
+  const bool dropout = a.dropout_p > 0.f;
+  const float inv_keep = dropout ? 1.0f / (1.0f - a.dropout_p) : 1.0f;
+  const float scale_log2 = a.scale * kLog2e;
+
+  const long long last = a.causal ? static_cast<long long>(i0) + BM + Tk - Tq : Tk;
+  const int n_end = static_cast<int>(last < Tk ? last : Tk);
+  const int n_blocks = n_end > 0 ? (n_end + BN - 1) / BN : 0;
+
+  float o[NO][4];
+#pragma unroll
+  for (int n = 0; n < NO; ++n)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) o[n][e] = 0.f;
+  float m_run[2] = {-kInf, -kInf}, l_run[2] = {0.f, 0.f};  // rows g and g + 8
+
+  // Stage key block `blk` into buffer `buf`; returns whether this thread saw a padded key.
+  auto stage_kv = [&](int blk, int buf) -> int {
+    const int j0 = blk * BN, nk = min(BN, Tk - j0);
+    stage_tile<T, BN, Dp, LD, NT>(sK + buf * BN * LD, k + static_cast<int64_t>(j0) * a.k_stride.t,
+                                  a.k_stride.t, nk, D, vec);
+    stage_tile<T, BN, Dp, LD, NT>(sV + buf * BN * LD, v + static_cast<int64_t>(j0) * a.v_stride.t,
+                                  a.v_stride.t, nk, D, vec);
+    int pad = 0;
+    if (mask_row != nullptr) {
+      for (int c = threadIdx.x; c < BN; c += NT) {
+        const int j = j0 + c;
+        const bool ok = j < Tk && mask_row[j] == 0;
+        sKeyOk[buf * BN + c] = ok;
+        pad |= j < Tk && !ok;
+      }
+    }
+    return pad;
+  };
+
+  uint32_t qf[kQRegs ? KD : 1][4];
+  int pad_next = 0;
+  if (n_blocks > 0) {
+    stage_tile<T, BM, Dp, LD, NT>(sQ, q + static_cast<int64_t>(i0) * a.q_stride.t, a.q_stride.t,
+                                  min(BM, Tq - i0), D, vec);
+    pad_next = stage_kv(0, 0);
+    cp_async_commit();
+  }
+  for (int blk = 0; blk < n_blocks; ++blk) {
+    const int buf = blk & 1, j0 = blk * BN;
+    const int pad_cur = pad_next;
+    if (blk + 1 < n_blocks) {
+      pad_next = stage_kv(blk + 1, buf ^ 1);  // overlaps with this block's products
+      cp_async_commit();
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    // Barrier 1: block `blk` staged by every thread; also: does any thread see a padded key?
+    const bool any_pad = __syncthreads_or(pad_cur) != 0;
+    const T* Kb = sK + buf * BN * LD;
+    const T* Vb = sV + buf * BN * LD;
+
+    if constexpr (kQRegs) {
+      if (blk == 0) {
+#pragma unroll
+        for (int kk = 0; kk < KD; ++kk)
+          ldmatrix_x4(qf[kk], sQ + (warp * 16 + (lane % 8) + 8 * ((lane / 8) % 2)) * LD +
+                                  kk * 16 + 8 * (lane / 16));
+      }
+    }
+
+    // S = Q K^T
+    float s[NS][4];
+#pragma unroll
+    for (int n = 0; n < NS; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) s[n][e] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < KD; ++kk) {
+      uint32_t af[4];
+      if constexpr (kQRegs) {
+#pragma unroll
+        for (int r = 0; r < 4; ++r) af[r] = qf[kk][r];
+      } else {
+        ldmatrix_x4(af, sQ + (warp * 16 + (lane % 8) + 8 * ((lane / 8) % 2)) * LD + kk * 16 +
+                            8 * (lane / 16));
+      }
+#pragma unroll
+      for (int np = 0; np < NS / 2; ++np) {
+        // matrices: keys np*16 + {0-7, 0-7, 8-15, 8-15} x dims kk*16 + {0-7, 8-15, 0-7, 8-15}
+        uint32_t bf[4];
+        ldmatrix_x4(bf, Kb + (np * 16 + (lane % 8) + 8 * (lane / 16)) * LD + kk * 16 +
+                            8 * ((lane / 8) % 2));
+        mma_m16n8k16<T>(s[2 * np], af, bf[0], bf[1]);
+        mma_m16n8k16<T>(s[2 * np + 1], af, bf[2], bf[3]);
+      }
+    }
+
+    // Scale into base 2; mask where this warp's tile is cut (warp-uniform branch).
+    const bool full = j0 + BN <= Tk && !any_pad &&
+                      (!a.causal || static_cast<long long>(j0) + BN - 1 <=
+                                        static_cast<long long>(iw) + Tk - Tq);
+    if (full) {
+#pragma unroll
+      for (int n = 0; n < NS; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[n][e] *= scale_log2;
+    } else {
+      const uint8_t* ok = sKeyOk + buf * BN;
+#pragma unroll
+      for (int n = 0; n < NS; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int c = n * 8 + 2 * t + (e & 1), j = j0 + c, i = iw + g + 8 * (e >> 1);
+          const bool vis = j < Tk && (mask_row == nullptr || ok[c]) &&
+                           causal_ok(a.causal, i, j, Tq, Tk);
+          s[n][e] = vis ? s[n][e] * scale_log2 : -kInf;
+        }
+    }
+
+    // Online softmax on the fragments: rows g (e = 0, 1) and g + 8 (e = 2, 3).
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float mx = -kInf;
+#pragma unroll
+      for (int n = 0; n < NS; ++n) mx = fmaxf(mx, fmaxf(s[n][2 * r], s[n][2 * r + 1]));
+      mx = quad_max(mx);
+      const float m_new = fmaxf(m_run[r], mx);
+      // m_new == -inf: nothing visible yet (p = 0 below, O and l stay zero).
+      const float alpha = m_new == -kInf ? 1.f : exp2f(m_run[r] - m_new);
+      const float m_use = m_new == -kInf ? 0.f : m_new;
+      float rs = 0.f;
+#pragma unroll
+      for (int n = 0; n < NS; ++n)
+#pragma unroll
+        for (int e = 2 * r; e < 2 * r + 2; ++e) {
+          const float p = exp2f(s[n][e] - m_use);  // exp2(-inf) = 0 for masked keys
+          rs += p;
+          s[n][e] = p;
+        }
+      l_run[r] = l_run[r] * alpha + rs;  // this lane's part of the row sum (quad-summed at end)
+      m_run[r] = m_new;
+#pragma unroll
+      for (int n = 0; n < NO; ++n) {
+        o[n][2 * r] *= alpha;
+        o[n][2 * r + 1] *= alpha;
+      }
+    }
+    if (dropout) {
+      const uint32_t bhq = static_cast<uint32_t>(bh);
+#pragma unroll
+      for (int n = 0; n < NS; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int j = j0 + n * 8 + 2 * t + (e & 1), i = iw + g + 8 * (e >> 1);
+          s[n][e] = dropout_keep(a.seed, a.offset, bhq, i, j, a.dropout_p) ? s[n][e] * inv_keep
+                                                                          : 0.f;
+        }
+    }
+
+    // O += P V: A fragment of key step kk = S tiles 2kk (cols 0-7) and 2kk + 1 (cols 8-15).
+#pragma unroll
+    for (int kk = 0; kk < BN / 16; ++kk) {
+      const uint32_t pf[4] = {pack2<T>(s[2 * kk][0], s[2 * kk][1]),
+                              pack2<T>(s[2 * kk][2], s[2 * kk][3]),
+                              pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]),
+                              pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+#pragma unroll
+      for (int dp = 0; dp < Dp / 16; ++dp) {
+        // matrices: keys kk*16 + {0-7, 8-15, 0-7, 8-15} x dims dp*16 + {0-7, 0-7, 8-15, 8-15}
+        uint32_t bf[4];
+        ldmatrix_x4_trans(bf, Vb + (kk * 16 + (lane % 8) + 8 * ((lane / 8) % 2)) * LD +
+                                  dp * 16 + 8 * (lane / 16));
+        mma_m16n8k16<T>(o[2 * dp], pf, bf[0], bf[1]);
+        mma_m16n8k16<T>(o[2 * dp + 1], pf, bf[2], bf[3]);
+      }
+    }
+    __syncthreads();  // barrier 2: every warp is done with buffer `buf` (restaged at blk + 2)
+  }
+
+  // out = O / l (0 for a row that saw no key), lse = m + log l (+inf for it), in natural log.
+  // O goes through shared memory (sQ, free now) so that the rows leave in 16-byte stores.
+  __syncthreads();  // every warp is done reading sQ
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const float l = quad_sum(l_run[r]);
+    const int i = iw + g + 8 * r;
+    const float inv = l > 0.f ? 1.f / l : 0.f;
+    uint32_t* srow = reinterpret_cast<uint32_t*>(sQ + (warp * 16 + g + 8 * r) * LD);
+#pragma unroll
+    for (int n = 0; n < NO; ++n) srow[n * 4 + t] = pack2<T>(o[n][2 * r] * inv, o[n][2 * r + 1] * inv);
+    if (t == 0 && i < Tq)
+      a.lse[static_cast<int64_t>(bh) * Tq + i] = l > 0.f ? (m_run[r] + log2f(l)) * kLn2 : kInf;
+  }
+  __syncthreads();
+  T* out = static_cast<T*>(a.out) + (static_cast<int64_t>(bh) * Tq + i0) * D;
+  const int rows = min(BM, Tq - i0);
+  if (D % kVec<T> == 0 && reinterpret_cast<uintptr_t>(a.out) % 16 == 0) {
+    constexpr int V = kVec<T>;
+    const int chunks = D / V;
+    for (int idx = threadIdx.x; idx < rows * chunks; idx += NT) {
+      const int r = idx / chunks, c = (idx % chunks) * V;
+      *reinterpret_cast<Pack<T, V>*>(out + static_cast<int64_t>(r) * D + c) =
+          *reinterpret_cast<const Pack<T, V>*>(sQ + r * LD + c);
+    }
+  } else {
+    for (int idx = threadIdx.x; idx < rows * D; idx += NT)
+      out[idx] = sQ[(idx / D) * LD + idx % D];
+  }
+}
+
+// ------------------------------------------------------------------ FA2 backward
+// grid (B * Hkv, ceil(Tk / BN)); 4 warps, warp w owns keys j0 + 16 w .. + 15 of the block and
+// keeps their dK, dV rows in registers (fp32 fragments) over every query block of every query
+// head of the kv head's group (GQA sums without atomics). Per query block (Q, dO, lse, Delta
+// double-buffered: the next block's cp.async in flight while this one is computed):
+//   S^T = K Q^T, dP^T = V dO^T          16 keys x BM queries per warp, in registers
+//   P^T = exp2(S^T scale log2 e - lse log2 e)  (masked only on cut tiles), Z: dropout
+//   dV += (P^T o Z) dO,  dS^T = P^T o (dP^T o Z - Delta),  dK += dS^T Q   (C -> A in place)
+//   dS -> shared memory (T), barrier, dQ += scale dS K: warps split the BM x Dp tile, fp32
+//   atomicAdd into a [B, Hq, Tq, D] workspace (the FA2 arrangement: dQ of a query row gets a
+//   contribution from every key block, so it is summed across blocks in L2 instead of a second
+//   kernel recomputing S and dP); a last kernel rounds it to T.
+// Two barriers per query block: staged tiles ready; dS written (which also ends every warp's
+// reads of the Q / dO buffer that the next prefetch overwrites).
+template <typename T, int Dp>
+__global__ void __launch_bounds__(tiles::Fa2Bwd<2, Dp>::kThreads)
+    attention_bwd_fa2_kernel(const AttentionBwdArgs a, bool vec) {
+  using L = tiles::Fa2Bwd<2, Dp>;
+  constexpr int BM = L::BM, BN = L::BN, LD = L::LD, LDS = L::LDS, NT = L::kThreads;
+  constexpr int NQ = BM / 8;   // S^T / dP^T fragments per warp (n tiles of 8 queries)
+  constexpr int NO = Dp / 8;   // dK / dV fragments per warp
+  constexpr int KD = Dp / 16;  // k steps over the head dim
+  constexpr int RG = BM / 16, CG = 4 / RG, DQC = Dp / CG;  // dQ: row groups x column groups
+  static_assert(RG * CG == 4 && DQC % 16 == 0, "dQ tile split over the 4 warps");
+  extern __shared__ __align__(128) unsigned char smem[];
+  T* sK = at<T>(smem, L::k);
+  T* sV = at<T>(smem, L::v);
+  T* sQ = at<T>(smem, L::q);    // [2][BM][LD]
+  T* sdO = at<T>(smem, L::dout);  // [2][BM][LD]
+  T* sdS = at<T>(smem, L::ds);  // [BM][LDS]
+  float* sLse = at<float>(smem, L::lse);      // [2][BM], times log2 e
+  float* sDelta = at<float>(smem, L::delta);  // [2][BM]
+  uint8_t* sKeyOk = at<uint8_t>(smem, L::key_ok);
+
+  const int bhk = blockIdx.x, b = bhk / a.Hkv, hk = bhk % a.Hkv;
+  const int group = a.Hq / a.Hkv;
+  const int j0 = blockIdx.y * BN;
+  const int Tq = a.Tq, Tk = a.Tk, D = a.D;
+  const int nk = min(BN, Tk - j0);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+  const int jw = j0 + warp * 16;  // first key of this warp
+  const T* k = static_cast<const T*>(a.k) + b * a.k_stride.b + hk * a.k_stride.h;
+  const T* v = static_cast<const T*>(a.v) + b * a.v_stride.b + hk * a.v_stride.h;
+  const uint8_t* mask_row =
+      a.key_padding_mask != nullptr ? a.key_padding_mask + b * a.mask_stride_b : nullptr;
+  const bool dropout = a.dropout_p > 0.f;
+  const float inv_keep = dropout ? 1.0f / (1.0f - a.dropout_p) : 1.0f;
+  const float scale_log2 = a.scale * kLog2e;
+
+  // Query blocks that see this key block: causal, i >= j0 - (Tk - Tq).
+  int m_begin = 0;
+  if (a.causal) {
+    const long long first = static_cast<long long>(j0) - Tk + Tq;
+    m_begin = first > 0 ? static_cast<int>(first / BM) * BM : 0;
+  }
+  const int nq = m_begin < Tq ? (Tq - m_begin + BM - 1) / BM : 0;
+  const int n_steps = group * nq;  // (head, query block) pairs, head-major
+
+  stage_tile<T, BN, Dp, LD, NT>(sK, k + static_cast<int64_t>(j0) * a.k_stride.t, a.k_stride.t,
+                                nk, D, vec);
+  stage_tile<T, BN, Dp, LD, NT>(sV, v + static_cast<int64_t>(j0) * a.v_stride.t, a.v_stride.t,
+                                nk, D, vec);
+  int pad = 0;
+  for (int c = threadIdx.x; c < BN; c += NT) {
+    const int j = j0 + c;
+    const bool ok = j < Tk && (mask_row == nullptr || mask_row[j] == 0);
+    sKeyOk[c] = ok;
+    pad |= j < Tk && !ok;
+  }
+
+  auto stage_q = [&](int step, int buf) {
+    const int h = hk * group + step / nq, i0 = m_begin + (step % nq) * BM;
+    const int rows = min(BM, Tq - i0);
+    const T* q = static_cast<const T*>(a.q) + b * a.q_stride.b + h * a.q_stride.h;
+    const T* dout = static_cast<const T*>(a.dout) + b * a.dout_stride.b + h * a.dout_stride.h;
+    stage_tile<T, BM, Dp, LD, NT>(sQ + buf * BM * LD, q + static_cast<int64_t>(i0) * a.q_stride.t,
+                                  a.q_stride.t, rows, D, vec);
+    stage_tile<T, BM, Dp, LD, NT>(sdO + buf * BM * LD,
+                                  dout + static_cast<int64_t>(i0) * a.dout_stride.t,
+                                  a.dout_stride.t, rows, D, vec);
+    const int64_t base = static_cast<int64_t>(b * a.Hq + h) * Tq + i0;
+    for (int r = threadIdx.x; r < BM; r += NT) {
+      sLse[buf * BM + r] = r < rows ? a.lse[base + r] * kLog2e : kInf;  // +inf: p = 0
+      sDelta[buf * BM + r] = r < rows ? a.delta[base + r] : 0.f;
+    }
+  };
+
+  float dk[NO][4], dv[NO][4];
+#pragma unroll
+  for (int n = 0; n < NO; ++n)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) dk[n][e] = dv[n][e] = 0.f;
+
+  if (n_steps > 0) stage_q(0, 0);
+  cp_async_commit();
+  const bool any_pad = __syncthreads_or(pad) != 0;  // (K, V wait below, before first use)
+
+  for (int step = 0; step < n_steps; ++step) {
+    const int buf = step & 1;
+    const int h = hk * group + step / nq, i0 = m_begin + (step % nq) * BM;
+    if (step + 1 < n_steps) {
+      stage_q(step + 1, buf ^ 1);
+      cp_async_commit();
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();  // barrier 1: this step's Q, dO, lse, Delta (and K, V) staged
+    const T* Qb = sQ + buf * BM * LD;
+    const T* dOb = sdO + buf * BM * LD;
+    const float* lse2 = sLse + buf * BM;
+    const float* delta = sDelta + buf * BM;
+
+    // S^T = K_w Q^T and dP^T = V_w dO^T.
+    float st[NQ][4], dpt[NQ][4];
+#pragma unroll
+    for (int n = 0; n < NQ; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) st[n][e] = dpt[n][e] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < KD; ++kk) {
+      const int arow = (warp * 16 + (lane % 8) + 8 * ((lane / 8) % 2)) * LD + kk * 16 + 8 * (lane / 16);
+      uint32_t kf[4], vf[4];
+      ldmatrix_x4(kf, sK + arow);
+      ldmatrix_x4(vf, sV + arow);
+#pragma unroll
+      for (int np = 0; np < NQ / 2; ++np) {
+        const int brow = (np * 16 + (lane % 8) + 8 * (lane / 16)) * LD + kk * 16 + 8 * ((lane / 8) % 2);
+        uint32_t qf[4], of[4];
+        ldmatrix_x4(qf, Qb + brow);
+        ldmatrix_x4(of, dOb + brow);
+        mma_m16n8k16<T>(st[2 * np], kf, qf[0], qf[1]);
+        mma_m16n8k16<T>(st[2 * np + 1], kf, qf[2], qf[3]);
+        mma_m16n8k16<T>(dpt[2 * np], vf, of[0], of[1]);
+        mma_m16n8k16<T>(dpt[2 * np + 1], vf, of[2], of[3]);
+      }
+    }
+
+    // P^T, dS^T in place of S^T, dP^T (element e: key jw + g + 8 (e >> 1), query i0 + c).
+    const bool full = jw + 16 <= Tk && !any_pad &&
+                      (!a.causal || static_cast<long long>(jw) + 15 <=
+                                        static_cast<long long>(i0) + Tk - Tq);
+    const uint32_t bhq = static_cast<uint32_t>(b * a.Hq + h);
+#pragma unroll
+    for (int n = 0; n < NQ; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int c = n * 8 + 2 * t + (e & 1), r = g + 8 * (e >> 1);
+        const int i = i0 + c, j = jw + r;
+        bool vis = true;
+        if (!full) vis = j < Tk && sKeyOk[warp * 16 + r] && causal_ok(a.causal, i, j, Tq, Tk);
+        const float p = vis ? exp2f(st[n][e] * scale_log2 - lse2[c]) : 0.f;
+        float z = 1.f;
+        if (dropout) z = dropout_keep(a.seed, a.offset, bhq, i, j, a.dropout_p) ? inv_keep : 0.f;
+        st[n][e] = p * z;                          // P^T o Z (for dV)
+        dpt[n][e] = p * (dpt[n][e] * z - delta[c]);  // dS^T
+      }
+
+    // dV += (P^T o Z) dO, dK += dS^T Q (scale applied at the end); dS^T -> sdS as dS.
+#pragma unroll
+    for (int kk = 0; kk < BM / 16; ++kk) {
+      const uint32_t pf[4] = {pack2<T>(st[2 * kk][0], st[2 * kk][1]),
+                              pack2<T>(st[2 * kk][2], st[2 * kk][3]),
+                              pack2<T>(st[2 * kk + 1][0], st[2 * kk + 1][1]),
+                              pack2<T>(st[2 * kk + 1][2], st[2 * kk + 1][3])};
+      const uint32_t sf[4] = {pack2<T>(dpt[2 * kk][0], dpt[2 * kk][1]),
+                              pack2<T>(dpt[2 * kk][2], dpt[2 * kk][3]),
+                              pack2<T>(dpt[2 * kk + 1][0], dpt[2 * kk + 1][1]),
+                              pack2<T>(dpt[2 * kk + 1][2], dpt[2 * kk + 1][3])};
+#pragma unroll
+      for (int dp = 0; dp < Dp / 16; ++dp) {
+        const int brow = (kk * 16 + (lane % 8) + 8 * ((lane / 8) % 2)) * LD + dp * 16 + 8 * (lane / 16);
+        uint32_t of[4], qf[4];
+        ldmatrix_x4_trans(of, dOb + brow);
+        ldmatrix_x4_trans(qf, Qb + brow);
+        mma_m16n8k16<T>(dv[2 * dp], pf, of[0], of[1]);
+        mma_m16n8k16<T>(dv[2 * dp + 1], pf, of[2], of[3]);
+        mma_m16n8k16<T>(dk[2 * dp], sf, qf[0], qf[1]);
+        mma_m16n8k16<T>(dk[2 * dp + 1], sf, qf[2], qf[3]);
+      }
+    }
+#pragma unroll
+    for (int n = 0; n < NQ; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int c = n * 8 + 2 * t + (e & 1), r = g + 8 * (e >> 1);
+        sdS[c * LDS + warp * 16 + r] = from_float<T>(dpt[n][e]);
+      }
+    __syncthreads();  // barrier 2: dS complete; every warp is done with Qb, dOb
+
+    // dQ[i0 + 16 rg.., DQC cg..] += scale dS K: A = dS rows (queries), B = K via .trans.
+    {
+      const int rg = warp % RG, cg = warp / RG;
+      float acc[DQC / 8][4];
+#pragma unroll
+      for (int n = 0; n < DQC / 8; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[n][e] = 0.f;
+#pragma unroll
+      for (int kk = 0; kk < BN / 16; ++kk) {
+        uint32_t af[4];
+        ldmatrix_x4(af, sdS + (rg * 16 + (lane % 8) + 8 * ((lane / 8) % 2)) * LDS + kk * 16 +
+                            8 * (lane / 16));
+#pragma unroll
+        for (int dp = 0; dp < DQC / 16; ++dp) {
+          uint32_t kf[4];
+          ldmatrix_x4_trans(kf, sK + (kk * 16 + (lane % 8) + 8 * ((lane / 8) % 2)) * LD +
+                                    cg * DQC + dp * 16 + 8 * (lane / 16));
+          mma_m16n8k16<T>(acc[2 * dp], af, kf[0], kf[1]);
+          mma_m16n8k16<T>(acc[2 * dp + 1], af, kf[2], kf[3]);
+        }
+      }
+      float* dq = a.dq_accum + static_cast<int64_t>(b * a.Hq + h) * Tq * D;
+#pragma unroll
+      for (int n = 0; n < DQC / 8; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int i = i0 + rg * 16 + g + 8 * (e >> 1), d = cg * DQC + n * 8 + 2 * t + (e & 1);
+          if (i < Tq && d < D) atomicAdd(dq + static_cast<int64_t>(i) * D + d, acc[n][e] * a.scale);
+        }
+    }
+  }
+  cp_async_wait<0>();  // (nothing in flight after the last step; n_steps = 0: K, V)
+
+  // dK = scale dS^T Q and dV, through shared memory (sK, sV, free now) so that rows leave in
+  // 16-byte stores.
+  __syncthreads();  // every warp is done reading sK, sV
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int row = warp * 16 + g + 8 * r;
+    uint32_t* krow = reinterpret_cast<uint32_t*>(sK + row * LD);
+    uint32_t* vrow = reinterpret_cast<uint32_t*>(sV + row * LD);
+#pragma unroll
+    for (int n = 0; n < NO; ++n) {
+      krow[n * 4 + t] = pack2<T>(dk[n][2 * r] * a.scale, dk[n][2 * r + 1] * a.scale);
+      vrow[n * 4 + t] = pack2<T>(dv[n][2 * r], dv[n][2 * r + 1]);
+    }
+  }
+  __syncthreads();
+  const int64_t base = (static_cast<int64_t>(bhk) * Tk + j0) * D;
+  T* dkp = static_cast<T*>(a.dk) + base;
+  T* dvp = static_cast<T*>(a.dv) + base;
+  if (D % kVec<T> == 0 && reinterpret_cast<uintptr_t>(a.dk) % 16 == 0 &&
+      reinterpret_cast<uintptr_t>(a.dv) % 16 == 0) {
+    constexpr int V = kVec<T>;
+    const int chunks = D / V;
+    for (int idx = threadIdx.x; idx < nk * chunks; idx += NT) {
+      const int r = idx / chunks, c = (idx % chunks) * V;
+      const int64_t o = static_cast<int64_t>(r) * D + c;
+      *reinterpret_cast<Pack<T, V>*>(dkp + o) = *reinterpret_cast<const Pack<T, V>*>(sK + r * LD + c);
+      *reinterpret_cast<Pack<T, V>*>(dvp + o) = *reinterpret_cast<const Pack<T, V>*>(sV + r * LD + c);
+    }
+  } else {
+    for (int idx = threadIdx.x; idx < nk * D; idx += NT) {
+      const int s = (idx / D) * LD + idx % D;
+      dkp[idx] = sK[s];
+      dvp[idx] = sV[s];
+    }
+  }
+}
+
+// dq = T(dq_accum), elementwise over [B, Hq, Tq, D].
+template <typename T>
+__global__ void attention_bwd_dq_convert_kernel(const float* __restrict__ acc, T* __restrict__ dq,
+                                                int64_t n) {
+  for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < n;
+       e += static_cast<int64_t>(gridDim.x) * blockDim.x)
+    dq[e] = from_float<T>(acc[e]);
+}
+
 // ------------------------------------------------------------------ launchers
 template <typename T>
 bool strides_vec_ok(const void* p, const Strides3& s, int D) {
@@ -583,12 +1229,12 @@ cudaError_t set_smem(K kernel, size_t bytes) {
 }
 
 template <typename T, int Dp>
-cudaError_t fwd_dp(const AttentionFwdArgs& a, cudaStream_t stream) {
+cudaError_t fwd_simple_dp(const AttentionFwdArgs& a, cudaStream_t stream) {
   using L = FwdSmem<T, Dp>;
   const bool vec = strides_vec_ok<T>(a.q, a.q_stride, a.D) &&
                    strides_vec_ok<T>(a.k, a.k_stride, a.D) &&
                    strides_vec_ok<T>(a.v, a.v_stride, a.D);
-  auto kernel = attention_fwd_kernel<T, Dp>;
+  auto kernel = attention_fwd_simple_kernel<T, Dp>;
   cudaError_t err = set_smem(kernel, L::bytes);
   if (err != cudaSuccess) return err;
   const dim3 grid(static_cast<unsigned>(a.B * a.Hq), static_cast<unsigned>((a.Tq + L::BM - 1) / L::BM));
@@ -598,7 +1244,7 @@ cudaError_t fwd_dp(const AttentionFwdArgs& a, cudaStream_t stream) {
 }
 
 template <typename T, int Dp>
-cudaError_t bwd_dp(const AttentionBwdArgs& a, cudaStream_t stream) {
+cudaError_t bwd_simple_dp(const AttentionBwdArgs& a, cudaStream_t stream) {
   using LQ = DqSmem<T, Dp>;
   using LK = KvSmem<T, Dp>;
   const bool vec = strides_vec_ok<T>(a.q, a.q_stride, a.D) &&
@@ -615,13 +1261,13 @@ cudaError_t bwd_dp(const AttentionBwdArgs& a, cudaStream_t stream) {
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
 
-  auto dq_kernel = attention_bwd_dq_kernel<T, Dp>;
+  auto dq_kernel = attention_bwd_dq_simple_kernel<T, Dp>;
   if ((err = set_smem(dq_kernel, LQ::bytes)) != cudaSuccess) return err;
   dq_kernel<<<grid_q, kThreads, LQ::bytes, stream>>>(a, vec);
   if ((err = cudaGetLastError()) != cudaSuccess) return err;
 
   if (a.Tk == 0) return cudaSuccess;
-  auto kv_kernel = attention_bwd_dkdv_kernel<T, Dp>;
+  auto kv_kernel = attention_bwd_dkdv_simple_kernel<T, Dp>;
   if ((err = set_smem(kv_kernel, LK::bytes)) != cudaSuccess) return err;
   kv_kernel<<<grid_kv, kThreads, LK::bytes, stream>>>(a, vec);
   return cudaGetLastError();
@@ -631,23 +1277,86 @@ cudaError_t bwd_dp(const AttentionBwdArgs& a, cudaStream_t stream) {
 inline int padded_head_dim(int D) { return D <= 16 ? 16 : D <= 32 ? 32 : D <= 64 ? 64 : 128; }
 
 template <typename T>
-cudaError_t fwd_typed(const AttentionFwdArgs& a, cudaStream_t stream) {
+cudaError_t fwd_simple_typed(const AttentionFwdArgs& a, cudaStream_t stream) {
   switch (padded_head_dim(a.D)) {
-    case 16: return fwd_dp<T, 16>(a, stream);
-    case 32: return fwd_dp<T, 32>(a, stream);
-    case 64: return fwd_dp<T, 64>(a, stream);
-    default: return fwd_dp<T, 128>(a, stream);
+    case 16: return fwd_simple_dp<T, 16>(a, stream);
+    case 32: return fwd_simple_dp<T, 32>(a, stream);
+    case 64: return fwd_simple_dp<T, 64>(a, stream);
+    default: return fwd_simple_dp<T, 128>(a, stream);
   }
 }
 
 template <typename T>
-cudaError_t bwd_typed(const AttentionBwdArgs& a, cudaStream_t stream) {
+cudaError_t bwd_simple_typed(const AttentionBwdArgs& a, cudaStream_t stream) {
   switch (padded_head_dim(a.D)) {
-    case 16: return bwd_dp<T, 16>(a, stream);
-    case 32: return bwd_dp<T, 32>(a, stream);
-    case 64: return bwd_dp<T, 64>(a, stream);
-    default: return bwd_dp<T, 128>(a, stream);
+    case 16: return bwd_simple_dp<T, 16>(a, stream);
+    case 32: return bwd_simple_dp<T, 32>(a, stream);
+    case 64: return bwd_simple_dp<T, 64>(a, stream);
+    default: return bwd_simple_dp<T, 128>(a, stream);
   }
+}
+
+template <typename T, int Dp>
+cudaError_t fwd_fa2_dp(const AttentionFwdArgs& a, cudaStream_t stream) {
+  using L = tiles::Fa2Fwd<2, Dp>;
+  const bool vec = strides_vec_ok<T>(a.q, a.q_stride, a.D) &&
+                   strides_vec_ok<T>(a.k, a.k_stride, a.D) &&
+                   strides_vec_ok<T>(a.v, a.v_stride, a.D);
+  auto kernel = attention_fwd_fa2_kernel<T, Dp>;
+  cudaError_t err = set_smem(kernel, L::bytes);
+  if (err != cudaSuccess) return err;
+  const dim3 grid(static_cast<unsigned>(a.B * a.Hq), static_cast<unsigned>((a.Tq + L::BM - 1) / L::BM));
+  if (grid.y > 65535) return cudaErrorInvalidConfiguration;
+  kernel<<<grid, L::kThreads, L::bytes, stream>>>(a, vec);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t fwd_fa2_typed(const AttentionFwdArgs& a, cudaStream_t stream) {
+  const int D = a.D;
+  if (D <= 16) return fwd_fa2_dp<T, 16>(a, stream);
+  if (D <= 32) return fwd_fa2_dp<T, 32>(a, stream);
+  if (D <= 64) return fwd_fa2_dp<T, 64>(a, stream);
+  if (D <= 128) return fwd_fa2_dp<T, 128>(a, stream);
+  return fwd_fa2_dp<T, 256>(a, stream);
+}
+
+template <typename T, int Dp>
+cudaError_t bwd_fa2_dp(const AttentionBwdArgs& a, cudaStream_t stream) {
+  using L = tiles::Fa2Bwd<2, Dp>;
+  const bool vec = strides_vec_ok<T>(a.q, a.q_stride, a.D) &&
+                   strides_vec_ok<T>(a.k, a.k_stride, a.D) &&
+                   strides_vec_ok<T>(a.v, a.v_stride, a.D) &&
+                   strides_vec_ok<T>(a.dout, a.dout_stride, a.D);
+  const int64_t rows = static_cast<int64_t>(a.B) * a.Hq * a.Tq;
+  const int64_t n = rows * a.D;
+  const dim3 grid(static_cast<unsigned>(a.B * a.Hkv), static_cast<unsigned>((a.Tk + L::BN - 1) / L::BN));
+  if (grid.y > 65535) return cudaErrorInvalidConfiguration;
+
+  cudaError_t err = cudaMemsetAsync(a.dq_accum, 0, static_cast<size_t>(n) * sizeof(float), stream);
+  if (err != cudaSuccess) return err;
+  attention_bwd_preprocess_kernel<T>
+      <<<static_cast<unsigned>((rows + kWarps - 1) / kWarps), kThreads, 0, stream>>>(a);
+  if ((err = cudaGetLastError()) != cudaSuccess) return err;
+  if (a.Tk > 0) {
+    auto kernel = attention_bwd_fa2_kernel<T, Dp>;
+    if ((err = set_smem(kernel, L::bytes)) != cudaSuccess) return err;
+    kernel<<<grid, L::kThreads, L::bytes, stream>>>(a, vec);
+    if ((err = cudaGetLastError()) != cudaSuccess) return err;
+  }
+  const int64_t blocks = std::min<int64_t>((n + 255) / 256, 65535);
+  attention_bwd_dq_convert_kernel<T><<<static_cast<unsigned>(blocks), 256, 0, stream>>>(
+      a.dq_accum, static_cast<T*>(a.dq), n);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t bwd_fa2_typed(const AttentionBwdArgs& a, cudaStream_t stream) {
+  const int D = a.D;
+  if (D <= 16) return bwd_fa2_dp<T, 16>(a, stream);
+  if (D <= 32) return bwd_fa2_dp<T, 32>(a, stream);
+  if (D <= 64) return bwd_fa2_dp<T, 64>(a, stream);
+  return bwd_fa2_dp<T, 128>(a, stream);
 }
 
 template <typename A>
@@ -660,18 +1369,38 @@ bool shapes_ok(const A& a) {
 
 bool attention_head_dim_supported(int D) { return D >= 1 && D <= kAttentionMaxHeadDim; }
 
-cudaError_t attention_fwd(DType dt, const AttentionFwdArgs& a, cudaStream_t stream) {
+cudaError_t attention_fwd_simple(DType dt, const AttentionFwdArgs& a, cudaStream_t stream) {
   if (!shapes_ok(a)) return cudaErrorInvalidValue;
   if (a.B == 0 || a.Tq == 0) return cudaSuccess;
   switch (dt) {
-    case DType::kFloat32: return fwd_typed<float>(a, stream);
-    case DType::kFloat16: return fwd_typed<__half>(a, stream);
-    case DType::kBFloat16: return fwd_typed<__nv_bfloat16>(a, stream);
+    case DType::kFloat32: return fwd_simple_typed<float>(a, stream);
+    case DType::kFloat16: return fwd_simple_typed<__half>(a, stream);
+    case DType::kBFloat16: return fwd_simple_typed<__nv_bfloat16>(a, stream);
   }
   return cudaErrorInvalidValue;
 }
 
-cudaError_t attention_bwd(DType dt, const AttentionBwdArgs& a, cudaStream_t stream) {
+cudaError_t attention_fwd_fa2(DType dt, const AttentionFwdArgs& a, cudaStream_t stream) {
+  const bool ok = a.B >= 0 && a.Hq > 0 && a.Hkv > 0 && a.Hq % a.Hkv == 0 && a.Tq >= 0 &&
+                  a.Tk >= 0 && a.D >= 1 && a.D <= kAttentionFa2MaxHeadDim &&
+                  a.dropout_p >= 0.f && a.dropout_p < 1.f;
+  if (!ok) return cudaErrorInvalidValue;
+  if (a.B == 0 || a.Tq == 0) return cudaSuccess;
+  switch (dt) {
+    case DType::kFloat16: return fwd_fa2_typed<__half>(a, stream);
+    case DType::kBFloat16: return fwd_fa2_typed<__nv_bfloat16>(a, stream);
+    default: return cudaErrorInvalidValue;  // fp32: attention_fwd_simple
+  }
+}
+
+// fp16 / bf16: the FA2 kernel; fp32: the simple kernel (FMAs from shared memory, no TF32).
+cudaError_t attention_fwd(DType dt, const AttentionFwdArgs& a, cudaStream_t stream) {
+  if (!shapes_ok(a)) return cudaErrorInvalidValue;
+  return dt == DType::kFloat32 ? attention_fwd_simple(dt, a, stream)
+                               : attention_fwd_fa2(dt, a, stream);
+}
+
+cudaError_t attention_bwd_simple(DType dt, const AttentionBwdArgs& a, cudaStream_t stream) {
   if (!shapes_ok(a)) return cudaErrorInvalidValue;
   if (a.B == 0) return cudaSuccess;
   if (a.Tq == 0) {  // no query: dq is empty, dk and dv are zero
@@ -681,11 +1410,32 @@ cudaError_t attention_bwd(DType dt, const AttentionBwdArgs& a, cudaStream_t stre
     return err != cudaSuccess ? err : cudaMemsetAsync(a.dv, 0, n, stream);
   }
   switch (dt) {
-    case DType::kFloat32: return bwd_typed<float>(a, stream);
-    case DType::kFloat16: return bwd_typed<__half>(a, stream);
-    case DType::kBFloat16: return bwd_typed<__nv_bfloat16>(a, stream);
+    case DType::kFloat32: return bwd_simple_typed<float>(a, stream);
+    case DType::kFloat16: return bwd_simple_typed<__half>(a, stream);
+    case DType::kBFloat16: return bwd_simple_typed<__nv_bfloat16>(a, stream);
   }
   return cudaErrorInvalidValue;
+}
+
+cudaError_t attention_bwd_fa2(DType dt, const AttentionBwdArgs& a, cudaStream_t stream) {
+  if (!shapes_ok(a) || dt == DType::kFloat32 || a.dq_accum == nullptr) return cudaErrorInvalidValue;
+  if (a.B == 0) return cudaSuccess;
+  if (a.Tq == 0) return attention_bwd_simple(dt, a, stream);  // dk = dv = 0
+  switch (dt) {
+    case DType::kFloat16: return bwd_fa2_typed<__half>(a, stream);
+    case DType::kBFloat16: return bwd_fa2_typed<__nv_bfloat16>(a, stream);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+size_t attention_bwd_workspace(DType dt, int B, int Hq, int Tq, int D) {
+  return dt == DType::kFloat32 ? 0 : static_cast<size_t>(B) * Hq * Tq * D;
+}
+
+// fp16 / bf16: the FA2 kernels (needs a.dq_accum); fp32: the simple kernels.
+cudaError_t attention_bwd(DType dt, const AttentionBwdArgs& a, cudaStream_t stream) {
+  return dt == DType::kFloat32 ? attention_bwd_simple(dt, a, stream)
+                               : attention_bwd_fa2(dt, a, stream);
 }
 
 }  // namespace cuda

@@ -394,6 +394,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
     return {dq, dk, dv};
   }
   at::Tensor delta = at::empty({s.B, s.Hq, s.Tq}, q.options().dtype(at::kFloat));
+  // fp16 / bf16: dq is accumulated in fp32 by atomics across key blocks, then rounded.
+  const k::DType dt = kernel_dtype(q, op, "q");
+  const size_t ws_floats = k::attention_bwd_workspace(dt, s.B, s.Hq, s.Tq, s.D);
+  at::Tensor dq_accum = at::empty({static_cast<int64_t>(ws_floats)}, q.options().dtype(at::kFloat));
 
   k::AttentionBwdArgs a{};
   a.dout = dout.data_ptr();
@@ -413,6 +417,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
   a.dk = dk.data_ptr();
   a.dv = dv.data_ptr();
   a.delta = delta.data_ptr<float>();
+  a.dq_accum = ws_floats > 0 ? dq_accum.data_ptr<float>() : nullptr;
   a.B = s.B;
   a.Hq = s.Hq;
   a.Hkv = s.Hkv;
@@ -424,7 +429,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
   a.dropout_p = static_cast<float>(dropout_p);
   a.seed = static_cast<uint64_t>(seed);
   a.offset = static_cast<uint64_t>(offset);
-  check_launch(k::attention_bwd(kernel_dtype(q, op, "q"), a, c10::cuda::getCurrentCUDAStream()), op);
+  check_launch(k::attention_bwd(dt, a, c10::cuda::getCurrentCUDAStream()), op);
   return {dq, dk, dv};
 }
 

@@ -92,6 +92,7 @@ struct AttentionBwdArgs {
   void* dk;      // [B, Hkv, Tk, D] contiguous
   void* dv;      // [B, Hkv, Tk, D] contiguous
   float* delta;  // workspace: [B, Hq, Tq] floats
+  float* dq_accum;  // workspace: attention_bwd_workspace() floats (fp16 / bf16: [B, Hq, Tq, D])
   int B, Hq, Hkv, Tq, Tk, D;
   bool causal;
   float scale;
@@ -104,6 +105,17 @@ bool attention_head_dim_supported(int D);
 
 cudaError_t attention_fwd(DType dt, const AttentionFwdArgs& args, cudaStream_t stream);
 cudaError_t attention_bwd(DType dt, const AttentionBwdArgs& args, cudaStream_t stream);
+
+// The kernels behind attention_fwd / attention_bwd, callable one by one (the host emulation
+// checks each against float64 and against each other). attention_fwd: fp16 / bf16 on the
+// FlashAttention-2 kernels (_fa2), fp32 on the first kernels (_simple).
+constexpr int kAttentionFa2MaxHeadDim = 256;  // _fa2 (16-bit) takes head dims up to 256
+cudaError_t attention_fwd_simple(DType dt, const AttentionFwdArgs& args, cudaStream_t stream);
+cudaError_t attention_fwd_fa2(DType dt, const AttentionFwdArgs& args, cudaStream_t stream);
+cudaError_t attention_bwd_simple(DType dt, const AttentionBwdArgs& args, cudaStream_t stream);
+cudaError_t attention_bwd_fa2(DType dt, const AttentionBwdArgs& args, cudaStream_t stream);
+// Floats of dq_accum attention_bwd needs (0 for fp32, whose kernels write dq directly).
+size_t attention_bwd_workspace(DType dt, int B, int Hq, int Tq, int D);
 
 // gelu.cu ---------------------------------------------------------------------
 // approximate: false = erf ("none"), true = tanh. x, out, dout, dx: [N, M] contiguous of `dt`;

@@ -182,7 +182,10 @@ def st(*ts):
     return (I64 * (3 * len(ts)))(*[s for t in ts for s in t.stride()[:3]])
 
 
-def attn(dtype, case, p, layout):
+def attn(dtype, case, p, layout, impl=0, backward=True, compare=None, bwd_impl=0, bwd_compare=None):
+    """impl / bwd_impl: 0 = attention_fwd / _bwd (the bindings' entries), 1 = the simple kernels,
+    2 = the FA2 kernels. compare / bwd_compare: another impl, whose results must be as close to
+    this one's as the error rule allows against the reference."""
     B, Hq, Hkv, Tq, Tk, D, causal, padding = case
     if layout == "bthd":
         q = torch.randn(B, Tq, Hq, D).to(dtype).transpose(1, 2)
@@ -203,6 +206,7 @@ def attn(dtype, case, p, layout):
     mk = kpm.contiguous() if padding else None
     assert (
         lib.attn_fwd(
+            impl,
             DT[dtype],
             P(q),
             P(k),
@@ -225,8 +229,17 @@ def attn(dtype, case, p, layout):
     ref, lse_ref = tc._attn_math(q64, k64, v64, kpm, causal, scale, keep, p)
     qx, kx, vx = (t.clone().requires_grad_(True) for t in (q, k, v))
     tx, _ = tc._attn_math(qx, kx, vx, kpm, causal, scale, keep, p)
-    tag = f"attn {dtype} {case} p={p} {layout}"
+    tag = f"attn[{impl}] {dtype} {case} p={p} {layout}"
     rule(tag + " out", out, tx, ref)
+    if compare is not None:  # new kernel vs old: both within the rule of the reference
+        out2 = poison(B, Hq, Tq, D, dtype=dtype)
+        lse2 = poison(B, Hq, Tq, dtype=torch.float32)
+        args = (P(q), P(k), P(v), st(q, k, v), P(mk), I64(Tk), P(out2), P(lse2), sh, int(causal))
+        fa = (C.c_float(scale), C.c_float(p), C.c_uint64(seed), C.c_uint64(offset))
+        assert lib.attn_fwd(compare, DT[dtype], *args, *fa) == 0
+        rule(tag + f" out vs impl {compare}", out, out2, ref)
+        if not torch.equal(torch.isfinite(lse), torch.isfinite(lse2)):
+            fails.append(tag + " lse finiteness vs impl")
     fin = torch.isfinite(lse_ref)
     ok = torch.equal(torch.isfinite(lse), fin) and bool((lse[~fin] > 0).all())
     if ok:
@@ -234,6 +247,8 @@ def attn(dtype, case, p, layout):
     if not ok:
         fails.append(tag + " lse")
         print("FAIL", tag, "lse")
+    if not backward:
+        return
     dout = torch.randn(B, Hq, Tq, D).to(dtype)
     dq, dk, dv = (
         poison(B, Hq, Tq, D, dtype=dtype),
@@ -243,6 +258,7 @@ def attn(dtype, case, p, layout):
     delta = poison(B, Hq, Tq, dtype=torch.float32)
     assert (
         lib.attn_bwd(
+            bwd_impl,
             DT[dtype],
             P(dout),
             P(q),
@@ -270,26 +286,41 @@ def attn(dtype, case, p, layout):
     gx = torch.autograd.grad(tx, (qx, kx, vx), dout)
     for name, a, t, r in zip(("dq", "dk", "dv"), (dq, dk, dv), gx, gr, strict=True):
         rule(tag + " " + name, a, t, r)
+    if bwd_compare is not None:  # the same gradients from the other backward
+        g2 = [poison(*x.shape, dtype=dtype) for x in (dq, dk, dv)]
+        d2 = poison(B, Hq, Tq, dtype=torch.float32)
+        args = [P(dout), P(q), P(k), P(v), P(out), P(lse), st(dout, q, k, v, out), P(mk), I64(Tk)]
+        args += [P(x) for x in g2] + [P(d2), sh, int(causal), C.c_float(scale), C.c_float(p)]
+        assert (
+            lib.attn_bwd(bwd_compare, DT[dtype], *args, C.c_uint64(seed), C.c_uint64(offset)) == 0
+        )
+        for name, a, t, r in zip(("dq", "dk", "dv"), (dq, dk, dv), g2, gr, strict=True):
+            rule(tag + f" {name} vs bwd impl {bwd_compare}", a, t, r)
 
 
 which = sys.argv[2] if len(sys.argv) > 2 else "all"
 torch.manual_seed(int(sys.argv[3]) if len(sys.argv) > 3 else 0)
-if which in ("all", "ln"):
+# quick (make test): the norms and GELU on a few odd shapes per dtype as well (each ~1 s)
+QUICK_ROWS = [(1, 1), (7, 33), (5, 1500)]
+if which in ("all", "ln", "quick"):
+    shapes = QUICK_ROWS if which == "quick" else [(1, 1), (7, 33), (13, 768), (5, 1500), (3, 4104)]
     for dtype in tc.DTYPES:
-        for N, M in [(1, 1), (7, 33), (13, 768), (5, 1500), (3, 4104)]:
+        for N, M in shapes:
             for affine, residual in [(True, False), (False, False), (True, True)]:
                 ln(dtype, N, M, affine, residual)
     print("ln done")
-if which in ("all", "rms"):
+if which in ("all", "rms", "quick"):
+    shapes = QUICK_ROWS if which == "quick" else [(1, 1), (7, 33), (13, 768), (5, 1500), (3, 4104)]
     for dtype in tc.DTYPES:
-        for N, M in [(1, 1), (7, 33), (13, 768), (5, 1500), (3, 4104)]:
+        for N, M in shapes:
             for affine, offset, cast in tc.RMS_MODES:
                 for residual in (False, True):
                     rms(dtype, N, M, affine, offset, cast, residual)
     print("rms done")
-if which in ("all", "gelu"):
+if which in ("all", "gelu", "quick"):
+    shapes = QUICK_ROWS if which == "quick" else [(1, 1), (7, 33), (129, 256), (3, 1001)]
     for dtype in tc.DTYPES:
-        for N, M in [(1, 1), (7, 33), (129, 256), (3, 1001)]:
+        for N, M in shapes:
             for approx in ("none", "tanh"):
                 for wb in (True, False):
                     gelu(dtype, N, M, approx, wb)
@@ -301,6 +332,49 @@ if which in ("all", "attn"):
                 for layout in ("contiguous", "bthd"):
                     attn(dtype, case, p, layout)
         print("attn done", dtype, flush=True)
+# FA2 kernels (fp16 / bf16), beyond tc.CASES: head dim 256 (forward only: Q re-read from
+# shared memory, BN = 32), and MQA with Tq > Tk over several query blocks.
+FA2_CASES = tc.CASES + [
+    (1, 2, 1, 70, 140, 256, True, False),
+    (2, 2, 1, 129, 64, 128, True, False),
+]
+
+
+def fa2(dtype, case, p, layout, bwd_compare=True):
+    """FA2 forward and backward (D <= 128) against float64, and against the simple kernels."""
+    old = 1 if case[5] <= 128 else None
+    attn(
+        dtype,
+        case,
+        p,
+        layout,
+        impl=2,
+        backward=old is not None,
+        compare=old,
+        bwd_impl=2,
+        bwd_compare=old if bwd_compare else None,
+    )
+
+
+if which == "fa2":  # every case x dropout x layout
+    for dtype in (torch.float16, torch.bfloat16):
+        for case in FA2_CASES:
+            for p in (0.0, 0.3):
+                for layout in ("contiguous", "bthd"):
+                    fa2(dtype, case, p, layout)
+        print("fa2 done", dtype, flush=True)
+if which == "quick":  # what `make test` runs (tests/test_cuda_emu.py): each case once per dtype
+    combos = [(0.0, "contiguous"), (0.3, "bthd"), (0.3, "contiguous"), (0.0, "bthd")]
+    for n, dtype in enumerate((torch.float16, torch.bfloat16)):
+        for c, case in enumerate(FA2_CASES):
+            if n == 0:  # fp16: also against the simple kernels' forward
+                fa2(dtype, case, *combos[c % 4], bwd_compare=False)
+            else:
+                attn(dtype, case, *combos[(c + 2) % 4], impl=2, bwd_impl=2, backward=case[5] <= 128)
+        print("fa2 done", dtype, flush=True)
+    for c, case in enumerate(tc.CASES[1:3]):  # fp32: the simple kernels, via attention_fwd/_bwd
+        attn(torch.float32, case, *combos[c])
+    print("attn fp32 done", flush=True)
 if which == "f32":
     for s in range(6):
         torch.manual_seed(100 + s)

@@ -27,7 +27,8 @@ int gelu_bwd(int dt, const void* dout, const void* x, const float* b, void* dx, 
              int64_t N, int64_t M, int t) {
   return bias_gelu_bwd(DType(dt), dout, x, b, dx, db, ws, N, M, t, nullptr);
 }
-int attn_fwd(int dt, const void* q, const void* k, const void* v, const int64_t* st,
+// impl: 0 = attention_fwd (what the bindings call), 1 = attention_fwd_simple, 2 = attention_fwd_fa2.
+int attn_fwd(int impl, int dt, const void* q, const void* k, const void* v, const int64_t* st,
              const uint8_t* mask, int64_t msb, void* out, float* lse, const int* sh, int causal,
              float scale, float p, uint64_t seed, uint64_t offset) {
   AttentionFwdArgs a{};
@@ -36,9 +37,12 @@ int attn_fwd(int dt, const void* q, const void* k, const void* v, const int64_t*
   a.key_padding_mask = mask; a.mask_stride_b = msb; a.out = out; a.lse = lse;
   a.B = sh[0]; a.Hq = sh[1]; a.Hkv = sh[2]; a.Tq = sh[3]; a.Tk = sh[4]; a.D = sh[5];
   a.causal = causal; a.scale = scale; a.dropout_p = p; a.seed = seed; a.offset = offset;
+  if (impl == 1) return attention_fwd_simple(DType(dt), a, nullptr);
+  if (impl == 2) return attention_fwd_fa2(DType(dt), a, nullptr);
   return attention_fwd(DType(dt), a, nullptr);
 }
-int attn_bwd(int dt, const void* dout, const void* q, const void* k, const void* v, const void* out,
+// impl: 0 = attention_bwd (what the bindings call), 1 = attention_bwd_simple, 2 = attention_bwd_fa2.
+int attn_bwd(int impl, int dt, const void* dout, const void* q, const void* k, const void* v, const void* out,
              const float* lse, const int64_t* st, const uint8_t* mask, int64_t msb, void* dq, void* dk,
              void* dv, float* delta, const int* sh, int causal, float scale, float p, uint64_t seed,
              uint64_t offset) {
@@ -50,6 +54,10 @@ int attn_bwd(int dt, const void* dout, const void* q, const void* k, const void*
   a.key_padding_mask = mask; a.mask_stride_b = msb; a.dq = dq; a.dk = dk; a.dv = dv; a.delta = delta;
   a.B = sh[0]; a.Hq = sh[1]; a.Hkv = sh[2]; a.Tq = sh[3]; a.Tk = sh[4]; a.D = sh[5];
   a.causal = causal; a.scale = scale; a.dropout_p = p; a.seed = seed; a.offset = offset;
+  std::vector<float> ws(attention_bwd_workspace(DType(dt), a.B, a.Hq, a.Tq, a.D), NAN);
+  a.dq_accum = ws.empty() ? nullptr : ws.data();
+  if (impl == 1) return attention_bwd_simple(DType(dt), a, nullptr);
+  if (impl == 2) return attention_bwd_fa2(DType(dt), a, nullptr);
   return attention_bwd(DType(dt), a, nullptr);
 }
 }

@@ -1,7 +1,15 @@
 """Drop-in ``torch.nn`` modules backed by fastattn's kernels."""
 
 from fastattn.nn.attention import CausalSelfAttention, MultiheadAttention
+from fastattn.nn.gated_act import GatedFeedForward
 from fastattn.nn.gelu import GELU, FeedForward
 from fastattn.nn.layernorm import LayerNorm
 
-__all__ = ["CausalSelfAttention", "FeedForward", "GELU", "LayerNorm", "MultiheadAttention"]
+__all__ = [
+    "CausalSelfAttention",
+    "FeedForward",
+    "GatedFeedForward",
+    "GELU",
+    "LayerNorm",
+    "MultiheadAttention",
+]

@@ -11,7 +11,7 @@
 # shared library that drive.py calls through ctypes on CPU tensors, with the cases and the
 # error rule of tests/test_cuda.py.
 #
-# Usage: bash tests/cuda_emu/run.sh [ln|gelu|attn|f32|all] [seed]    (attn takes ~5 min on 2 cores)
+# Usage: bash tests/cuda_emu/run.sh [ln|gelu|gated|attn|f32|all] [seed]    (attn takes ~5 min on 2 cores)
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 ROOT="$(cd "$HERE/../.." && pwd)"
@@ -27,6 +27,6 @@ cp "$HERE/harness.cpp" "$BUILD/"
 CUDA_INC="${CUDA_INC:-$(dirname "$(dirname "$(command -v nvcc)")")/include}"
 [ -f "$CUDA_INC/cuda_fp16.h" ] || CUDA_INC=/usr/local/cuda/include
 g++ -std=c++20 -O1 -pthread -shared -fPIC -w -include "$HERE/shim.h" -I"$CUDA_INC" -I"$BUILD" \
-  "$BUILD"/gelu.cpp "$BUILD"/layernorm.cpp "$BUILD"/attention.cpp "$BUILD"/harness.cpp \
+  "$BUILD"/gelu.cpp "$BUILD"/gated_act.cpp "$BUILD"/layernorm.cpp "$BUILD"/attention.cpp "$BUILD"/harness.cpp \
   -o "$BUILD/libemu.so"
 "$PY" "$HERE/drive.py" "$BUILD/libemu.so" "${1:-all}" "${2:-0}"

@@ -460,8 +460,8 @@ def _standard_gated_forward(cls: type) -> str | None:
     except (OSError, TypeError, SyntaxError):
         return f"the source of {cls.__name__}.forward is not readable"
     fn = tree.body[0]
-    if not isinstance(fn, ast.FunctionDef):
-        return f"{cls.__name__}.forward is not a plain function"
+    if not isinstance(fn, ast.FunctionDef) or fn.decorator_list:
+        return f"{cls.__name__}.forward is not a plain (undecorated) function"
     a = fn.args
     if len(a.args) != 2 or a.vararg or a.kwarg or a.kwonlyargs or a.posonlyargs or a.defaults:
         return f"{cls.__name__}.forward takes other arguments than (self, x)"

@@ -315,8 +315,11 @@ def gated_feed_forward(
     weight ``[w_gate; w_up]`` (and ``b_gate`` its ``(2 d_hidden,)`` bias): one GEMM, and the
     activation reads its two halves in place.
 
-    With two weights the projections are two ``F.linear`` calls: concatenating the weights once
-    per call for one GEMM was measured no faster on the CPU (``benchmarks/gated_gemm.py``).
+    With two weights the projections are two ``F.linear`` calls. One GEMM over
+    ``torch.cat([w_gate, w_up])`` was measured on the CPU (``benchmarks/gated_gemm.py``,
+    ``benchmarks/results/gated-gemm-20261206.md``): no faster forward, at most a few percent
+    forward+backward within the noise, and in training the concatenated copy would be saved for
+    the backward (a second copy of both weights per layer).
     """
     name = "fastattn.gated_feed_forward"
     check_tensor(name, "input", x, floating=True)

@@ -308,6 +308,19 @@ def test_gated_feed_forward_matches_reference(backend, activation, form):
         assert_rule(f"{name} {backend} {activation} {form}", a, t, r)
 
 
+def test_gated_feed_forward_under_autocast_casts_like_linear():
+    """Under autocast a bf16 input meets float32 weights, as nn.Linear allows there."""
+    m = GatedFeedForward(16, 40, bias=True)
+    x = torch.randn(3, 16).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = m(x)
+        ref = m.down_proj(F.silu(m.gate_proj(x)) * m.up_proj(x))
+    assert y.dtype == ref.dtype == torch.bfloat16
+    torch.testing.assert_close(y, ref, rtol=2e-2, atol=2e-2)
+    with pytest.raises(TypeError, match="input's dtype"):  # outside autocast: refused by name
+        m(x)
+
+
 # ----------------------------------------------------------------------------- bad input
 _g = torch.randn(4, 8)
 

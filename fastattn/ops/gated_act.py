@@ -271,12 +271,17 @@ def geglu(gate: Tensor, up: Tensor | None = None, approximate: str = "none") -> 
     return gated_act(gate, up, "gelu" if approximate == "none" else "gelu_tanh")
 
 
+def _autocast(x: Tensor) -> bool:
+    """Under autocast F.linear casts its operands itself, as it does for nn.Linear."""
+    return torch.is_autocast_enabled(x.device.type)
+
+
 def _check_linear(name: str, what: str, x: Tensor, w: Tensor, in_features: int) -> None:
     check_tensor(name, what, w, floating=True)
     check_same_device(name, ("input", x), (what, w))
     if w.dim() != 2:
         raise ValueError(f"{name}: {what} must be 2-D (out_features, in_features), got {w.dim()}-D")
-    if w.dtype != x.dtype:
+    if w.dtype != x.dtype and not _autocast(x):
         raise TypeError(f"{name}: {what} must have the input's dtype ({x.dtype}), got {w.dtype}")
     if w.shape[1] != in_features:
         raise ValueError(
@@ -291,7 +296,7 @@ def _check_bias(name: str, what: str, x: Tensor, b: Tensor | None, n: int) -> No
     check_same_device(name, ("input", x), (what, b))
     if b.dim() != 1 or b.shape[0] != n:
         raise ValueError(f"{name}: {what} must be 1-D with {n} elements, got {tuple(b.shape)}")
-    if b.dtype != x.dtype:
+    if b.dtype != x.dtype and not _autocast(x):
         raise TypeError(f"{name}: {what} must have the input's dtype ({x.dtype}), got {b.dtype}")
 
 

@@ -319,6 +319,80 @@ def suite_gelu(ctx: Context) -> Report:
     return rep
 
 
+# ----------------------------------------------------------------------------- gated_act
+def suite_gated(ctx: Context) -> Report:
+    from fastattn.nn import GatedFeedForward
+
+    n, m = (8192, 2752) if not ctx.quick else (2048, 688)
+    baselines = ["torch eager", "torch.compile"]
+    copy, peak = ctx.ceilings.memory(), ctx.ceilings.compute(torch.float32)
+    rep = Report(
+        "Gated activations (SwiGLU / GeGLU) and the gated feed-forward block (float32, CPU)",
+        comparison_columns(["case", "pass"], "GB/s or GFLOP/s", "its ceiling", baselines),
+        ceilings=ctx.ceilings,
+        notes=[
+            "swiglu / geglu are memory-bound: GB/s is a fraction of the copy bandwidth. Bytes: "
+            "forward reads gate and up, writes h (3 N H 4); forward+backward adds reading dh, "
+            "gate and up and writing dgate and dup (8 N H 4 in all). gate and up are the halves "
+            "of one [N, 2H] tensor (a fused projection's output), read in place.",
+            "torch eager = F.silu(gate) * up (F.gelu(gate, approximate='tanh') * up); "
+            "torch.compile = Inductor on the same expression.",
+            "GatedFeedForward is compute-bound: FLOPs 3 x 2 x tokens x d x h x 3 (three "
+            "projections, three matmuls each), vs the Hugging Face formula "
+            "down(act(gate(x)) * up(x)) on the same nn.Linear modules, eager and compiled.",
+            fresh_output_note("activation outputs (h; dgate, dup in fwd+bwd)"),
+            cache_note(),
+        ],
+    )
+    gu, dh = torch.randn(n, 2 * m), torch.randn(n, m)
+    gug = gu.clone().requires_grad_()
+    for act in ("silu", "gelu_tanh"):
+        if act == "silu":
+            eager = lambda t: F.silu(t[:, :m]) * t[:, m:]  # noqa: E731
+            ours = lambda t: fastattn.swiglu(t[:, :m], t[:, m:])  # noqa: E731
+        else:
+            eager = lambda t: F.gelu(t[:, :m], approximate="tanh") * t[:, m:]  # noqa: E731
+            ours = lambda t: fastattn.geglu(t[:, :m], t[:, m:], approximate="tanh")  # noqa: E731
+        impls = {"fastattn": ours, "torch eager": eager, "torch.compile": _compiled(eager)}
+        for pas, nbytes in (("fwd", 3 * n * m * 4), ("fwd+bwd", 8 * n * m * 4)):
+            if pas == "fwd":
+                fns = {k: (lambda fn=fn: fn(gu)) for k, fn in impls.items()}
+            else:
+                fns = {k: (lambda fn=fn: _grads(fn, (gug,), dh)) for k, fn in impls.items()}
+            with torch.set_grad_enabled(pas != "fwd"):
+                cmp = interleaved(fns, rounds=ctx.rounds_or(MEMORY_ROUNDS), max_s=MEMORY_MAX_S)
+            rep.add_comparison(
+                [f"{act} {n}x{m}", pas], cmp, work=nbytes, ceiling=copy, baselines=baselines
+            )
+    tokens, d, h = (4096, 1024, 2752) if not ctx.quick else (512, 256, 688)
+    xt, dyt = torch.randn(tokens, d), torch.randn(tokens, d)
+    flops = 3 * 2 * tokens * d * h * 3
+    ours = GatedFeedForward(d, h)
+
+    def hf_style(x):
+        return ours.down_proj(F.silu(ours.gate_proj(x)) * ours.up_proj(x))
+
+    xtg = xt.clone().requires_grad_()
+    params = (xtg, *ours.parameters())
+    fns = {
+        name: (lambda fn=fn: torch.autograd.grad(fn(xtg), params, dyt))
+        for name, fn in {
+            "fastattn": ours,
+            "torch eager": hf_style,
+            "torch.compile": _compiled(hf_style),
+        }.items()
+    }
+    cmp = interleaved(fns, rounds=ctx.rounds_or(11), max_s=60.0)
+    rep.add_comparison(
+        [f"GatedFeedForward {tokens}x{d}->{h} silu", "fwd+bwd"],
+        cmp,
+        work=flops,
+        ceiling=peak,
+        baselines=baselines,
+    )
+    return rep
+
+
 # ----------------------------------------------------------------------------- patch
 def patch_models(quick: bool):
     """(label, model factory, input factory): a torch TransformerEncoder and a Hugging Face GPT-2
@@ -410,6 +484,7 @@ SUITES: dict[str, Suite] = {
     "rms_norm": Suite(suite_rms_norm, "RMSNorm fwd, fwd+bwd vs F.rms_norm (memory-bound)"),
     "attention": Suite(suite_attention, "causal attention fwd, fwd+bwd vs SDPA (compute-bound)"),
     "gelu": Suite(suite_gelu, "bias_gelu (memory-bound) and FeedForward (compute-bound)"),
+    "gated": Suite(suite_gated, "swiglu / geglu (memory-bound), GatedFeedForward (compute-bound)"),
     "patch": Suite(suite_patch, "fastattn.patch on whole models, fwd+bwd"),
     "training": Suite(suite_training, "the demo GPT's training step and its budget"),
 }

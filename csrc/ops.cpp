@@ -47,6 +47,13 @@
 // bias_gelu_fwd(x[N,M], bias?[M], approximate) -> out[N,M]
 // bias_gelu_bwd(dout[N,M], x[N,M], bias?[M], approximate, need_bias_grad)
 //     -> (dx[N,M], dbias[M] or [0])
+// gated_act_fwd(gate[N,H], up?[N,H], activation "silu" | "gelu" | "gelu_tanh") -> h[N,H]
+//     h = act(gate) * up. gate / up: any row stride, unit column stride (e.g. the two halves of
+//     one fused projection output). Without up, gate is that packed [N,2H] tensor: its first H
+//     columns are the gate, the last H the up projection.
+// gated_act_bwd(dh[N,H], gate, up?, activation)
+//     -> (dgate[N,H], dup[N,H]); packed (no up): (dgu[N,2H] = [dgate | dup], [0])
+//     dgate = dh * up * act'(gate), dup = dh * act(gate) (act recomputed, nothing saved).
 
 #include <torch/library.h>
 #include <Python.h>
@@ -97,6 +104,8 @@ TORCH_LIBRARY(fastattn_C, m) {
   m.def(
       "bias_gelu_bwd(Tensor dout, Tensor x, Tensor? bias, str approximate,"
       " bool need_bias_grad) -> (Tensor, Tensor)");
+  m.def("gated_act_fwd(Tensor gate, Tensor? up, str activation) -> Tensor");
+  m.def("gated_act_bwd(Tensor dh, Tensor gate, Tensor? up, str activation) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(fastattn_C, CPU, m) {
@@ -108,6 +117,8 @@ TORCH_LIBRARY_IMPL(fastattn_C, CPU, m) {
   m.impl("attention_bwd", &fastattn::cpu::attention_bwd);
   m.impl("bias_gelu_fwd", &fastattn::cpu::bias_gelu_fwd);
   m.impl("bias_gelu_bwd", &fastattn::cpu::bias_gelu_bwd);
+  m.impl("gated_act_fwd", &fastattn::cpu::gated_act_fwd);
+  m.impl("gated_act_bwd", &fastattn::cpu::gated_act_bwd);
 }
 
 // A plain Python module so `import fastattn._C` loads the library (and runs the

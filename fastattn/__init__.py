@@ -1,4 +1,5 @@
-"""fastattn: fused attention, LayerNorm and GELU feed-forward kernels for PyTorch."""
+"""fastattn: fused attention, LayerNorm, GELU and gated (SwiGLU / GeGLU) feed-forward kernels for
+PyTorch."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from fastattn._dispatch import (  # noqa: E402
     use_backend,
 )
 from fastattn.ops.attention import attention  # noqa: E402
+from fastattn.ops.gated_act import gated_feed_forward, geglu, swiglu  # noqa: E402
 from fastattn.ops.gelu import bias_gelu, feed_forward  # noqa: E402
 from fastattn.ops.layernorm import add_layer_norm, layer_norm  # noqa: E402
 from fastattn.ops.rms_norm import add_rms_norm, rms_norm  # noqa: E402
@@ -25,10 +27,13 @@ __all__ = [
     "add_rms_norm",
     "bias_gelu",
     "feed_forward",
+    "gated_feed_forward",
+    "geglu",
     "layer_norm",
     "rms_norm",
     "nn",
     "patch",
+    "swiglu",
     "unpatch",
     "PatchReport",
     "BackendError",

@@ -24,6 +24,11 @@ What is replaced (each kind can be switched off):
   classes (``GELUActivation``, ``NewGELUActivation`` / ``GELUTanh`` (GPT-2's tanh GELU),
   ``FastGELUActivation``) are replaced by :class:`fastattn.nn.GELU` of the matching
   approximation.
+- Gated MLPs (Hugging Face's ``LlamaMLP``, ``MistralMLP``, ``Qwen2MLP``, ``GemmaMLP``,
+  ``Gemma2MLP``, ... : any module with ``gate_proj`` / ``up_proj`` / ``down_proj`` Linears and an
+  ``act_fn``) -> :class:`fastattn.nn.GatedFeedForward` sharing the three Linear modules, when the
+  forward is exactly ``down_proj(act_fn(gate_proj(x)) * up_proj(x))`` and ``act_fn`` is SiLU or
+  GELU (erf / tanh); otherwise left, with the reason. See ``_patch_gated_mlps``.
 
 The meaning never changes: a swapped module computes what the original computed (the fastattn
 classes send every argument they cannot run fused to torch's own implementation), and the
@@ -185,8 +190,10 @@ def patch(
     gelu: bool = True,
     attention: bool = True,
     rms_norm: bool = True,
+    gated_mlp: bool = True,
 ) -> PatchReport:
-    """Swap ``model``'s LayerNorm, RMSNorm, GELU and attention layers for fastattn's, in place.
+    """Swap ``model``'s LayerNorm, RMSNorm, GELU, gated MLP and attention layers for fastattn's,
+    in place.
 
     Returns a :class:`PatchReport` of what was replaced and what was left and why.
     """
@@ -196,6 +203,8 @@ def patch(
         raise TypeError(f"fastattn.patch: expected a torch.nn.Module, got {type(model).__name__}")
     report = PatchReport()
     hf_gelus = _hf_gelu_classes() if gelu else {}
+    if gated_mlp:  # first: a swapped MLP's act_fn leaves the model with it
+        _patch_gated_mlps(model, report)
 
     for name, module in list(model.named_modules()):
         kind = type(module)
@@ -546,6 +555,131 @@ def _attention_runtime(model: nn.Module, module: nn.Module, cfg: Any) -> list[st
     return notes
 
 
+# ----------------------------------------------------------------------------- gated MLPs
+# Swapping gated MLPs (SwiGLU / GeGLU) for fastattn.nn.GatedFeedForward. Kept apart from the
+# other swaps: a module is replaced (not re-classed: its class is the model's own), its three
+# Linear modules are shared, and unpatch() puts the original module back.
+_GATED_NAMES = ("gate_proj", "up_proj", "down_proj", "act_fn")
+_GATED_FORWARDS = tuple(
+    ast.dump(ast.parse(src, mode="eval").body)
+    for src in (
+        "self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))",
+        "self.down_proj(self.up_proj(x) * self.act_fn(self.gate_proj(x)))",
+    )
+)
+
+
+class _Rename(ast.NodeTransformer):
+    def __init__(self, names: dict[str, str]) -> None:
+        self.names = names
+
+    def visit_Name(self, node: ast.Name) -> ast.Name:
+        return ast.copy_location(ast.Name(self.names.get(node.id, node.id), node.ctx), node)
+
+
+@functools.cache
+def _standard_gated_forward(cls: type) -> str | None:
+    """None if ``cls.forward`` is exactly ``return down_proj(act_fn(gate_proj(x)) * up_proj(x))``
+    (directly or through one local), else why not."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls.forward)))
+    except (OSError, TypeError, SyntaxError):
+        return f"the source of {cls.__name__}.forward is not readable"
+    fn = tree.body[0]
+    if not isinstance(fn, ast.FunctionDef) or fn.decorator_list:
+        return f"{cls.__name__}.forward is not a plain (undecorated) function"
+    a = fn.args
+    if len(a.args) != 2 or a.vararg or a.kwarg or a.kwonlyargs or a.posonlyargs or a.defaults:
+        return f"{cls.__name__}.forward takes other arguments than (self, x)"
+    body = [
+        st
+        for st in fn.body
+        if not (isinstance(st, ast.Expr) and isinstance(st.value, ast.Constant))
+    ]
+    single = len(body) == 1 and isinstance(body[0], ast.Return)
+    via_local = (
+        len(body) == 2
+        and isinstance(body[0], ast.Assign)
+        and len(body[0].targets) == 1
+        and isinstance(body[0].targets[0], ast.Name)
+        and isinstance(body[1], ast.Return)
+        and isinstance(body[1].value, ast.Name)
+        and body[1].value.id == body[0].targets[0].id
+    )
+    expr = body[0].value if single or via_local else None
+    if expr is not None:
+        expr = _Rename({a.args[0].arg: "self", a.args[1].arg: "x"}).visit(expr)
+        if ast.dump(expr) in _GATED_FORWARDS:
+            return None
+    return (
+        f"{cls.__name__}.forward is not the standard down_proj(act_fn(gate_proj(x)) * up_proj(x))"
+    )
+
+
+def _gated_mlp_unsupported(module: nn.Module) -> str | None:
+    """None if ``module`` can become a GatedFeedForward with the same meaning, else why not."""
+    from fastattn.nn.gated_act import activation_of
+
+    linears = [getattr(module, n) for n in _GATED_NAMES[:3]]
+    for n, m in zip(_GATED_NAMES, linears, strict=False):
+        if type(m) is not nn.Linear:
+            return f"{n} is a {type(m).__name__}, not a torch.nn.Linear (quantised or adapted?)"
+    act, why = activation_of(module.act_fn)
+    if act is None:
+        return why
+    why = _standard_gated_forward(type(module))
+    if why:
+        return why
+    for n, m in [("the MLP", module), *zip(_GATED_NAMES, linears, strict=False)]:
+        if m._forward_hooks or m._forward_pre_hooks or "forward" in m.__dict__:
+            return f"{n} has forward hooks or an overridden forward, which the fused MLP would skip"
+    g, u, d = linears
+    if (g.in_features, g.out_features) != (u.in_features, u.out_features) or (
+        d.in_features != g.out_features
+    ):
+        return "gate_proj, up_proj and down_proj do not have the shapes of a gated MLP"
+    if len({m.weight.dtype for m in linears}) > 1 or len({m.weight.device for m in linears}) > 1:
+        return "the three projections differ in dtype or device"
+    return None
+
+
+def _patch_gated_mlps(model: nn.Module, report: PatchReport) -> None:
+    """Replace every standard gated MLP by a :class:`fastattn.nn.GatedFeedForward` sharing its
+    Linear modules; list the others (modules with the three projections and an ``act_fn`` that
+    cannot be swapped with the same meaning) with the reason."""
+    from fastattn.nn.gated_act import GatedFeedForward
+
+    for name, module in list(model.named_modules()):
+        if isinstance(module, GatedFeedForward):
+            if _SAVED in module.__dict__:
+                after = f"fastattn.nn.GatedFeedForward({module.activation!r})"
+                report.add(name, "gated_mlp", "unchanged", "GatedFeedForward", after)
+            continue
+        if not all(isinstance(getattr(module, n, None), nn.Module) for n in _GATED_NAMES):
+            continue
+        if not name:  # the model itself: nothing to put it into
+            continue
+        kind = type(module).__name__
+        why = _gated_mlp_unsupported(module)
+        if why:
+            report.add(name, "gated_mlp", "left", kind, reason=why)
+            continue
+        new = GatedFeedForward.from_modules(
+            module.gate_proj, module.up_proj, module.down_proj, module.act_fn
+        )
+        new.train(module.training)
+        new.__dict__[_SAVED] = {"__module__": module, "kind": "gated_mlp"}
+        parent, attr = _parent(model, name)
+        setattr(parent, attr, new)
+        report.add(
+            name,
+            "gated_mlp",
+            "replaced",
+            kind,
+            f"fastattn.nn.GatedFeedForward({new.activation!r})",
+        )
+
+
 def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     parent_name, _, attr = name.rpartition(".")
     return (model.get_submodule(parent_name) if parent_name else model), attr
@@ -559,12 +693,12 @@ def unpatch(model: nn.Module) -> PatchReport:
         saved = module.__dict__.pop(_SAVED, None)
         if not saved:
             continue
-        if "__module__" in saved:  # a replaced Hugging Face activation
+        if "__module__" in saved:  # a replaced module (HF activation, gated MLP)
             parent, attr = _parent(model, name)
             setattr(parent, attr, saved["__module__"])
             report.add(
                 name,
-                "gelu",
+                saved.get("kind", "gelu"),
                 "restored",
                 type(module).__name__,
                 type(saved["__module__"]).__name__,

@@ -187,6 +187,65 @@ def test_bias_gelu(dtype, shape, approximate, with_bias):
         assert_rule("dbias", db, gx[1], gr[1])
 
 
+# ---------------------------------------------------------------- gated activations
+GATED_ACTS = {
+    "silu": F.silu,
+    "gelu": F.gelu,
+    "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"),
+}
+GATED_SHAPES = [(1, 1), (7, 33), (129, 256), (3, 1001)]
+GATED_LAYOUTS = ["separate", "chunked", "packed"]
+
+
+def gated_case(dtype, shape, activation, layout, fwd, bwd, dev):
+    """One gated_act case through ``fwd(gate, up, act)`` / ``bwd(dh, gate, up, act)`` (the real
+    kernel ops here, the host emulation in tests/cuda_emu/drive.py), checked by the rule."""
+    N, H = shape
+    gu = (torch.randn(N, 2 * H, dtype=torch.float64) * 3).to(dev, dtype)
+    g, u = gu[:, :H], gu[:, H:]  # the chunked halves: row stride 2H
+    if layout == "separate":
+        g, u = g.contiguous(), u.contiguous()
+    packed = layout == "packed"
+    h = fwd(gu, None, activation) if packed else fwd(g, u, activation)
+    act = GATED_ACTS[activation]
+    g64, u64 = (t.detach().double().requires_grad_(True) for t in (g, u))
+    ref = act(g64) * u64
+    gx, ux = (t.detach().clone().requires_grad_(True) for t in (g, u))
+    tx = act(gx) * ux
+    assert_rule(f"out {activation} {layout}", h, tx, ref)
+    dh = (torch.randn(N, H, dtype=torch.float64)).to(dev, dtype)
+    if packed:
+        dgu, empty = bwd(dh, gu, None, activation)
+        assert dgu.shape == (N, 2 * H) and empty.numel() == 0
+        dg, du = dgu[:, :H], dgu[:, H:]
+    else:
+        dg, du = bwd(dh, g, u, activation)
+    gr = torch.autograd.grad(ref, (g64, u64), dh.double())
+    gt = torch.autograd.grad(tx, (gx, ux), dh)
+    assert_rule(f"dgate {activation} {layout}", dg, gt[0], gr[0])
+    assert_rule(f"dup {activation} {layout}", du, gt[1], gr[1])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", GATED_SHAPES)
+@pytest.mark.parametrize("activation", list(GATED_ACTS))
+@pytest.mark.parametrize("layout", GATED_LAYOUTS)
+def test_gated_act(dtype, shape, activation, layout):
+    gated_case(dtype, shape, activation, layout, OPS.gated_act_fwd, OPS.gated_act_bwd, "cuda")
+
+
+def test_gated_act_rejects_bad_input():
+    g = torch.randn(4, 8, device="cuda")
+    with pytest.raises(RuntimeError, match="float32, float16 or bfloat16"):
+        OPS.gated_act_fwd(g.double(), None, "silu")
+    with pytest.raises(RuntimeError, match="shape of gate"):
+        OPS.gated_act_fwd(g, torch.randn(4, 7, device="cuda"), "silu")
+    with pytest.raises(RuntimeError, match="CUDA"):
+        OPS.gated_act_fwd(g, torch.randn(4, 8), "silu")
+    with pytest.raises(RuntimeError, match="activation"):
+        OPS.gated_act_fwd(g, g, "relu")
+
+
 # ---------------------------------------------------------------- attention
 def _philox_keep(seed, offset, B, Hq, Tq, Tk, p):
     """keep[b, h, i, j] exactly as the kernels draw it (csrc/ops.cpp, fastattn/ops/attention.py)."""

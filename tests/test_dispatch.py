@@ -64,7 +64,7 @@ def test_set_backend_is_the_process_default():
 
 
 @pytest.mark.skipif(not HAVE_CPU, reason="cpu kernels not built")
-@pytest.mark.parametrize("op", ["layer_norm", "bias_gelu", "attention"])
+@pytest.mark.parametrize("op", ["layer_norm", "bias_gelu", "attention", "gated_act"])
 def test_backward_runs_on_the_forwards_backend(op):
     """A backend chosen around the forward serves the backward, even when the backward runs
     after the block has exited (and on autograd's own thread)."""
@@ -73,6 +73,7 @@ def test_backward_runs_on_the_forwards_backend(op):
         "layer_norm": lambda: fastattn.layer_norm(x, (8,)),
         "bias_gelu": lambda: fastattn.bias_gelu(x),
         "attention": lambda: fastattn.attention(x, x, x, causal=True),
+        "gated_act": lambda: fastattn.swiglu(x, x * 2),
     }
     with fastattn.use_backend("reference"):
         out = calls[op]()

@@ -228,6 +228,62 @@ def check_rms_norm(backend, rows, m, dtype, affine, offset, cast, strided, resid
         assert_rule("grad", g, tg, rg, scale)
 
 
+@pytest.mark.skipif(not hasattr(fastattn, "swiglu"), reason="gated_act op not built")
+@_settings
+@given(
+    rows=st.lists(st.integers(1, 9), min_size=1, max_size=3),
+    m=st.integers(1, 700),
+    dtype=dtypes,
+    activation=st.sampled_from(["silu", "gelu", "gelu_tanh"]),
+    layout=st.sampled_from(["separate", "chunked", "packed"]),
+    strided=st.integers(0, 2),
+    scale=st.sampled_from([1e-2, 1.0, 30.0]),
+)
+def test_gated_act_property(rows, m, dtype, activation, layout, strided, scale):
+    check_gated_act(BACKEND, rows, m, dtype, activation, layout, strided, scale)
+
+
+def check_gated_act(backend, rows, m, dtype, activation, layout, strided, scale):
+    from fastattn.ops.gated_act import gated_act, gated_act_reference
+
+    gu = _maybe_strided((torch.randn(*rows, 2 * m) * scale).to(dtype), strided)
+    dout = torch.randn(*rows, m).to(dtype)
+    torch_act = {
+        "silu": F.silu,
+        "gelu": F.gelu,
+        "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"),
+    }[activation]
+
+    def run(fn, dt):
+        leaf = gu.to(dt).detach().requires_grad_()
+        out = fn(leaf)
+        return out.detach(), torch.autograd.grad(out, [leaf], dout.to(dt))
+
+    def ours(t):
+        if layout == "packed":
+            return gated_act(t, None, activation)
+        g, u = t.chunk(2, -1)
+        if layout == "separate":
+            g, u = g.contiguous(), u.contiguous()
+        return gated_act(g, u, activation)
+
+    def theirs(t):
+        g, u = t.chunk(2, -1)
+        return (
+            torch_act(g) * u if t.dtype != torch.float64 else gated_act_reference(g, u, activation)
+        )
+
+    with fastattn.use_backend(backend):
+        out, grads = run(ours, dtype)
+    t_out, t_grads = run(theirs, dtype)
+    r_out, r_grads = run(theirs, torch.float64)
+    scale = max(t.abs().max().item() for t in (r_out, *r_grads) if t.numel())
+    assert_rule("out", out, t_out, r_out, scale)
+    # dgate and dup, each against its own reference
+    for sl in (slice(0, m), slice(m, 2 * m)):
+        assert_rule("grad", grads[0][..., sl], t_grads[0][..., sl], r_grads[0][..., sl], scale)
+
+
 # ----------------------------------------------------------------------------- Triton
 # A smaller set through the Triton interpreter (slow): float32, small shapes.
 TRITON = "triton" in fastattn.available_backends("cpu")
@@ -279,3 +335,15 @@ def test_bias_gelu_property_triton(rows, m, approximate):
 )
 def test_rms_norm_property_triton(rows, m, affine, offset, residual):
     check_rms_norm("triton", [rows], m, torch.float32, affine, offset, False, 0, residual, 1.0)
+
+
+@needs_triton
+@_few
+@given(
+    rows=st.integers(1, 9),
+    m=st.integers(1, 300),
+    activation=st.sampled_from(["silu", "gelu", "gelu_tanh"]),
+    layout=st.sampled_from(["separate", "chunked", "packed"]),
+)
+def test_gated_act_property_triton(rows, m, activation, layout):
+    check_gated_act("triton", [rows], m, torch.float32, activation, layout, 0, 1.0)

@@ -51,6 +51,10 @@ def _add_rms(x):
     return fastattn.add_rms_norm(x, x * 0.5, (x.shape[-1],), x[0], cast_before_weight=True)[0]
 
 
+def _swiglu(x):
+    return fastattn.swiglu(x)  # the packed form: x holds [gate | up]
+
+
 OPS = {
     "layer_norm": _ln,
     "add_layer_norm": _add_ln,
@@ -58,6 +62,7 @@ OPS = {
     "bias_gelu": _gelu,
     "rms_norm": _rms,
     "add_rms_norm": _add_rms,
+    "gated_act": _swiglu,
 }
 
 
@@ -113,11 +118,12 @@ def test_no_leak_over_many_calls():
     for fn in OPS.values():  # warm up allocator caches and lazy imports
         _fwd_bwd(fn, x)
     before = _rss_kib()
-    for _ in range(2500):  # x 4 ops = 10,000 forward+backward calls
+    calls = 2500 * len(OPS)  # forward+backward calls
+    for _ in range(2500):
         for fn in OPS.values():
             _fwd_bwd(fn, x)
     grown = _rss_kib() - before
-    assert grown < 32 * 1024, f"RSS grew by {grown} KiB over 10,000 calls"
+    assert grown < 32 * 1024, f"RSS grew by {grown} KiB over {calls:,} calls"
 
 
 _PEAK = """

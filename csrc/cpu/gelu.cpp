@@ -10,17 +10,7 @@
 //                        gelu'(u) = s + u * s (1 - s) * 2 k (1 + 3 c u^2),  with 1 - s = e s
 // Backward: dx = dout * gelu'(u), dbias = sum over rows of dx.
 //
-// Accuracy choices:
-// - exp is SLEEF's expf_u10 (Vectorized<float>::exp; ATen's exp_u20 is 20 ulp, refused).
-//   erf is our own (erf_given_exp below, max 1.5 ulp): it reuses exp(-z^2), which the backward
-//   computes anyway for the pdf. SLEEF's erff_u10 (1.0 ulp) made the erf forward ~2x slower
-//   than the tanh one; ATen's Vectorized<float>::erf (Abramowitz-Stegun 7.1.26) is 1.5e-7
-//   absolute, a large relative error near 0.
-// - tanh is written as the sigmoid 1 / (1 + exp(-2y)): no cancellation in 1 + tanh(y) for
-//   y < 0 and 1 - s = e * s has none for y > 0 (1 - tanh^2 near 1 does). The cubic is
-//   evaluated on u clamped to [-10, 10] (|2y| <= 87.3, so e never overflows); beyond it the
-//   function is u (u > 10) or 0 (u < -10) and the derivative 1 or 0 to float precision, and
-//   those values are selected explicitly, so |x| up to FLT_MAX gives no inf/NaN.
+// Accuracy choices: see cpu/gelu_math.h (the maths shared with gated_act.cpp's GeGLU).
 //
 // Launch choices:
 // - Forward: at::parallel_for over rows, ~16K elements per task; per row the bias row is in L1.
@@ -33,6 +23,7 @@
 //
 // Test: pytest tests/test_gelu.py.  Time: python dev/gelu_cpu/bench.py (results in
 // dev/gelu_cpu/RESULTS.md) or pytest benchmarks/bench_gelu.py.
+#include "cpu/gelu_math.h"
 #include "cpu/kernels.h"
 #include "cpu/vec.h"
 
@@ -44,19 +35,13 @@ namespace fastattn {
 namespace cpu {
 namespace {
 
-enum class Approx { kNone, kTanh };
+using namespace gelu_math;
 
 Approx parse_approx(const std::string& a, const char* op) {
   TORCH_CHECK(a == "none" || a == "tanh", "fastattn_C.", op,
               ": approximate must be \"none\" or \"tanh\", got \"", a, "\"");
   return a == "tanh" ? Approx::kTanh : Approx::kNone;
 }
-
-constexpr float kSqrtHalf = 0.70710678118654752440f;    // 1 / sqrt(2)
-constexpr float kInvSqrt2Pi = 0.39894228040143267794f;  // 1 / sqrt(2 pi)
-constexpr float kTwoK = 1.59576912160573071176f;        // 2 sqrt(2 / pi)
-constexpr float kC = 0.044715f;
-constexpr float kTanhClamp = 10.0f;
 
 // Outputs come from torch's allocator (at::empty). A fresh [8192, 3072] float output takes
 // ~25K first-touch page faults, which cost about as much as the GELU itself (measured in
@@ -70,101 +55,6 @@ at::Tensor empty_out(int64_t N, int64_t M, const at::Tensor& like) {
 // Rows per parallel task: enough work (~16K elements) to amortise scheduling.
 inline int64_t row_grain(int64_t M) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, M)); }
 
-// erf(z) given e = exp(-z^2), in two pieces selected per lane (both are evaluated: no branch):
-//   |z| <  0.9: erf(z) = z + z * P(z^2)         (P: degree 7, fitted by least squares on
-//                                               Chebyshev nodes; the "z +" keeps the leading
-//                                               term exact)
-//   |z| >= 0.9: erf(z) = sign(z) (1 - e Q(|z|)), Q(w) ~ erfc(w) exp(w^2) on [0.9, 4] (degree 12),
-//               |z| clamped to 4 in Q (beyond it e Q < 1e-8 and erf rounds to +-1).
-// Measured over [-4.5, 4.5] against float64: max 1.5 ulp (0.9 ulp for |z| < 0.9), 9e-8 absolute
-// (ATen's Vectorized<float>::erf: 1.5e-7 absolute, large relative error near 0). The backward
-// needs exp(-u^2/2) = exp(-z^2) for the pdf anyway, so erf costs it only the two polynomials.
-constexpr float kErfSplit = 0.9f;
-constexpr float kErfP[8] = {0.12837916709286560f,  -0.37612638825999295f,  0.11283789371637155f,
-                            -0.026865925891417730f, 0.0052227250793307320f, -8.5137279661018580e-04f,
-                            1.1522862855509761e-04f, -1.0540461438232385e-05f};
-constexpr float kErfQ[13] = {0.99840756190055210f,    -1.1166116615517700f,    0.96009824235092940f,
-                             -0.66949637566823260f,   0.38172166194759716f,    -0.17611239655160850f,
-                             0.064572945022042890f,   -0.018401229130327233f,  0.0039630788891412130f,
-                             -6.2044489912654710e-04f, 6.6397048936442460e-05f, -4.3332344027439280e-06f,
-                             1.2985816842068960e-07f};
-
-inline Vec erf_given_exp(const Vec& z, const Vec& e) {
-  const Vec a = z.abs();
-  const Vec z2 = z * z;
-  Vec p(kErfP[7]);
-  for (int k = 6; k >= 0; --k) p = at::vec::fmadd(p, z2, Vec(kErfP[k]));
-  const Vec small = at::vec::fmadd(z, p, z);
-  const Vec w = at::vec::minimum(a, Vec(4.f));
-  Vec q(kErfQ[12]);
-  for (int k = 11; k >= 0; --k) q = at::vec::fmadd(q, w, Vec(kErfQ[k]));
-  Vec large = at::vec::fnmadd(e, q, Vec(1.f));  // 1 - e q, in [0, 1]
-  large = large | (z & Vec(-0.f));              // copy z's sign
-  return Vec::blendv(large, small, a < Vec(kErfSplit));
-}
-
-// ---------------------------------------------------------------- elementwise maths
-// Vector and scalar versions of the same formulas (the scalar ones serve the row tails, and,
-// instantiated with double, the float64 path).
-inline Vec gelu_none(const Vec& u) {
-  const Vec z = u * Vec(kSqrtHalf);
-  const Vec e = (Vec(0.f) - z * z).exp();
-  return u * at::vec::fmadd(Vec(0.5f), erf_given_exp(z, e), Vec(0.5f));
-}
-inline Vec dgelu_none(const Vec& u) {
-  const Vec z = u * Vec(kSqrtHalf);
-  const Vec e = (Vec(0.f) - z * z).exp();  // exp(-u^2 / 2)
-  const Vec cdf = at::vec::fmadd(Vec(0.5f), erf_given_exp(z, e), Vec(0.5f));
-  return at::vec::fmadd(u * e, Vec(kInvSqrt2Pi), cdf);
-}
-
-// s = sigmoid(2y) and e = exp(-2y) on the clamped u.
-inline Vec tanh_sigmoid(const Vec& uc, Vec& e) {
-  Vec u2 = uc * uc;
-  Vec y2 = Vec(kTwoK) * uc * at::vec::fmadd(Vec(kC), u2, Vec(1.f));
-  e = (Vec(0.f) - y2).exp();
-  return Vec(1.f) / (Vec(1.f) + e);
-}
-inline Vec gelu_tanh(const Vec& u) {
-  Vec uc = at::vec::clamp(u, Vec(-kTanhClamp), Vec(kTanhClamp));
-  Vec e;
-  Vec s = tanh_sigmoid(uc, e);
-  Vec out = u * s;
-  // u < -10: gelu is below 1e-37 in magnitude; give 0 (and not u * tiny for huge |u|).
-  return Vec::blendv(out, Vec(0.f), u < Vec(-kTanhClamp));
-}
-inline Vec dgelu_tanh(const Vec& u) {
-  Vec uc = at::vec::clamp(u, Vec(-kTanhClamp), Vec(kTanhClamp));
-  Vec e;
-  Vec s = tanh_sigmoid(uc, e);
-  Vec p = Vec(kTwoK) * at::vec::fmadd(Vec(3.f * kC), uc * uc, Vec(1.f));
-  // (e * s) = 1 - s <= 1 first: e alone reaches 8.5e37 at u = -10.
-  Vec d = at::vec::fmadd((e * s) * s * uc, p, s);
-  d = Vec::blendv(d, Vec(0.f), u < Vec(-kTanhClamp));
-  return Vec::blendv(d, Vec(1.f), u > Vec(kTanhClamp));
-}
-
-template <typename F>
-inline F gelu_scalar(F u, Approx a) {
-  if (a == Approx::kNone) return u * (F(0.5) + F(0.5) * std::erf(u * F(0.70710678118654752440)));
-  if (u < F(-kTanhClamp)) return F(0);
-  F uc = std::min(u, F(kTanhClamp));
-  F y2 = F(1.59576912160573071176) * uc * (F(1) + F(kC) * uc * uc);
-  return u / (F(1) + std::exp(-y2));
-}
-template <typename F>
-inline F dgelu_scalar(F u, Approx a) {
-  if (a == Approx::kNone) {
-    F cdf = F(0.5) + F(0.5) * std::erf(u * F(0.70710678118654752440));
-    return cdf + u * std::exp(F(-0.5) * u * u) * F(0.39894228040143267794);
-  }
-  if (u < F(-kTanhClamp)) return F(0);
-  if (u > F(kTanhClamp)) return F(1);
-  F y2 = F(1.59576912160573071176) * u * (F(1) + F(kC) * u * u);
-  F e = std::exp(-y2);
-  F s = F(1) / (F(1) + e);
-  return s + (e * s) * s * u * F(1.59576912160573071176) * (F(1) + F(3) * F(kC) * u * u);
-}
 
 // ---------------------------------------------------------------- forward, float/bfloat16
 template <typename T, Approx A>

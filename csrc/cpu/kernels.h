@@ -56,5 +56,13 @@ std::tuple<at::Tensor, at::Tensor> bias_gelu_bwd(const at::Tensor& dout, const a
                                                  const std::string& approximate,
                                                  bool need_bias_grad);
 
+// gated_act.cpp ---------------------------------------------------------------
+at::Tensor gated_act_fwd(const at::Tensor& gate, const std::optional<at::Tensor>& up,
+                         const std::string& activation);
+
+std::tuple<at::Tensor, at::Tensor> gated_act_bwd(const at::Tensor& dh, const at::Tensor& gate,
+                                                 const std::optional<at::Tensor>& up,
+                                                 const std::string& activation);
+
 }  // namespace cpu
 }  // namespace fastattn

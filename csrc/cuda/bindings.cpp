@@ -16,6 +16,7 @@
 #include <optional>
 #include <string>
 #include <tuple>
+#include <utility>
 
 #include "cuda/kernels.cuh"
 
@@ -493,6 +494,104 @@ std::tuple<at::Tensor, at::Tensor> bias_gelu_bwd(const at::Tensor& dout_in, cons
   return {dx, finish(db)};
 }
 
+// ------------------------------------------------------------------ gated activations
+k::GatedAct parse_activation(const std::string& a, const char* op) {
+  TORCH_CHECK(a == "silu" || a == "gelu" || a == "gelu_tanh", "fastattn_C.", op,
+              " (cuda): activation must be 'silu', 'gelu' or 'gelu_tanh', got '", a, "'");
+  return a == "silu" ? k::GatedAct::kSilu
+                     : (a == "gelu" ? k::GatedAct::kGelu : k::GatedAct::kGeluTanh);
+}
+
+// Unit column stride (any row stride) is what the kernels read; anything else is copied once.
+at::Tensor rows_ready(const at::Tensor& t) {
+  return (t.stride(1) == 1 || t.size(1) <= 1) ? t : t.contiguous();
+}
+
+// (gate [N, H], up [N, H]) views, from separate tensors or from one packed [N, 2H] gate.
+std::pair<at::Tensor, at::Tensor> gated_operands(const at::Tensor& gate,
+                                                 const std::optional<at::Tensor>& up,
+                                                 const char* op) {
+  TORCH_CHECK(gate.dim() == 2, "fastattn_C.", op, " (cuda): gate must be 2-D [rows, cols], got ",
+              gate.dim(), "-D");
+  check_cuda(gate, op, "gate", gate.device());
+  kernel_dtype(gate, op, "gate");
+  if (!up.has_value()) {
+    TORCH_CHECK(gate.size(1) % 2 == 0, "fastattn_C.", op,
+                " (cuda): without `up`, gate is the packed [rows, 2 * cols] tensor and needs an "
+                "even number of columns, got ",
+                gate.size(1));
+    const at::Tensor gu = rows_ready(gate);
+    const int64_t H = gu.size(1) / 2;
+    return {gu.narrow(1, 0, H), gu.narrow(1, H, H)};
+  }
+  check_same(*up, gate, op, "up", "gate");
+  return {rows_ready(gate), rows_ready(*up)};
+}
+
+at::Tensor gated_act_fwd(const at::Tensor& gate, const std::optional<at::Tensor>& up,
+                         const std::string& activation) {
+  const char* op = "gated_act_fwd";
+  const k::GatedAct act = parse_activation(activation, op);
+  const auto [g, u] = gated_operands(gate, up, op);
+  const c10::cuda::CUDAGuard guard(g.device());
+  const int64_t N = g.size(0), H = g.size(1);
+  at::Tensor h = at::empty({N, H}, g.options().memory_format(at::MemoryFormat::Contiguous));
+  if (h.numel() == 0) return h;
+  k::GatedActFwdArgs a{};
+  a.gate = g.data_ptr();
+  a.ld_gate = g.stride(0);
+  a.up = u.data_ptr();
+  a.ld_up = u.stride(0);
+  a.h = h.data_ptr();
+  a.N = N;
+  a.H = H;
+  check_launch(k::gated_act_fwd(kernel_dtype(g, op, "gate"), act, a,
+                                c10::cuda::getCurrentCUDAStream()),
+               op);
+  return h;
+}
+
+std::tuple<at::Tensor, at::Tensor> gated_act_bwd(const at::Tensor& dh_in, const at::Tensor& gate,
+                                                 const std::optional<at::Tensor>& up,
+                                                 const std::string& activation) {
+  const char* op = "gated_act_bwd";
+  const k::GatedAct act = parse_activation(activation, op);
+  const auto [g, u] = gated_operands(gate, up, op);
+  const c10::cuda::CUDAGuard guard(g.device());
+  const int64_t N = g.size(0), H = g.size(1);
+  TORCH_CHECK(dh_in.dim() == 2, "fastattn_C.gated_act_bwd (cuda): dh must be 2-D, got ",
+              dh_in.dim(), "-D");
+  check_cuda(dh_in, op, "dh", g.device());
+  TORCH_CHECK(dh_in.size(0) == N && dh_in.size(1) == H, "fastattn_C.gated_act_bwd (cuda): dh must have shape [",
+              N, ", ", H, "], got ", dh_in.sizes());
+  TORCH_CHECK(dh_in.scalar_type() == g.scalar_type(), "fastattn_C.gated_act_bwd (cuda): dh must have the dtype of gate (",
+              g.scalar_type(), "), got ", dh_in.scalar_type());
+  const at::Tensor dh = rows_ready(dh_in);
+  const auto opts = g.options().memory_format(at::MemoryFormat::Contiguous);
+  // Packed: one [N, 2H] gradient, dgate and dup its two halves; the second output is empty.
+  const bool packed = !up.has_value();
+  at::Tensor out1 = packed ? at::empty({N, 2 * H}, opts) : at::empty({N, H}, opts);
+  at::Tensor out2 = packed ? at::empty({0}, opts) : at::empty({N, H}, opts);
+  if (N == 0 || H == 0) return {out1, out2};
+  k::GatedActBwdArgs a{};
+  a.dh = dh.data_ptr();
+  a.ld_dh = dh.stride(0);
+  a.gate = g.data_ptr();
+  a.ld_gate = g.stride(0);
+  a.up = u.data_ptr();
+  a.ld_up = u.stride(0);
+  a.dgate = out1.data_ptr();
+  a.dup = packed ? static_cast<void*>(static_cast<char*>(out1.data_ptr()) + H * out1.element_size())
+                 : out2.data_ptr();
+  a.ld_out = packed ? 2 * H : H;
+  a.N = N;
+  a.H = H;
+  check_launch(k::gated_act_bwd(kernel_dtype(g, op, "gate"), act, a,
+                                c10::cuda::getCurrentCUDAStream()),
+               op);
+  return {out1, out2};
+}
+
 }  // namespace
 }  // namespace cuda_glue
 }  // namespace fastattn
@@ -506,4 +605,6 @@ TORCH_LIBRARY_IMPL(fastattn_C, CUDA, m) {
   m.impl("attention_bwd", &fastattn::cuda_glue::attention_bwd);
   m.impl("bias_gelu_fwd", &fastattn::cuda_glue::bias_gelu_fwd);
   m.impl("bias_gelu_bwd", &fastattn::cuda_glue::bias_gelu_bwd);
+  m.impl("gated_act_fwd", &fastattn::cuda_glue::gated_act_fwd);
+  m.impl("gated_act_bwd", &fastattn::cuda_glue::gated_act_bwd);
 }

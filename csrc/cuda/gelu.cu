@@ -22,6 +22,7 @@
 // Compile-check: bash scripts/cuda_check.sh (nvcc for sm_80 and sm_90, registers and spills).
 // Test (needs a GPU): pytest tests/test_cuda.py -k gelu.
 #include "common.cuh"
+#include "gelu_math.cuh"
 
 #include <algorithm>
 
@@ -30,34 +31,6 @@ namespace cuda {
 namespace {
 
 using namespace detail;
-
-constexpr float kInvSqrt2 = 0.70710678118654752440f;
-constexpr float kInvSqrt2Pi = 0.39894228040143267794f;
-constexpr float kSqrt2OverPi = 0.79788456080286535588f;
-constexpr float kTanhCoef = 0.044715f;
-
-__device__ __forceinline__ float gelu(float v, bool tanh_approx) {
-  if (tanh_approx) {
-    const float u = kSqrt2OverPi * (v + kTanhCoef * v * v * v);
-    const float s = 1.0f / (1.0f + expf(-2.0f * u));
-    return v * s;
-  }
-  return 0.5f * v * erfcf(-v * kInvSqrt2);  // Phi(v) without the 1 + erf cancellation for v < 0
-}
-
-__device__ __forceinline__ float gelu_grad(float v, bool tanh_approx) {
-  if (tanh_approx) {
-    const float u = kSqrt2OverPi * (v + kTanhCoef * v * v * v);
-    const float du = kSqrt2OverPi * (1.0f + 3.0f * kTanhCoef * v * v);
-    // 1 - s = sigmoid(-2u), computed directly: no cancellation when s -> 1, no inf * 0.
-    const float s = 1.0f / (1.0f + expf(-2.0f * u));
-    const float one_minus_s = 1.0f / (1.0f + expf(2.0f * u));
-    return s + 2.0f * v * (s * one_minus_s) * du;
-  }
-  const float cdf = 0.5f * erfcf(-v * kInvSqrt2);
-  const float pdf = kInvSqrt2Pi * expf(-0.5f * v * v);
-  return cdf + v * pdf;
-}
 
 // out[i, j] = gelu(x[i, j] + bias[j]) over V-element packs (V = 1: scalar path).
 template <typename T, int V>

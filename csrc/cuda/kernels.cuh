@@ -131,5 +131,37 @@ cudaError_t bias_gelu_bwd(DType dt, const void* dout, const void* x, const float
                           float* dbias, float* workspace, int64_t N, int64_t M, bool tanh_approx,
                           cudaStream_t stream);
 
+// gated_act.cu ----------------------------------------------------------------
+// act(gate) * up. Every operand is [N, H] of `dt` with its own row stride (ld_*, in elements)
+// and unit column stride: the two halves of one packed [N, 2H] tensor are such operands.
+enum class GatedAct : int { kSilu = 0, kGelu = 1, kGeluTanh = 2 };
+
+struct GatedActFwdArgs {
+  const void* gate;
+  int64_t ld_gate;
+  const void* up;
+  int64_t ld_up;
+  void* h;  // [N, H] contiguous
+  int64_t N, H;
+};
+
+struct GatedActBwdArgs {
+  const void* dh;
+  int64_t ld_dh;
+  const void* gate;
+  int64_t ld_gate;
+  const void* up;
+  int64_t ld_up;
+  void* dgate;  // dgate and dup share the row stride ld_out (H, or 2H when packed)
+  void* dup;
+  int64_t ld_out;
+  int64_t N, H;
+};
+
+cudaError_t gated_act_fwd(DType dt, GatedAct act, const GatedActFwdArgs& args,
+                          cudaStream_t stream);
+cudaError_t gated_act_bwd(DType dt, GatedAct act, const GatedActBwdArgs& args,
+                          cudaStream_t stream);
+
 }  // namespace cuda
 }  // namespace fastattn

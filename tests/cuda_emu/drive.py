@@ -1,6 +1,6 @@
 """Run the host-emulated CUDA kernels (see run.sh) on CPU tensors against float64 references.
 
-Usage: python drive.py LIB [ln|rms|gelu|attn|f32|all] [SEED]. Same cases and error rule as
+Usage: python drive.py LIB [ln|rms|gelu|gated|attn|f32|fa2|quick|all] [SEED]. Same cases and error rule as
 tests/test_cuda.py (whose helpers it imports).
 """
 
@@ -178,6 +178,56 @@ def gelu(dtype, N, M, approx, with_bias):
         rule(tag + " db", db.to(dtype), gx[1], gr[1])
 
 
+def gated(dtype, shape, activation, layout):
+    """tests/test_cuda.py's gated_case with the emulated launchers standing in for the ops."""
+    code = {"silu": 0, "gelu": 1, "gelu_tanh": 2}[activation]
+
+    def split(gate, up):
+        h = gate.shape[1] // 2 if up is None else gate.shape[1]
+        return (gate[:, :h], gate[:, h:]) if up is None else (gate, up)
+
+    def fwd(gate, up, act):
+        g, u = split(gate, up)
+        n, h = g.shape
+        out = poison(n, h, dtype=g.dtype)
+        rc = lib.gated_fwd(
+            DT[g.dtype],
+            code,
+            P(g),
+            I64(g.stride(0)),
+            P(u),
+            I64(u.stride(0)),
+            P(out),
+            I64(n),
+            I64(h),
+        )
+        assert rc == 0
+        return out
+
+    def bwd(dh, gate, up, act):
+        g, u = split(gate, up)
+        n, h = g.shape
+        if up is None:
+            out = poison(n, 2 * h, dtype=g.dtype)
+            dg, du, empty = out[:, :h], out[:, h:], torch.empty(0, dtype=g.dtype)
+            results = (out, empty)
+        else:
+            dg, du = poison(n, h, dtype=g.dtype), poison(n, h, dtype=g.dtype)
+            results = (dg, du)
+        rc = lib.gated_bwd(
+            DT[g.dtype], code, P(dh), I64(dh.stride(0)), P(g), I64(g.stride(0)), P(u),
+            I64(u.stride(0)), P(dg), P(du), I64(dg.stride(0)), I64(n), I64(h),
+        )  # fmt: skip
+        assert rc == 0
+        return results
+
+    try:
+        tc.gated_case(dtype, shape, activation, layout, fwd, bwd, "cpu")
+    except AssertionError as e:
+        fails.append(f"gated {dtype} {shape} {activation} {layout}: {e}")
+        print("FAIL", fails[-1])
+
+
 def st(*ts):
     return (I64 * (3 * len(ts)))(*[s for t in ts for s in t.stride()[:3]])
 
@@ -325,6 +375,13 @@ if which in ("all", "gelu", "quick"):
                 for wb in (True, False):
                     gelu(dtype, N, M, approx, wb)
     print("gelu done")
+if which in ("all", "gated"):
+    for dtype in tc.DTYPES:
+        for shape in tc.GATED_SHAPES:
+            for activation in tc.GATED_ACTS:
+                for layout in tc.GATED_LAYOUTS:
+                    gated(dtype, shape, activation, layout)
+    print("gated done")
 if which in ("all", "attn"):
     for dtype in tc.DTYPES:
         for case in tc.CASES:

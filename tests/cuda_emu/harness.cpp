@@ -27,6 +27,16 @@ int gelu_bwd(int dt, const void* dout, const void* x, const float* b, void* dx, 
              int64_t N, int64_t M, int t) {
   return bias_gelu_bwd(DType(dt), dout, x, b, dx, db, ws, N, M, t, nullptr);
 }
+int gated_fwd(int dt, int act, const void* g, int64_t ldg, const void* u, int64_t ldu, void* h,
+              int64_t N, int64_t H) {
+  GatedActFwdArgs a{g, ldg, u, ldu, h, N, H};
+  return gated_act_fwd(DType(dt), GatedAct(act), a, nullptr);
+}
+int gated_bwd(int dt, int act, const void* dh, int64_t ldd, const void* g, int64_t ldg, const void* u,
+              int64_t ldu, void* dg, void* du, int64_t ldo, int64_t N, int64_t H) {
+  GatedActBwdArgs a{dh, ldd, g, ldg, u, ldu, dg, du, ldo, N, H};
+  return gated_act_bwd(DType(dt), GatedAct(act), a, nullptr);
+}
 // impl: 0 = attention_fwd (what the bindings call), 1 = attention_fwd_simple, 2 = attention_fwd_fa2.
 int attn_fwd(int impl, int dt, const void* q, const void* k, const void* v, const int64_t* st,
              const uint8_t* mask, int64_t msb, void* out, float* lse, const int* sh, int causal,

@@ -49,6 +49,7 @@
 // the Q / O tiles (16 KB each at D = 64) stay in L1/L2.
 //
 // Test: python dev/attention_cpu/check.py.  Time: python dev/attention_cpu/bench.py.
+#include "cpu/bf16dot.h"
 #include "cpu/kernels.h"
 #include "cpu/vec.h"
 #include "kernel_limits.h"
@@ -435,37 +436,96 @@ void fwd_vec(const Geom& g, const T* q, Strides qs, const T* k, Strides ks, cons
   });
 }
 
+// ------------------------------------------------------------------ backward work plan
+// Items (b, kv head, split): see the header. Shared by the fp32 and the bf16 dot-product paths.
+struct BwdPlan {
+  int64_t groups = 0, pairs = 0, splits = 1, nt = 1;
+  std::vector<int64_t> split_bounds, bounds;  // pairs per split; items per thread
+  at::Tensor partial;                          // [2][splits][groups][Tkp][Dp] when splits > 1
+};
+
+BwdPlan bwd_plan(const Geom& g) {
+  BwdPlan pl;
+  pl.groups = g.B * g.Hkv;
+  pl.pairs = g.G * g.nQB;  // (query head, query block) pairs per group
+  const int64_t threads = at::get_num_threads();
+  // Split a group's pairs only when the groups alone cannot keep every thread busy (two items
+  // per thread balance well), and keep the dK / dV partials under kMaxSplitBytes.
+  const int64_t want = pl.groups >= 2 * threads ? 1 : ceil_div(2 * threads, pl.groups);
+  const int64_t split_bytes = 2 * pl.groups * g.Tkp * g.Dp * static_cast<int64_t>(sizeof(float));
+  const int64_t mem_cap = std::max<int64_t>(1, kMaxSplitBytes / std::max<int64_t>(1, split_bytes));
+  pl.splits = std::max<int64_t>(1, std::min({want, pl.pairs, mem_cap}));
+  const auto pair_cost = [&](int64_t pr) { return g.cost(pr % g.nQB); };
+  pl.split_bounds = balanced_bounds(pl.pairs, pl.splits, pair_cost);
+  std::vector<int64_t> split_cost(pl.splits, 0);
+  for (int64_t sp = 0; sp < pl.splits; ++sp)
+    for (int64_t pr = pl.split_bounds[sp]; pr < pl.split_bounds[sp + 1]; ++pr) split_cost[sp] += pair_cost(pr);
+  const int64_t items = pl.groups * pl.splits;
+  pl.nt = std::max<int64_t>(1, std::min<int64_t>(threads, items));
+  const int64_t splits = pl.splits;
+  pl.bounds = balanced_bounds(items, pl.nt, [&](int64_t it) { return split_cost[it % splits] + 1; });
+  if (pl.splits > 1) pl.partial = at::empty({2, pl.splits, pl.groups, g.Tkp, g.Dp}, at::kFloat);
+  return pl;
+}
+
+// A finished item's dK / dV accumulators ([Tkp][Dp]): written out (dK times dk_mul) when its
+// group is not split, else kept as that split's partial.
+template <typename T>
+void store_dkdv(const BwdPlan& pl, const Geom& g, int64_t grp, int64_t sp, const float* dka,
+                const float* dva, float dk_mul, T* dk, T* dv) {
+  const int64_t D = g.D, Dp = g.Dp;
+  if (pl.splits == 1) {
+    T* dkg = dk + grp * g.Tk * D;
+    T* dvg = dv + grp * g.Tk * D;
+    for (int64_t j = 0; j < g.Tk; ++j)
+      for (int64_t d = 0; d < D; ++d) {
+        dkg[j * D + d] = static_cast<T>(dka[j * Dp + d] * dk_mul);
+        dvg[j * D + d] = static_cast<T>(dva[j * Dp + d]);
+      }
+  } else {
+    float* base = pl.partial.data_ptr<float>();
+    const int64_t sz = g.Tkp * Dp;
+    std::memcpy(base + (sp * pl.groups + grp) * sz, dka, sizeof(float) * sz);
+    std::memcpy(base + ((pl.splits + sp) * pl.groups + grp) * sz, dva, sizeof(float) * sz);
+  }
+}
+
+// Split partials summed in split order (deterministic), then dK times dk_mul.
+template <typename T>
+void reduce_splits(const BwdPlan& pl, const Geom& g, float dk_mul, T* dk, T* dv) {
+  if (pl.splits == 1) return;
+  const int64_t D = g.D, Dp = g.Dp, groups = pl.groups, splits = pl.splits;
+  const float* base = pl.partial.data_ptr<float>();
+  const int64_t sz = g.Tkp * Dp;
+  at::parallel_for(0, groups * g.Tk, 64, [&](int64_t rb, int64_t re) {
+    for (int64_t row = rb; row < re; ++row) {
+      const int64_t grp = row / g.Tk, j = row % g.Tk;
+      for (int64_t d = 0; d < D; ++d) {
+        float ak = 0.f, av = 0.f;
+        for (int64_t sp = 0; sp < splits; ++sp) {
+          ak += base[(sp * groups + grp) * sz + j * Dp + d];
+          av += base[((splits + sp) * groups + grp) * sz + j * Dp + d];
+        }
+        dk[row * D + d] = static_cast<T>(ak * dk_mul);
+        dv[row * D + d] = static_cast<T>(av);
+      }
+    }
+  });
+}
+
 // ------------------------------------------------------------------ backward, float/bfloat16
 template <typename T>
 void bwd_vec(const Geom& g, const T* dout, const T* q, Strides qs, const T* k, Strides ks,
              const T* v, Strides vs, const T* out, const float* lse, const float* bias, float scale,
              const Dropout& dr, T* dq, T* dk, T* dv) {
   const int64_t D = g.D, Dp = g.Dp;
-  const int64_t groups = g.B * g.Hkv;
-  const int64_t pairs = g.G * g.nQB;  // (query head, query block) pairs per group
-  const int64_t threads = at::get_num_threads();
-  // Split a group's pairs only when the groups alone cannot keep every thread busy (two items
-  // per thread balance well), and keep the dK / dV partials under kMaxSplitBytes.
-  const int64_t want = groups >= 2 * threads ? 1 : ceil_div(2 * threads, groups);
-  const int64_t split_bytes = 2 * groups * g.Tkp * Dp * static_cast<int64_t>(sizeof(float));
-  const int64_t mem_cap = std::max<int64_t>(1, kMaxSplitBytes / std::max<int64_t>(1, split_bytes));
-  const int64_t splits = std::max<int64_t>(1, std::min({want, pairs, mem_cap}));
-  const auto pair_cost = [&](int64_t pr) { return g.cost(pr % g.nQB); };
-  const auto split_bounds = balanced_bounds(pairs, splits, pair_cost);
-  int64_t split_cost_max = 1;
-  std::vector<int64_t> split_cost(splits, 0);
-  for (int64_t sp = 0; sp < splits; ++sp) {
-    for (int64_t pr = split_bounds[sp]; pr < split_bounds[sp + 1]; ++pr) split_cost[sp] += pair_cost(pr);
-    split_cost_max = std::max(split_cost_max, split_cost[sp]);
-  }
-  const int64_t items = groups * splits;
-  const int64_t nt = std::max<int64_t>(1, std::min<int64_t>(threads, items));
-  const auto bounds = balanced_bounds(items, nt, [&](int64_t it) { return split_cost[it % splits] + 1; });
-  // Partials [splits][groups][Tkp][Dp] for dK and dV when a group is split.
-  at::Tensor partial = splits > 1 ? at::empty({2, splits, groups, g.Tkp, Dp}, at::kFloat) : at::Tensor();
+  const BwdPlan plan = bwd_plan(g);
+  const int64_t splits = plan.splits;
+  const auto& split_bounds = plan.split_bounds;
+  const auto& bounds = plan.bounds;
   const float qmul = scale * kLog2e;
   const float dk_mul = 1.f / kLog2e;  // dS^T (Q * scale * log2e) / log2e = scale * dS^T Q
-  at::parallel_for(0, nt, 1, [&](int64_t tb, int64_t te) {
+  at::parallel_for(0, plan.nt, 1, [&](int64_t tb, int64_t te) {
     at::Tensor scratch = at::empty(
         {5 * g.Tkp * Dp + 3 * kBQ * Dp + 3 * kBQ * kBK + 2 * kBQ}, at::kFloat);
     float* kt = scratch.data_ptr<float>();  // [Tkp][D] as K^T blocks
@@ -536,42 +596,301 @@ void bwd_vec(const Geom& g, const T* dout, const T* q, Strides qs, const T* k, S
           for (int64_t r = 0; r < rows; ++r)
             for (int64_t d = 0; d < D; ++d) dqrow[r * D + d] = static_cast<T>(dqa[r * Dp + d] * scale);
         }
-        if (splits == 1) {
-          T* dkg = dk + grp * g.Tk * D;
-          T* dvg = dv + grp * g.Tk * D;
-          for (int64_t j = 0; j < g.Tk; ++j)
-            for (int64_t d = 0; d < D; ++d) {
-              dkg[j * D + d] = static_cast<T>(dka[j * Dp + d] * dk_mul);
-              dvg[j * D + d] = static_cast<T>(dva[j * Dp + d]);
-            }
-        } else {
-          float* base = partial.data_ptr<float>();
-          const int64_t sz = g.Tkp * Dp;
-          std::memcpy(base + (sp * groups + grp) * sz, dka, sizeof(float) * sz);
-          std::memcpy(base + ((splits + sp) * groups + grp) * sz, dva, sizeof(float) * sz);
-        }
+        store_dkdv<T>(plan, g, grp, sp, dka, dva, dk_mul, dk, dv);
       }
     }
   });
-  if (splits > 1) {
-    const float* base = partial.data_ptr<float>();
-    const int64_t sz = g.Tkp * Dp;
-    at::parallel_for(0, groups * g.Tk, 64, [&](int64_t rb, int64_t re) {
-      for (int64_t row = rb; row < re; ++row) {
-        const int64_t grp = row / g.Tk, j = row % g.Tk;
-        for (int64_t d = 0; d < D; ++d) {
-          float ak = 0.f, av = 0.f;
-          for (int64_t sp = 0; sp < splits; ++sp) {
-            ak += base[(sp * groups + grp) * sz + j * Dp + d];
-            av += base[((splits + sp) * groups + grp) * sz + j * Dp + d];
-          }
-          dk[row * D + d] = static_cast<T>(ak * dk_mul);
-          dv[row * D + d] = static_cast<T>(av);
-        }
-      }
-    });
+  reduce_splits<T>(plan, g, dk_mul, dk, dv);
+}
+
+// ------------------------------------------------------------------ bfloat16 dot-product path
+// bfloat16 inputs on a CPU with AVX512_BF16 (csrc/cpu/bf16dot.h): the same algorithm, tiles and
+// work split as fwd_vec / bwd_vec, but every product runs on bf16 pairs with fp32 accumulation.
+// Operands are packed once per tile (K, V per (b, kv head); Q, dO per query block; P, dS per
+// tile) into the pair layouts the micro-kernel reads:
+//   pairs along the head dim   [rows][Dq] bf16 (Dq = D rounded up to even): Q, dO as A of
+//                              S = Q K^T and dP = dO V^T; K^T, V^T per key block
+//                              [kb][Dq/2][kBK] words as their B
+//   pairs along the row index  [rows/2][Dp] words: V (O += P V), K (dQ += dS K), Q (dK += dS^T Q),
+//                              dO (dV += P^T dO) as B; P^T and dS^T as A ([rows/2][kBK] words,
+//                              read through the transposing strides)
+//   pairs along the key index  [rows][kBK] bf16: P (forward) and dS (dQ) as A.
+// P and dS are rounded to bfloat16 for their products, as flash-attention does on GPUs; the
+// scores, softmax statistics (max, sum, lse), Delta and every accumulator stay fp32, and the
+// inputs enter the products unrounded (the scale is applied to the fp32 scores).
+#if FASTATTN_BF16_DOT
+using BF = c10::BFloat16;
+
+// w[(kb * Pd + p) * kBK + jj] = (x[j][2p], x[j][2p+1]) for key j = kb * kBK + jj: x^T per key
+// block in pairs along the head dim; zero past Tk and past D.
+void pack_t_pairs(const BF* x, int64_t st, const Geom& g, int64_t Pd, uint32_t* w) {
+  std::memset(w, 0, sizeof(uint32_t) * g.Tkp * Pd);
+  for (int64_t j = 0; j < g.Tk; ++j) {
+    const BF* row = x + j * st;
+    uint32_t* dst = w + (j / kBK) * Pd * kBK + (j % kBK);
+    for (int64_t p = 0; p < Pd; ++p) {
+      const uint16_t hi = 2 * p + 1 < g.D ? row[2 * p + 1].x : uint16_t(0);
+      dst[p * kBK] = bf16dot::pair(row[2 * p].x, hi);
+    }
   }
 }
+
+// w[(r / 2) * Dp + d] = (x[r & ~1][d], x[r | 1][d]): `rows` rows of stride st in pairs along
+// the row index, zero padded to `rows_pad` (even) rows and Dp columns.
+void pack_row_pairs(const BF* x, int64_t st, int64_t rows, int64_t rows_pad, int64_t D,
+                    int64_t Dp, uint32_t* w) {
+  for (int64_t r = 0; r < rows_pad; r += 2) {
+    uint32_t* dst = w + (r / 2) * Dp;
+    int64_t d = 0;
+    if (r < rows) {
+      const BF* a = x + r * st;
+      if (r + 1 < rows) {
+        const BF* b = a + st;
+        for (; d < D; ++d) dst[d] = bf16dot::pair(a[d].x, b[d].x);
+      } else {
+        for (; d < D; ++d) dst[d] = bf16dot::pair(a[d].x, 0);
+      }
+    }
+    for (; d < Dp; ++d) dst[d] = 0;
+  }
+}
+
+// dst[r][0:Dq] = x rows, the odd head-dim pad zero: pairs along the head dim.
+void pack_rows_bf(const BF* x, int64_t st, int64_t rows, int64_t D, int64_t Dq, uint16_t* dst) {
+  for (int64_t r = 0; r < rows; ++r) {
+    std::memcpy(dst + r * Dq, x + r * st, sizeof(uint16_t) * D);
+    if (Dq > D) dst[r * Dq + D] = 0;
+  }
+}
+
+inline float bf_float(uint16_t x) {
+  const uint32_t u = uint32_t(x) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+}
+
+FA_BF16_TARGET void fwd_bf16_range(const Geom& g, const std::vector<int64_t>& bounds, int64_t tb,
+                                   int64_t te, const BF* q, Strides qs, const BF* k, Strides ks,
+                                   const BF* v, Strides vs, const float* bias, float scale,
+                                   const Dropout& dr, BF* out, float* lse) {
+  const int64_t D = g.D, Dp = g.Dp, Pd = ceil_div(D, 2), Dq = 2 * Pd;
+  const float qmul = scale * kLog2e;
+  at::Tensor wbuf = at::empty({g.Tkp * Pd + (g.Tkp / 2) * Dp + kBQ * Pd + kBQ * kBK / 2}, at::kInt);
+  at::Tensor fbuf = at::empty({kBQ * Dp + kBQ * kBK + 2 * kBQ}, at::kFloat);
+  uint32_t* kt2 = reinterpret_cast<uint32_t*>(wbuf.data_ptr<int32_t>());  // K^T pairs (S)
+  uint32_t* v2 = kt2 + g.Tkp * Pd;                                       // V row pairs (O)
+  uint32_t* qa = v2 + (g.Tkp / 2) * Dp;                                  // Q [kBQ][Dq]
+  uint32_t* pb = qa + kBQ * Pd;                                          // P [kBQ][kBK] bf16
+  float* o = fbuf.data_ptr<float>();
+  float* s = o + kBQ * Dp;
+  float* mrow = s + kBQ * kBK;
+  float* lrow = mrow + kBQ;
+  const Vec vq(qmul);
+  int64_t packed = -1;
+  for (int64_t t = tb; t < te; ++t) {
+    for (int64_t it = bounds[t]; it < bounds[t + 1]; ++it) {
+      const int64_t qb = it % g.nQB, h = (it / g.nQB) % g.Hq, b = it / (g.nQB * g.Hq);
+      const int64_t kvh = h / g.G, bh = b * g.Hq + h;
+      if (packed != b * g.Hkv + kvh) {
+        packed = b * g.Hkv + kvh;
+        pack_t_pairs(k + b * ks.b + kvh * ks.h, ks.t, g, Pd, kt2);
+        pack_row_pairs(v + b * vs.b + kvh * vs.h, vs.t, g.Tk, g.Tkp, D, Dp, v2);
+      }
+      const int64_t i0 = qb * kBQ, rows = g.rows_of(qb);
+      pack_rows_bf(q + b * qs.b + h * qs.h + i0 * qs.t, qs.t, rows, D, Dq,
+                   reinterpret_cast<uint16_t*>(qa));
+      std::memset(o, 0, sizeof(float) * rows * Dp);
+      for (int64_t r = 0; r < rows; ++r) {
+        mrow[r] = kNegInf;
+        lrow[r] = 0.f;
+      }
+      const int64_t kend = g.kend(i0, rows);
+      const float* brow = bias != nullptr ? bias + b * g.Tkp : nullptr;
+      for (int64_t j0 = 0; j0 < kend; j0 += kBK) {
+        const int64_t n = round_up(std::min<int64_t>(kBK, kend - j0), kVecSize);
+        bf16dot::gemm<false>(rows, n, Pd, qa, Pd, 1, kt2 + (j0 / kBK) * Pd * kBK, kBK, s, kBK);
+        const bool edge = j0 + n > g.Tk || (g.causal && j0 + n - 1 > i0 + g.off);
+        for (int64_t r = 0; r < rows; ++r) {
+          float* sr = s + r * kBK;
+          Vec mx(kNegInf);
+          for (int64_t jj = 0; jj < n; jj += kVecSize) {
+            const Vec x = Vec::loadu(sr + jj) * vq;
+            x.store(sr + jj);
+            mx = at::vec::maximum(mx, x);
+          }
+          if (edge || brow != nullptr) {
+            const int64_t lim = (g.causal ? std::min<int64_t>(g.Tk, i0 + r + g.off + 1) : g.Tk) - j0;
+            mask_row(sr, n, lim, brow != nullptr ? brow + j0 : nullptr);
+            mx = Vec(kNegInf);
+            for (int64_t jj = 0; jj < n; jj += kVecSize) mx = at::vec::maximum(mx, Vec::loadu(sr + jj));
+          }
+          const float m_new = std::max(mrow[r], hmax(mx));
+          const float m_safe = m_new == kNegInf ? 0.f : m_new;
+          const Vec vm(m_safe);
+          Vec sum(0.f);
+          for (int64_t jj = 0; jj < n; jj += kVecSize) {
+            const Vec p = exp2v(Vec::loadu(sr + jj) - vm);
+            sum = sum + p;
+            p.store(sr + jj);
+          }
+          const float alpha = std::exp2(mrow[r] - m_safe);
+          lrow[r] = lrow[r] * alpha + hsum(sum);
+          mrow[r] = m_new;
+          if (alpha != 1.f) {
+            float* orow = o + r * Dp;
+            const Vec va(alpha);
+            for (int64_t d = 0; d < Dp; d += kVecSize) (Vec::loadu(orow + d) * va).store(orow + d);
+          }
+          if (dr.on) dropout_row(dr, j0, i0 + r, bh, sr, sr, nullptr, n);
+          bf16dot::round_row(sr, reinterpret_cast<uint16_t*>(pb) + r * kBK, n);
+        }
+        bf16dot::gemm<true>(rows, Dp, n / 2, pb, kBK / 2, 1, v2 + (j0 / 2) * Dp, Dp, o, Dp);
+      }
+      BF* orow_out = out + (bh * g.Tq + i0) * D;
+      float* lse_out = lse + bh * g.Tq + i0;
+      for (int64_t r = 0; r < rows; ++r) {
+        const float l = lrow[r];
+        const float inv = l > 0.f ? 1.f / l : 0.f;
+        for (int64_t d = 0; d < D; ++d) orow_out[r * D + d] = static_cast<BF>(o[r * Dp + d] * inv);
+        lse_out[r] = l > 0.f ? (mrow[r] + std::log2(l)) * kLn2 : kPosInf;
+      }
+    }
+  }
+}
+
+void fwd_bf16dot(const Geom& g, const BF* q, Strides qs, const BF* k, Strides ks, const BF* v,
+                 Strides vs, const float* bias, float scale, const Dropout& dr, BF* out, float* lse) {
+  const int64_t items = g.B * g.Hq * g.nQB;
+  const int64_t nt = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), items));
+  const auto bounds = balanced_bounds(items, nt, [&](int64_t it) { return g.cost(it % g.nQB); });
+  at::parallel_for(0, nt, 1, [&](int64_t tb, int64_t te) {
+    fwd_bf16_range(g, bounds, tb, te, q, qs, k, ks, v, vs, bias, scale, dr, out, lse);
+  });
+}
+
+FA_BF16_TARGET void bwd_bf16_range(const Geom& g, const BwdPlan& plan, int64_t tb, int64_t te,
+                                   const BF* dout, const BF* q, Strides qs, const BF* k,
+                                   Strides ks, const BF* v, Strides vs, const BF* out,
+                                   const float* lse, const float* bias, float scale,
+                                   const Dropout& dr, BF* dq, BF* dk, BF* dv) {
+  const int64_t D = g.D, Dp = g.Dp, Pd = ceil_div(D, 2), Dq = 2 * Pd;
+  const int64_t splits = plan.splits;
+  const float qmul = scale * kLog2e;
+  const int64_t half = kBQ / 2;
+  at::Tensor wbuf = at::empty({2 * g.Tkp * Pd + (g.Tkp / 2) * Dp + 2 * kBQ * Pd + 2 * half * Dp +
+                                   2 * half * kBK + kBQ * kBK / 2},
+                              at::kInt);
+  at::Tensor fbuf = at::empty({2 * g.Tkp * Dp + kBQ * Dp + 3 * kBQ * kBK + 2 * kBQ}, at::kFloat);
+  uint32_t* kt2 = reinterpret_cast<uint32_t*>(wbuf.data_ptr<int32_t>());  // K^T pairs (S)
+  uint32_t* vt2 = kt2 + g.Tkp * Pd;                                      // V^T pairs (dP)
+  uint32_t* k2 = vt2 + g.Tkp * Pd;                                       // K row pairs (dQ)
+  uint32_t* qa = k2 + (g.Tkp / 2) * Dp;                                  // Q [kBQ][Dq] (S)
+  uint32_t* doa = qa + kBQ * Pd;                                         // dO [kBQ][Dq] (dP)
+  uint32_t* q2 = doa + kBQ * Pd;                                         // Q row pairs (dK)
+  uint32_t* do2 = q2 + half * Dp;                                        // dO row pairs (dV)
+  uint32_t* pt2 = do2 + half * Dp;                                       // P^T, dropped (dV)
+  uint32_t* st2 = pt2 + half * kBK;                                      // dS^T (dK)
+  uint16_t* dsa = reinterpret_cast<uint16_t*>(st2 + half * kBK);         // dS [kBQ][kBK] (dQ)
+  float* dka = fbuf.data_ptr<float>();  // [Tkp][Dp] accumulators
+  float* dva = dka + g.Tkp * Dp;
+  float* dqa = dva + g.Tkp * Dp;  // [kBQ][Dp]
+  float* s = dqa + kBQ * Dp;      // [kBQ][kBK]: scores, then P
+  float* dp = s + kBQ * kBK;      // dP, then dS
+  float* pd = dp + kBQ * kBK;     // dropped P
+  float* delta = pd + kBQ * kBK;
+  float* lse2 = delta + kBQ;
+  const Vec vq(qmul);
+  for (int64_t t = tb; t < te; ++t) {
+    for (int64_t it = plan.bounds[t]; it < plan.bounds[t + 1]; ++it) {
+      const int64_t grp = it / splits, sp = it % splits;
+      const int64_t b = grp / g.Hkv, kvh = grp % g.Hkv;
+      const BF* kg = k + b * ks.b + kvh * ks.h;
+      pack_t_pairs(kg, ks.t, g, Pd, kt2);
+      pack_t_pairs(v + b * vs.b + kvh * vs.h, vs.t, g, Pd, vt2);
+      pack_row_pairs(kg, ks.t, g.Tk, g.Tkp, D, Dp, k2);
+      std::memset(dka, 0, sizeof(float) * 2 * g.Tkp * Dp);
+      const float* brow = bias != nullptr ? bias + b * g.Tkp : nullptr;
+      for (int64_t pr = plan.split_bounds[sp]; pr < plan.split_bounds[sp + 1]; ++pr) {
+        const int64_t h = kvh * g.G + pr / g.nQB, qb = pr % g.nQB;
+        const int64_t bh = b * g.Hq + h;
+        const int64_t i0 = qb * kBQ, rows = g.rows_of(qb), rows2 = round_up(rows, 2);
+        const BF* qrow = q + b * qs.b + h * qs.h + i0 * qs.t;
+        const BF* dorow = dout + (bh * g.Tq + i0) * D;
+        const BF* orow = out + (bh * g.Tq + i0) * D;
+        pack_rows_bf(qrow, qs.t, rows, D, Dq, reinterpret_cast<uint16_t*>(qa));
+        pack_row_pairs(qrow, qs.t, rows, rows2, D, Dp, q2);
+        pack_rows_bf(dorow, D, rows, D, Dq, reinterpret_cast<uint16_t*>(doa));
+        pack_row_pairs(dorow, D, rows, rows2, D, Dp, do2);
+        for (int64_t r = 0; r < rows; ++r) {
+          // Delta in the order vdpbf16ps sums a dP element (per pair: odd product, then even),
+          // so dP - Delta is exact where the two agree mathematically (a single visible key).
+          const BF* dor = dorow + r * D;
+          const BF* orr = orow + r * D;
+          float acc = 0.f;
+          for (int64_t p = 0; p < Pd; ++p) {
+            if (2 * p + 1 < D) acc = acc + bf_float(dor[2 * p + 1].x) * bf_float(orr[2 * p + 1].x);
+            acc = acc + bf_float(dor[2 * p].x) * bf_float(orr[2 * p].x);
+          }
+          delta[r] = acc;
+          lse2[r] = lse[bh * g.Tq + i0 + r] * kLog2e;
+        }
+        std::memset(dqa, 0, sizeof(float) * rows * Dp);
+        const int64_t kend = g.kend(i0, rows);
+        for (int64_t j0 = 0; j0 < kend; j0 += kBK) {
+          const int64_t n = round_up(std::min<int64_t>(kBK, kend - j0), kVecSize);
+          const int64_t kb = j0 / kBK;
+          bf16dot::gemm<false>(rows, n, Pd, qa, Pd, 1, kt2 + kb * Pd * kBK, kBK, s, kBK);
+          bf16dot::gemm<false>(rows, n, Pd, doa, Pd, 1, vt2 + kb * Pd * kBK, kBK, dp, kBK);
+          const bool edge = j0 + n > g.Tk || (g.causal && j0 + n - 1 > i0 + g.off);
+          for (int64_t r = 0; r < rows; ++r) {
+            float* sr = s + r * kBK;
+            float* dpr = dp + r * kBK;
+            for (int64_t jj = 0; jj < n; jj += kVecSize) (Vec::loadu(sr + jj) * vq).store(sr + jj);
+            if (edge || brow != nullptr) {
+              const int64_t lim = (g.causal ? std::min<int64_t>(g.Tk, i0 + r + g.off + 1) : g.Tk) - j0;
+              mask_row(sr, n, lim, brow != nullptr ? brow + j0 : nullptr);
+            }
+            const Vec vl(lse2[r]);
+            for (int64_t jj = 0; jj < n; jj += kVecSize) exp2v(Vec::loadu(sr + jj) - vl).store(sr + jj);
+            if (dr.on) dropout_row(dr, j0, i0 + r, bh, sr, pd + r * kBK, dpr, n);
+            const Vec vd(delta[r]);
+            for (int64_t jj = 0; jj < n; jj += kVecSize)
+              (Vec::loadu(sr + jj) * (Vec::loadu(dpr + jj) - vd)).store(dpr + jj);
+            bf16dot::round_row(dpr, dsa + r * kBK, n);
+          }
+          const float* pdrop = dr.on ? pd : s;
+          for (int64_t r = 0; r < rows2; r += 2) {
+            const bool two = r + 1 < rows;
+            bf16dot::interleave_rows(pdrop + r * kBK, two ? pdrop + (r + 1) * kBK : nullptr,
+                                     pt2 + (r / 2) * kBK, n);
+            bf16dot::interleave_rows(dp + r * kBK, two ? dp + (r + 1) * kBK : nullptr,
+                                     st2 + (r / 2) * kBK, n);
+          }
+          bf16dot::gemm<true>(n, Dp, rows2 / 2, pt2, 1, kBK, do2, Dp, dva + j0 * Dp, Dp);
+          bf16dot::gemm<true>(n, Dp, rows2 / 2, st2, 1, kBK, q2, Dp, dka + j0 * Dp, Dp);
+          bf16dot::gemm<true>(rows, Dp, n / 2, reinterpret_cast<const uint32_t*>(dsa), kBK / 2, 1,
+                              k2 + (j0 / 2) * Dp, Dp, dqa, Dp);
+        }
+        BF* dqrow = dq + (bh * g.Tq + i0) * D;
+        for (int64_t r = 0; r < rows; ++r)
+          for (int64_t d = 0; d < D; ++d) dqrow[r * D + d] = static_cast<BF>(dqa[r * Dp + d] * scale);
+      }
+      store_dkdv<BF>(plan, g, grp, sp, dka, dva, scale, dk, dv);
+    }
+  }
+}
+
+void bwd_bf16dot(const Geom& g, const BF* dout, const BF* q, Strides qs, const BF* k, Strides ks,
+                 const BF* v, Strides vs, const BF* out, const float* lse, const float* bias,
+                 float scale, const Dropout& dr, BF* dq, BF* dk, BF* dv) {
+  const BwdPlan plan = bwd_plan(g);
+  at::parallel_for(0, plan.nt, 1, [&](int64_t tb, int64_t te) {
+    bwd_bf16_range(g, plan, tb, te, dout, q, qs, k, ks, v, vs, out, lse, bias, scale, dr, dq, dk, dv);
+  });
+  reduce_splits<BF>(plan, g, scale, dk, dv);
+}
+#endif  // FASTATTN_BF16_DOT
 
 // ------------------------------------------------------------------ float64 (gradcheck) path
 // Visible-key limit of query row i: keys [0, lim) minus padding.
@@ -778,6 +1097,14 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q_in, const a
                    out.data_ptr<float>(), lse.data_ptr<float>());
   } else {
     using BF = c10::BFloat16;
+#if FASTATTN_BF16_DOT
+    if (bf16_dot_usable()) {
+      fwd_bf16dot(g, q.data_ptr<BF>(), Strides(q), k.data_ptr<BF>(), Strides(k), v.data_ptr<BF>(),
+                  Strides(v), bp, static_cast<float>(scale), dr, out.data_ptr<BF>(),
+                  lse.data_ptr<float>());
+      return {out, lse};
+    }
+#endif
     fwd_vec<BF>(g, q.data_ptr<BF>(), Strides(q), k.data_ptr<BF>(), Strides(k), v.data_ptr<BF>(),
                 Strides(v), bp, static_cast<float>(scale), dr, out.data_ptr<BF>(),
                 lse.data_ptr<float>());
@@ -840,6 +1167,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
                    dq.data_ptr<float>(), dk.data_ptr<float>(), dv.data_ptr<float>());
   } else {
     using BF = c10::BFloat16;
+#if FASTATTN_BF16_DOT
+    if (bf16_dot_usable()) {
+      bwd_bf16dot(g, dout.data_ptr<BF>(), q.data_ptr<BF>(), Strides(q), k.data_ptr<BF>(),
+                  Strides(k), v.data_ptr<BF>(), Strides(v), out.data_ptr<BF>(),
+                  lse.data_ptr<float>(), bp, static_cast<float>(scale), dr, dq.data_ptr<BF>(),
+                  dk.data_ptr<BF>(), dv.data_ptr<BF>());
+      return {dq, dk, dv};
+    }
+#endif
     bwd_vec<BF>(g, dout.data_ptr<BF>(), q.data_ptr<BF>(), Strides(q), k.data_ptr<BF>(), Strides(k),
                 v.data_ptr<BF>(), Strides(v), out.data_ptr<BF>(), lse.data_ptr<float>(), bp,
                 static_cast<float>(scale), dr, dq.data_ptr<BF>(), dk.data_ptr<BF>(),

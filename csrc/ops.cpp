@@ -93,6 +93,7 @@ PyMODINIT_FUNC PyInit__C(void) {
   if (mod == nullptr) return nullptr;
   PyModule_AddStringConstant(mod, "cpu_capability", kCpuCapability);
   PyModule_AddObject(mod, "with_cuda", PyBool_FromLong(kWithCuda));
+  PyModule_AddObject(mod, "cpu_bf16_dot", PyBool_FromLong(fastattn::cpu::attention_bf16_dot_available()));
   // The kernels' limits (csrc/kernel_limits.h), read by the op declarations in fastattn/ops/<op>.py.
   PyObject* limits = PyDict_New();
   if (limits == nullptr) return nullptr;

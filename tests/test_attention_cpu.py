@@ -2,8 +2,10 @@
 test_properties.py, test_reliability.py) do not reach, kept from the kernel's development check:
 head dims above 128 that are not a multiple of the vector width (padding and micro-kernel
 column tails) and below 16, with dropout too; inputs whose last dim is strided (the kernel must
-copy them); bitwise repeatability with dropout and a grouped-query backward. Error rule:
-tests/rule.py, against the float64 reference run with the same dropout mask.
+copy them); bitwise repeatability with dropout and a grouped-query backward; bfloat16 on both
+of its paths (AVX512_BF16 dot products, and the fp32 FMA path that FASTATTN_CPU_BF16_DOT=0
+forces). Error rule: tests/rule.py, against the float64 reference run with the same dropout
+mask.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ def _fwd_bwd(fn, q, k, v, dout, **kw):
     return (out.detach(), *torch.autograd.grad(out, leaves, dout))
 
 
-def _check(q, k, v, dout, *, causal, p=0.0, seed=99):
+def _check(q, k, v, dout, *, causal, p=0.0, seed=99, key_padding_mask=None):
     """fastattn's cpu kernel vs the reference in q's dtype and in float64, same dropout mask."""
     B, Hq, Tq, _ = q.shape
     Tk = k.shape[2]
@@ -37,9 +39,12 @@ def _check(q, k, v, dout, *, causal, p=0.0, seed=99):
     mask = dropout_keep_mask(drop_seed, 0, B, Hq, Tq, Tk, p) if p > 0 else None
     with fastattn.use_backend("cpu"):
         torch.manual_seed(seed)
-        got = _fwd_bwd(fastattn.attention, q, k, v, dout, causal=causal, dropout_p=p)
+        got = _fwd_bwd(
+            fastattn.attention, q, k, v, dout, causal=causal, dropout_p=p,
+            key_padding_mask=key_padding_mask,
+        )  # fmt: skip
         assert fastattn.last_backend("attention") == "cpu"
-    kw = dict(causal=causal, dropout_p=p, dropout_mask=mask)
+    kw = dict(causal=causal, dropout_p=p, dropout_mask=mask, key_padding_mask=key_padding_mask)
     own = _fwd_bwd(attention_reference, q, k, v, dout, **kw)
     ref = _fwd_bwd(attention_reference, *(t.double() for t in (q, k, v, dout)), **kw)
     scale = max(r.abs().max().item() for r in ref)
@@ -81,3 +86,74 @@ def test_bitwise_repeatable_with_dropout(Hq, Hkv):
             torch.manual_seed(3)
             runs.append(_fwd_bwd(fastattn.attention, q, k, v, dout, causal=True, dropout_p=0.1))
     assert all(torch.equal(a, b) for a, b in zip(*runs, strict=True))
+
+
+# ----------------------------------------------------------------------------- bfloat16 paths
+BF16_DOT = bool(getattr(fastattn._dispatch._extension()[0], "cpu_bf16_dot", False))
+
+
+@pytest.fixture(params=["dot", "fma"])
+def bf16_path(request, monkeypatch):
+    """Runs a test on the AVX512_BF16 dot-product path and on the fp32 FMA path."""
+    if request.param == "dot" and not BF16_DOT:
+        pytest.skip("this CPU or build has no AVX512_BF16")
+    monkeypatch.setenv("FASTATTN_CPU_BF16_DOT", "1" if request.param == "dot" else "0")
+    return request.param
+
+
+# (B, Hq, Hkv, Tq, Tk, D, causal, dropout_p, key padding): odd lengths (1, primes, past a tile
+# of 64 queries / 128 keys), GQA, head dims from 3 to 255 (odd ones pad a bf16 pair).
+BF16_CASES = [
+    (2, 6, 6, 67, 67, 64, True, 0.0, False),
+    (1, 4, 2, 131, 257, 128, False, 0.0, True),
+    (2, 4, 1, 1, 37, 16, True, 0.0, False),
+    (1, 2, 1, 1, 1, 80, False, 0.0, False),
+    (1, 3, 3, 97, 53, 80, True, 0.2, False),
+    (1, 2, 2, 29, 131, 255, False, 0.1, True),
+    (1, 4, 2, 70, 70, 3, True, 0.0, True),
+    (1, 2, 1, 190, 190, 33, True, 0.0, False),
+]
+
+
+@pytest.mark.parametrize(
+    "case",
+    BF16_CASES,
+    ids=lambda c: "x".join(map(str, c[:6])) + f"-c{int(c[6])}-p{c[7]}-m{int(c[8])}",
+)
+def test_bf16_paths_against_float64(bf16_path, case):
+    B, Hq, Hkv, Tq, Tk, D, causal, p, pad = case
+    bf = torch.bfloat16
+    q, k, v = torch.randn(B, Hq, Tq, D), torch.randn(B, Hkv, Tk, D), torch.randn(B, Hkv, Tk, D)
+    kpm = None
+    if pad:
+        kpm = torch.rand(B, Tk) < 0.3
+        kpm[0, :2] = False
+        kpm[-1, :] = True  # a batch whose queries see nothing
+    _check(q.to(bf), k.to(bf), v.to(bf), torch.randn(B, Hq, Tq, D).to(bf), causal=causal, p=p,
+           key_padding_mask=kpm)  # fmt: skip
+
+
+def test_bf16_noncontiguous_both_paths(bf16_path):
+    """Transposed / sliced views in every stride position the kernel reads through."""
+    base = torch.randn(2, 70, 8, 48).to(torch.bfloat16)  # (B, T, H, D) viewed as (B, H, T, D)
+    q = base.transpose(1, 2)[:, :4]
+    k = base.transpose(1, 2)[:, 4:6, 3:]
+    v = torch.randn(2, 2, 48, 67).to(torch.bfloat16).transpose(-1, -2)[..., :48]
+    assert not (q.is_contiguous() or k.is_contiguous() or v.is_contiguous())
+    _check(q, k, v, torch.randn(2, 4, 70, 48).to(torch.bfloat16), causal=True)
+
+
+@pytest.mark.skipif(not BF16_DOT, reason="this CPU or build has no AVX512_BF16")
+def test_bf16_switch_selects_the_path(monkeypatch):
+    """FASTATTN_CPU_BF16_DOT picks the path per call: the two round P differently, so their
+    bits differ (a test of the switch, so the dot-path tests above cannot silently run the
+    other path), and the report says which runs."""
+    q, k, v = (torch.randn(1, 2, 100, 64).to(torch.bfloat16) for _ in range(3))
+    outs = {}
+    for flag in ("1", "0"):
+        monkeypatch.setenv("FASTATTN_CPU_BF16_DOT", flag)
+        with fastattn.use_backend("cpu"):
+            outs[flag] = fastattn.attention(q, k, v, causal=True)
+        text = fastattn._dispatch.describe()
+        assert ("AVX512_BF16 dot products" in text) == (flag == "1"), text
+    assert not torch.equal(outs["1"], outs["0"])

@@ -38,8 +38,12 @@
 //   products per tile (S, dP, dV, dK, dQ), the minimum: 2.5x the forward's FLOPs.
 // - Dropout: counter-based Philox4x32-10, keyed by (seed) and counted by (j, i, b*Hq + h,
 //   offset), identical to the Triton and CUDA backends; regenerated in the backward.
-// - bfloat16 is packed to float on the fly (float accumulation everywhere); float64 takes a
-//   plain scalar path (gradcheck only). lse is float32 (float64 for float64 inputs).
+// - bfloat16 on a CPU with AVX512_BF16 (checked at run time; FASTATTN_CPU_BF16_DOT=0 opts
+//   out) runs every product on bf16 pairs with `vdpbf16ps` (csrc/cpu/bf16dot.h and the "bfloat16
+//   dot-product path" below: 2x the multiply rate of fp32 FMA), P and dS rounded to bf16 for
+//   their products as flash-attention does on GPUs; scores, softmax statistics and accumulators
+//   stay fp32. Elsewhere bfloat16 is packed to float on the fly (the fp32 micro-kernels).
+//   float64 takes a plain scalar path (gradcheck only). lse is float32 (float64 for float64).
 //
 // Block sizes, measured on AVX-512 (Zen, 2 threads, float32, B=4, H=12, D=64, causal,
 // T = 512..2048; dev/attention_cpu/tune.py): kBQ = 64 query rows x kBK = 128 keys. kBK = 128
@@ -48,7 +52,8 @@
 // items to balance); a 6 x 4 micro-kernel was no faster than 4 x 4. The score tile (32 KB) and
 // the Q / O tiles (16 KB each at D = 64) stay in L1/L2.
 //
-// Test: python dev/attention_cpu/check.py.  Time: python dev/attention_cpu/bench.py.
+// Tests: tests/test_attention_cpu.py (both bf16 paths), tests/test_attention.py.  Time:
+// python -m benchmarks.tune_attention, benchmarks/bench_attention.py.
 #include "cpu/bf16dot.h"
 #include "cpu/kernels.h"
 #include "cpu/vec.h"
@@ -1062,6 +1067,8 @@ at::Tensor mask_bias(const std::optional<at::Tensor>& mask, const Geom& g) {
 }
 
 }  // namespace
+
+bool attention_bf16_dot_available() { return FASTATTN_BF16_DOT && bf16_dot_cpu(); }
 
 std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q_in, const at::Tensor& k_in,
                                                  const at::Tensor& v_in,

@@ -35,6 +35,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
     const std::optional<at::Tensor>& key_padding_mask, bool causal, double scale,
     double dropout_p, int64_t seed, int64_t offset);
 
+// True when bfloat16 attention can run its products on AVX512_BF16 here (built with it and the
+// CPU has it); FASTATTN_CPU_BF16_DOT=0 still switches that path off per call.
+bool attention_bf16_dot_available();
+
 // gelu.cpp --------------------------------------------------------------------
 at::Tensor bias_gelu_fwd(const at::Tensor& x, const std::optional<at::Tensor>& bias,
                          const std::string& approximate);

@@ -691,7 +691,7 @@ FA_BF16_TARGET void fwd_bf16_range(const Geom& g, const std::vector<int64_t>& bo
   float* s = o + kBQ * Dp;
   float* mrow = s + kBQ * kBK;
   float* lrow = mrow + kBQ;
-  const Vec vq(qmul);
+  const __m512 vq = _mm512_set1_ps(qmul);
   int64_t packed = -1;
   for (int64_t t = tb; t < te; ++t) {
     for (int64_t it = bounds[t]; it < bounds[t + 1]; ++it) {
@@ -718,19 +718,21 @@ FA_BF16_TARGET void fwd_bf16_range(const Geom& g, const std::vector<int64_t>& bo
         const bool edge = j0 + n > g.Tk || (g.causal && j0 + n - 1 > i0 + g.off);
         for (int64_t r = 0; r < rows; ++r) {
           float* sr = s + r * kBK;
-          Vec mx(kNegInf);
+          // Plain vmaxps, not at::vec::maximum's NaN-propagating blend: a NaN score still
+          // reaches the output through exp2 and the row sum.
+          __m512 mx = _mm512_set1_ps(kNegInf);
           for (int64_t jj = 0; jj < n; jj += kVecSize) {
-            const Vec x = Vec::loadu(sr + jj) * vq;
-            x.store(sr + jj);
-            mx = at::vec::maximum(mx, x);
+            const __m512 x = _mm512_mul_ps(_mm512_loadu_ps(sr + jj), vq);
+            _mm512_storeu_ps(sr + jj, x);
+            mx = _mm512_max_ps(mx, x);
           }
           if (edge || brow != nullptr) {
             const int64_t lim = (g.causal ? std::min<int64_t>(g.Tk, i0 + r + g.off + 1) : g.Tk) - j0;
             mask_row(sr, n, lim, brow != nullptr ? brow + j0 : nullptr);
-            mx = Vec(kNegInf);
-            for (int64_t jj = 0; jj < n; jj += kVecSize) mx = at::vec::maximum(mx, Vec::loadu(sr + jj));
+            mx = _mm512_set1_ps(kNegInf);
+            for (int64_t jj = 0; jj < n; jj += kVecSize) mx = _mm512_max_ps(mx, _mm512_loadu_ps(sr + jj));
           }
-          const float m_new = std::max(mrow[r], hmax(mx));
+          const float m_new = std::max(mrow[r], _mm512_reduce_max_ps(mx));
           const float m_safe = m_new == kNegInf ? 0.f : m_new;
           const Vec vm(m_safe);
           Vec sum(0.f);

@@ -157,3 +157,88 @@ def test_bf16_switch_selects_the_path(monkeypatch):
         text = fastattn._dispatch.describe()
         assert ("AVX512_BF16 dot products" in text) == (flag == "1"), text
     assert not torch.equal(outs["1"], outs["0"])
+
+
+# ----------------------------------------------------------------------------- features, tiled
+def _check_kw(q, k, v, dout, bias=None, **kw):
+    """fastattn's cpu kernel vs the reference (q's dtype and float64) with feature arguments;
+    a bias gets its gradient checked too."""
+
+    def run(fn, *xs, b):
+        leaves = [t.detach().requires_grad_() for t in xs[:3]]
+        extra = {}
+        if b is not None:
+            leaves.append(b.detach().requires_grad_())
+            extra["attn_bias"] = leaves[-1]
+        out = fn(*leaves[:3], **kw, **extra)  # xs[3] is dout
+        return [out.detach(), *torch.autograd.grad(out, leaves, xs[3])]
+
+    with fastattn.use_backend("cpu"):
+        got = run(fastattn.attention, q, k, v, dout, b=bias)
+        assert fastattn.last_backend("attention") == "cpu"
+    own = run(attention_reference, q, k, v, dout, b=bias)
+    b64 = bias.double() if bias is not None else None
+    ref = run(attention_reference, *(t.double() for t in (q, k, v, dout)), b=b64)
+    scale = max(r.abs().max().item() for r in ref)
+    for name, g, o, r in zip(("out", "dq", "dk", "dv", "dbias"), got, own, ref, strict=False):
+        assert_rule(f"{name} {tuple(q.shape)} {tuple(k.shape)} {kw}", g, o, r, scale)
+
+
+# Windows and alignments over several key blocks (128 keys) and query blocks (64 rows), so
+# whole tiles are skipped on both sides of the band: (Tq, Tk, window, causal, alignment).
+WINDOW_CASES = [
+    (300, 300, (50, 0), True, "bottom_right"),
+    (200, 333, (37, 70), False, "bottom_right"),
+    (333, 200, (-1, 5), False, "top_left"),
+    (150, 400, None, True, "top_left"),
+    (257, 131, (129, -1), False, "top_left"),
+    (97, 290, (0, 0), False, "bottom_right"),
+]
+
+
+@pytest.mark.parametrize("case", WINDOW_CASES, ids=lambda c: f"{c[0]}x{c[1]}-{c[2]}-{c[4]}")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_window_alignment_tiles(bf16_path, dtype, case):
+    if dtype == torch.float32 and bf16_path == "fma":
+        pytest.skip("float32 has one path")
+    Tq, Tk, window, causal, alignment = case
+    q, k, v = torch.randn(1, 4, Tq, 32), torch.randn(1, 2, Tk, 32), torch.randn(1, 2, Tk, 32)
+    dout = torch.randn(1, 4, Tq, 32)
+    q, k, v, dout = (t.to(dtype) for t in (q, k, v, dout))
+    _check_kw(q, k, v, dout, causal=causal, window=window, alignment=alignment)
+
+
+# (name, kwargs, bias shape or None): softcap, bias (full, per head, ALiBi-like) and boolean
+# masks, alone and with windows and key padding, over several tiles (Tq=150, Tk=290).
+SCORE_CASES = [
+    ("softcap-causal", dict(softcap=2.0, causal=True), None),
+    ("softcap-window", dict(softcap=5.0, window=(60, 20)), None),
+    ("bias-full-causal", dict(causal=True), (2, 4, 150, 290)),
+    ("bias-alibi-sliding", dict(causal=True, window=(100, 0)), (1, 4, 1, 290)),
+    ("bias-heads-softcap-pad", dict(softcap=3.0, pad=True), (4, 150, 290)),
+    ("mask", dict(mask=True), None),
+]
+
+
+@pytest.mark.parametrize("name, kw, bias_shape", SCORE_CASES, ids=[c[0] for c in SCORE_CASES])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_softcap_bias_tiles(bf16_path, dtype, name, kw, bias_shape):
+    if dtype == torch.float32 and bf16_path == "fma":
+        pytest.skip("float32 has one path")
+    B, Hq, Hkv, Tq, Tk, D = 2, 4, 2, 150, 290, 40
+    q, k, v = torch.randn(B, Hq, Tq, D), torch.randn(B, Hkv, Tk, D), torch.randn(B, Hkv, Tk, D)
+    dout = torch.randn(B, Hq, Tq, D)
+    q, k, v, dout = (t.to(dtype) for t in (q, k, v, dout))
+    kw = dict(kw)
+    if kw.pop("pad", False):
+        kpm = torch.rand(B, Tk) < 0.3
+        kpm[1] = True  # a batch whose queries see nothing
+        kw["key_padding_mask"] = kpm
+    if kw.pop("mask", False):
+        mask = torch.rand(B, 1, Tq, Tk) < 0.5
+        mask[:, :, 3] = False  # a query row that sees nothing
+        kw["attn_mask"] = mask
+    bias = torch.randn(bias_shape).mul(2).to(dtype) if bias_shape is not None else None
+    if bias is not None:
+        bias[..., 7] = float("-inf")  # a key hidden by the bias
+    _check_kw(q, k, v, dout, bias=bias, **kw)

@@ -349,10 +349,28 @@ class _Reference:
         return dq.to(q.dtype), dk.sum(2).to(k.dtype), dv.sum(2).to(v.dtype), dbias
 
 
+def _acc_bias(bias: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    """The kernel bias in the accumulation dtype (float32; float64 for float64 inputs),
+    converting only the stored elements: broadcast (stride-0) dims stay broadcast."""
+    acc = acc_dtype(dtype)
+    if bias is None or bias.dtype == acc:
+        return bias
+    index = tuple(slice(0, 1) if st == 0 else slice(None) for st in bias.stride())
+    return bias[index].to(acc).expand(bias.shape)
+
+
 class _Native:
-    """The ``cpu`` and ``cuda`` backends: C++ / CUDA kernels behind ``torch.ops.fastattn_C``."""
+    """The ``cpu`` and ``cuda`` backends: C++ / CUDA kernels behind ``torch.ops.fastattn_C``.
+
+    The CPU kernel takes the whole contract (``attention_fwd_features``: window, alignment,
+    softcap, bias and its gradient); the CUDA one the original schema (causal, no features)."""
 
     def fwd(self, q, k, v, key_padding_mask, bias, scale, softcap, wl, wr, off, p, seed, offset):
+        if q.device.type == "cpu":
+            return torch.ops.fastattn_C.attention_fwd_features(
+                q, k, v, key_padding_mask, _acc_bias(bias, q.dtype), scale, softcap, wl, wr,
+                off, p, seed, offset,
+            )  # fmt: skip
         return torch.ops.fastattn_C.attention_fwd(
             q, k, v, key_padding_mask, wr == 0, scale, p, seed, offset
         )
@@ -377,6 +395,11 @@ class _Native:
         offset,
         need_bias_grad,
     ):
+        if q.device.type == "cpu":
+            return torch.ops.fastattn_C.attention_bwd_features(
+                dout, q, k, v, out, lse, key_padding_mask, _acc_bias(bias, q.dtype), scale,
+                softcap, wl, wr, off, dropout_p, seed, offset, need_bias_grad,
+            )  # fmt: skip
         dq, dk, dv = torch.ops.fastattn_C.attention_bwd(
             dout, q, k, v, out, lse, key_padding_mask, wr == 0, scale, dropout_p, seed, offset
         )
@@ -399,7 +422,7 @@ DECL = _dispatch.declare(
             ("cpu", "cpu"): _dispatch.Support(
                 (torch.float32, torch.bfloat16, torch.float64),
                 max_head_dim="attention_max_head_dim_cpu",
-                features=frozenset(),
+                features=frozenset({"window", "top_left"}),
             ),
             ("cuda", "cuda"): _dispatch.Support(
                 (torch.float16, torch.bfloat16, torch.float32),

@@ -422,7 +422,7 @@ DECL = _dispatch.declare(
             ("cpu", "cpu"): _dispatch.Support(
                 (torch.float32, torch.bfloat16, torch.float64),
                 max_head_dim="attention_max_head_dim_cpu",
-                features=frozenset({"window", "top_left"}),
+                features=frozenset({"window", "top_left", "softcap"}),
             ),
             ("cuda", "cuda"): _dispatch.Support(
                 (torch.float16, torch.bfloat16, torch.float32),

@@ -349,14 +349,23 @@ class _Reference:
         return dq.to(q.dtype), dk.sum(2).to(k.dtype), dv.sum(2).to(v.dtype), dbias
 
 
-def _acc_bias(bias: Tensor | None, dtype: torch.dtype) -> Tensor | None:
-    """The kernel bias in the accumulation dtype (float32; float64 for float64 inputs),
-    converting only the stored elements: broadcast (stride-0) dims stay broadcast."""
-    acc = acc_dtype(dtype)
-    if bias is None or bias.dtype == acc:
-        return bias
-    index = tuple(slice(0, 1) if st == 0 else slice(None) for st in bias.stride())
-    return bias[index].to(acc).expand(bias.shape)
+def _acc_bias(bias: Tensor | None, q: Tensor, k: Tensor) -> Tensor | None:
+    """The bias as the CPU kernel reads it: [B, Hq, Tq, Tk] in the accumulation dtype (float32;
+    float64 for float64 inputs) with unit stride on the key dim. Only the stored elements are
+    converted (broadcast dims, size 1 or stride 0, stay broadcast), and only a broadcast key
+    dim is materialised."""
+    if bias is None:
+        return None
+    B, Hq, Tq, _ = q.shape
+    Tk = k.shape[2]
+    acc = acc_dtype(q.dtype)
+    while bias.dim() < 4:
+        bias = bias.unsqueeze(0)
+    index = tuple(slice(0, 1) if st == 0 else slice(None) for st in bias.stride()[:3])
+    base = bias[index]
+    if base.shape[-1] != Tk or base.stride(-1) != 1 or base.dtype != acc:
+        base = base.to(acc).expand(*base.shape[:3], Tk).contiguous()
+    return base.expand(B, Hq, Tq, Tk)
 
 
 class _Native:
@@ -368,7 +377,7 @@ class _Native:
     def fwd(self, q, k, v, key_padding_mask, bias, scale, softcap, wl, wr, off, p, seed, offset):
         if q.device.type == "cpu":
             return torch.ops.fastattn_C.attention_fwd_features(
-                q, k, v, key_padding_mask, _acc_bias(bias, q.dtype), scale, softcap, wl, wr,
+                q, k, v, key_padding_mask, _acc_bias(bias, q, k), scale, softcap, wl, wr,
                 off, p, seed, offset,
             )  # fmt: skip
         return torch.ops.fastattn_C.attention_fwd(
@@ -397,7 +406,7 @@ class _Native:
     ):
         if q.device.type == "cpu":
             return torch.ops.fastattn_C.attention_bwd_features(
-                dout, q, k, v, out, lse, key_padding_mask, _acc_bias(bias, q.dtype), scale,
+                dout, q, k, v, out, lse, key_padding_mask, _acc_bias(bias, q, k), scale,
                 softcap, wl, wr, off, dropout_p, seed, offset, need_bias_grad,
             )  # fmt: skip
         dq, dk, dv = torch.ops.fastattn_C.attention_bwd(
@@ -422,7 +431,7 @@ DECL = _dispatch.declare(
             ("cpu", "cpu"): _dispatch.Support(
                 (torch.float32, torch.bfloat16, torch.float64),
                 max_head_dim="attention_max_head_dim_cpu",
-                features=frozenset({"window", "top_left", "softcap"}),
+                features=frozenset({"window", "top_left", "softcap", "bias", "bias_grad"}),
             ),
             ("cuda", "cuda"): _dispatch.Support(
                 (torch.float16, torch.bfloat16, torch.float32),

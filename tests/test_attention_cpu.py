@@ -101,6 +101,15 @@ def bf16_path(request, monkeypatch):
     return request.param
 
 
+@pytest.fixture(params=["float32", "bf16-dot", "bf16-fma"])
+def dtype_path(request, monkeypatch):
+    """float32, and bfloat16 on each of its paths: the dtype to test in."""
+    if request.param == "bf16-dot" and not BF16_DOT:
+        pytest.skip("this CPU or build has no AVX512_BF16")
+    monkeypatch.setenv("FASTATTN_CPU_BF16_DOT", "0" if request.param == "bf16-fma" else "1")
+    return torch.float32 if request.param == "float32" else torch.bfloat16
+
+
 # (B, Hq, Hkv, Tq, Tk, D, causal, dropout_p, key padding): odd lengths (1, primes, past a tile
 # of 64 queries / 128 keys), GQA, head dims from 3 to 255 (odd ones pad a bf16 pair).
 BF16_CASES = [
@@ -197,10 +206,8 @@ WINDOW_CASES = [
 
 
 @pytest.mark.parametrize("case", WINDOW_CASES, ids=lambda c: f"{c[0]}x{c[1]}-{c[2]}-{c[4]}")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_window_alignment_tiles(bf16_path, dtype, case):
-    if dtype == torch.float32 and bf16_path == "fma":
-        pytest.skip("float32 has one path")
+def test_window_alignment_tiles(dtype_path, case):
+    dtype = dtype_path
     Tq, Tk, window, causal, alignment = case
     q, k, v = torch.randn(1, 4, Tq, 32), torch.randn(1, 2, Tk, 32), torch.randn(1, 2, Tk, 32)
     dout = torch.randn(1, 4, Tq, 32)
@@ -221,10 +228,8 @@ SCORE_CASES = [
 
 
 @pytest.mark.parametrize("name, kw, bias_shape", SCORE_CASES, ids=[c[0] for c in SCORE_CASES])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_softcap_bias_tiles(bf16_path, dtype, name, kw, bias_shape):
-    if dtype == torch.float32 and bf16_path == "fma":
-        pytest.skip("float32 has one path")
+def test_softcap_bias_tiles(dtype_path, name, kw, bias_shape):
+    dtype = dtype_path
     B, Hq, Hkv, Tq, Tk, D = 2, 4, 2, 150, 290, 40
     q, k, v = torch.randn(B, Hq, Tq, D), torch.randn(B, Hkv, Tk, D), torch.randn(B, Hkv, Tk, D)
     dout = torch.randn(B, Hq, Tq, D)

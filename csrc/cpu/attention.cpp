@@ -1,13 +1,18 @@
 // Softmax attention on the CPU, FlashAttention-2 style: forward and backward.
 //
 // Maths, per (batch b, query head h, kv head g = h / (Hq / Hkv)), with scale c:
-//   s_ij = c * q_i . k_j, masked to -inf where key j is padding or (causal) j > i + Tk - Tq
+//   t_ij = c * q_i . k_j,  s_ij = cap * tanh(t_ij / cap) (softcap; s = t without) + bias_bhij,
+//   masked to -inf where key j is padding or outside the window of query i: with the diagonal
+//   d_i = i + off (off = Tk - Tq bottom-right, 0 top-left), visible iff (wl < 0 or
+//   j >= d_i - wl) and (wr < 0 or j <= d_i + wr); causal is wr = 0.
 //   lse_i = log sum_j exp(s_ij),  p_ij = exp(s_ij - lse_i),  out_i = sum_j d_ij p_ij v_j
 // where d_ij = keep_ij / (1 - dropout_p) (1 without dropout; keep from Philox4x32-10, below).
 // A row that sees no key has out = 0 and lse = +inf. Backward, with dO = dout:
 //   dV_j = sum_i d_ij p_ij dO_i,  dP_ij = d_ij (dO_i . v_j),  Delta_i = dO_i . out_i
-//   dS_ij = p_ij (dP_ij - Delta_i),  dQ_i = c sum_j dS_ij k_j,  dK_j = c sum_i dS_ij q_i
-// (dK, dV summed over the query heads that share the kv head).
+//   dS_ij = p_ij (dP_ij - Delta_i) (= dbias_bhij),  dT_ij = dS_ij (1 - tanh^2(t_ij / cap))
+//   dQ_i = c sum_j dT_ij k_j,  dK_j = c sum_i dT_ij q_i
+// (dK, dV summed over the query heads that share the kv head; dbias is the full [B, Hq, Tq, Tk]
+// dS, which autograd sums over the bias's broadcast dims).
 //
 // Algorithm (FlashAttention-2): the forward walks key blocks of kBK keys for one block of kBQ
 // queries at a time, keeping the running row max m, row sum l and the unnormalised output in
@@ -24,9 +29,12 @@
 //   run the same full-vector code.
 // - The packing happens per thread, once per (b, kv head) it works on, into a buffer that stays
 //   in L2 (Tk * Dp floats per operand), not in a global pass over memory.
-// - Causal: key blocks past the diagonal are never visited, the last visited block is cut at a
-//   16-column boundary, and only tiles crossing the diagonal (or the Tk tail) are masked per
-//   element. A key-padding mask is a per-batch additive 0 / -inf row.
+// - Causal / window: a query block visits only the key blocks that meet its band
+//   [lo(first row), hi(last row)) (Geom::kbeg / kend), the last one cut at a 16-column
+//   boundary, and only tiles crossing the band's edges (or the Tk tail) are masked per element.
+//   A key-padding mask is a per-batch additive 0 / -inf row. Softcap and bias are applied in the
+//   same pass over a score row (modify_row), in log2 units; the backward recomputes tanh per
+//   tile for the softcap's derivative and writes dS into dbias for the tiles it visits.
 // - Forward parallelism: items (b, h, query block) in that order, cut into one contiguous range
 //   per thread with equal total cost (cost = key blocks visited), which balances causal work.
 // - Backward parallelism: items (b, kv head, split), each owning its dK / dV accumulators
@@ -52,7 +60,8 @@
 // items to balance); a 6 x 4 micro-kernel was no faster than 4 x 4. The score tile (32 KB) and
 // the Q / O tiles (16 KB each at D = 64) stay in L1/L2.
 //
-// Tests: tests/test_attention_cpu.py (both bf16 paths), tests/test_attention.py.  Time:
+// Tests: tests/test_attention_cpu.py (both bf16 paths, features over many tiles),
+// tests/test_attention_features.py, tests/test_attention.py.  Time:
 // python -m benchmarks.tune_attention, benchmarks/bench_attention.py.
 #include "cpu/bf16dot.h"
 #include "cpu/kernels.h"

@@ -247,3 +247,38 @@ def test_softcap_bias_tiles(dtype_path, name, kw, bias_shape):
     if bias is not None:
         bias[..., 7] = float("-inf")  # a key hidden by the bias
     _check_kw(q, k, v, dout, bias=bias, **kw)
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (dict(bias=torch.zeros(1, 2, 5, 7)), "bias must have shape"),
+        (dict(bias=torch.zeros(2, 2, 5, 7, dtype=torch.float64)), "bias must be Float"),
+        (dict(bias=torch.zeros(2, 2, 7, 5).transpose(-1, -2)), "unit stride"),
+        (dict(softcap=-1.0), "softcap"),
+        (dict(softcap=float("nan")), "softcap"),
+        (dict(window_left=-2), "window_left"),
+        (dict(scale=float("inf")), "scale"),
+    ],
+)
+def test_features_schema_refuses_bad_arguments(change, match):
+    """The kernel-level op checks what the public function would never send it."""
+    q, k = torch.randn(2, 2, 5, 8), torch.randn(2, 2, 7, 8)
+    args = dict(bias=None, scale=0.3, softcap=0.0, window_left=-1, window_right=-1)
+    args.update(change)
+    with pytest.raises(RuntimeError, match=match):
+        torch.ops.fastattn_C.attention_fwd_features(
+            q, k, k, None, args["bias"], args["scale"], args["softcap"], args["window_left"],
+            args["window_right"], 2, 0.0, 0, 0,
+        )  # fmt: skip
+
+
+def test_bias_grad_needs_a_bias():
+    q = torch.randn(1, 1, 3, 8)
+    out, lse = torch.ops.fastattn_C.attention_fwd_features(
+        q, q, q, None, None, 0.3, 0.0, -1, -1, 0, 0.0, 0, 0
+    )
+    with pytest.raises(RuntimeError, match="need_bias_grad without a bias"):
+        torch.ops.fastattn_C.attention_bwd_features(
+            out, q, q, q, out, lse, None, None, 0.3, 0.0, -1, -1, 0, 0.0, 0, 0, True
+        )

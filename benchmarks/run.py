@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import os
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -221,6 +222,84 @@ def suite_attention(ctx: Context) -> Report:
             rep.add_comparison([T, pas], cmp, work=flops, ceiling=peak, baselines=baselines)
             speedups[pas].append((T, cmp.ratio("sdpa", "fastattn").median))
     rep.plot = _plot_speedups(speedups, "attention speed-up over SDPA (float32, causal, CPU)")
+    return rep
+
+
+def _env_flag(name: str, value: str, fn: Callable[[], object]) -> Callable[[], object]:
+    """``fn`` run with the environment variable ``name`` set to ``value`` (restored after)."""
+
+    def run():
+        old = os.environ.get(name)
+        os.environ[name] = value
+        try:
+            return fn()
+        finally:
+            if old is None:
+                del os.environ[name]
+            else:
+                os.environ[name] = old
+
+    return run
+
+
+def suite_attention_bf16(ctx: Context) -> Report:
+    """bfloat16 attention on the CPU: the AVX512_BF16 dot-product path against the fp32 FMA
+    path it replaced (FASTATTN_CPU_BF16_DOT=0), PyTorch's bf16 SDPA and fastattn in float32."""
+    B, H, D = 8, 6, 64  # the demo GPT's attention
+    lens = [256] if ctx.quick else [256, 1024]
+    baselines = ["sdpa bf16", "fastattn bf16-fma"]
+    peak = ctx.ceilings.compute(torch.bfloat16)
+    load0 = os.getloadavg()
+    rep = Report(
+        "Attention bfloat16 (causal, B=8, H=6, D=64, CPU)",
+        comparison_columns(["T", "pass"], "GFLOP/s", "bf16 dot peak", baselines),
+        ceilings=ctx.ceilings,
+        notes=[
+            "FLOPs: forward 4 B H T^2 D / 2 (causal counts half), backward 2.5 x forward.",
+            "fastattn bf16-dot: the C++ kernel's AVX512_BF16 (vdpbf16ps) path, the default where "
+            "the CPU has it; fastattn bf16-fma: the same kernel's fp32 FMA path "
+            "(FASTATTN_CPU_BF16_DOT=0, bf16 widened to fp32), the path before; sdpa bf16: "
+            "F.scaled_dot_product_attention(is_causal=True) on bf16; fastattn fp32: float32 "
+            "inputs (its fraction is of the bf16 peak too).",
+        ],
+    )
+    fa = lambda q, k, v: fastattn.attention(q, k, v, causal=True)  # noqa: E731
+    sdpa = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True)  # noqa: E731
+    for T in lens:
+        x32 = [torch.randn(B, H, T, D) for _ in range(3)]
+        x16 = [t.to(torch.bfloat16) for t in x32]
+        d32 = torch.randn(B, H, T, D)
+        d16 = d32.to(torch.bfloat16)
+        g32 = [t.clone().requires_grad_() for t in x32]
+        g16 = [t.clone().requires_grad_() for t in x16]
+        impls = {  # name: (function, input bits)
+            "fastattn bf16-dot": (fa, 16),
+            "fastattn bf16-fma": (fa, 16),
+            "sdpa bf16": (sdpa, 16),
+            "fastattn fp32": (fa, 32),
+        }
+        for pas, mult in (("fwd", 1.0), ("fwd+bwd", 3.5)):
+            flops = 4 * B * H * T * T * D / 2 * mult
+            fns = {}
+            for name, (fn, bits) in impls.items():
+                if pas == "fwd":
+                    x = x16 if bits == 16 else x32
+                    call = lambda fn=fn, x=x: fn(*x)  # noqa: E731
+                else:
+                    x, d = (g16, d16) if bits == 16 else (g32, d32)
+                    call = lambda fn=fn, x=x, d=d: _grads(fn, tuple(x), d)  # noqa: E731
+                flag = "0" if name == "fastattn bf16-fma" else "1"
+                fns[name] = _env_flag("FASTATTN_CPU_BF16_DOT", flag, call)
+            with torch.set_grad_enabled(pas != "fwd"):
+                cmp = interleaved(fns, rounds=ctx.rounds_or(9), min_rounds=7, max_s=60.0)
+            rep.add_comparison([T, pas], cmp, work=flops, ceiling=peak, baselines=baselines)
+    load1 = os.getloadavg()
+    rep.notes.append(
+        f"Load average (1, 5, 15 min) at the start {load0[0]:.1f}, {load0[1]:.1f}, {load0[2]:.1f}"
+        f" and at the end {load1[0]:.1f}, {load1[1]:.1f}, {load1[2]:.1f}, on "
+        f"{os.cpu_count()} cores shared with other jobs: times are noisy; the interleaved "
+        "per-round ratios are the robust figures."
+    )
     return rep
 
 
@@ -483,6 +562,9 @@ SUITES: dict[str, Suite] = {
     "layernorm": Suite(suite_layernorm, "LayerNorm fwd, fwd+bwd vs F.layer_norm (memory-bound)"),
     "rms_norm": Suite(suite_rms_norm, "RMSNorm fwd, fwd+bwd vs F.rms_norm (memory-bound)"),
     "attention": Suite(suite_attention, "causal attention fwd, fwd+bwd vs SDPA (compute-bound)"),
+    "attention_bf16": Suite(
+        suite_attention_bf16, "bf16 causal attention: AVX512_BF16 path vs fp32 path vs SDPA"
+    ),
     "gelu": Suite(suite_gelu, "bias_gelu (memory-bound) and FeedForward (compute-bound)"),
     "gated": Suite(suite_gated, "swiglu / geglu (memory-bound), GatedFeedForward (compute-bound)"),
     "patch": Suite(suite_patch, "fastattn.patch on whole models, fwd+bwd"),

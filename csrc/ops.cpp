@@ -44,6 +44,14 @@
 //     (Philox4x32-10; keep iff uniform >= dropout_p; kept values scaled by 1/(1-p)).
 // attention_bwd(dout, q, k, v, out, lse, key_padding_mask?, causal, scale, dropout_p, seed,
 //               offset) -> (dq, dk, dv) shaped like q, k, v
+// attention_fwd_features(q, k, v, key_padding_mask?, bias?[B,Hq,Tq,Tk] (float32, float64 for
+//               float64 inputs; broadcast dims with stride 0, unit last stride), scale, softcap
+//               (0 = none), window_left, window_right (-1 = unbounded; causal is right = 0),
+//               diag_offset (query i's diagonal key is i + diag_offset), dropout_p, seed, offset)
+//     -> (out, lse): the whole of fastattn/ops/attention.py's maths; CPU only for now.
+// attention_bwd_features(dout, q, k, v, out, lse, key_padding_mask?, bias?, scale, softcap,
+//               window_left, window_right, diag_offset, dropout_p, seed, offset, need_bias_grad)
+//     -> (dq, dk, dv, dbias = dS [B,Hq,Tq,Tk] float32 (float64) or [0] without need_bias_grad)
 // bias_gelu_fwd(x[N,M], bias?[M], approximate) -> out[N,M]
 // bias_gelu_bwd(dout[N,M], x[N,M], bias?[M], approximate, need_bias_grad)
 //     -> (dx[N,M], dbias[M] or [0])
@@ -100,6 +108,15 @@ TORCH_LIBRARY(fastattn_C, m) {
       "attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse,"
       " Tensor? key_padding_mask, bool causal, float scale, float dropout_p, int seed,"
       " int offset) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "attention_fwd_features(Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask,"
+      " Tensor? bias, float scale, float softcap, int window_left, int window_right,"
+      " int diag_offset, float dropout_p, int seed, int offset) -> (Tensor, Tensor)");
+  m.def(
+      "attention_bwd_features(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse,"
+      " Tensor? key_padding_mask, Tensor? bias, float scale, float softcap, int window_left,"
+      " int window_right, int diag_offset, float dropout_p, int seed, int offset,"
+      " bool need_bias_grad) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("bias_gelu_fwd(Tensor x, Tensor? bias, str approximate) -> Tensor");
   m.def(
       "bias_gelu_bwd(Tensor dout, Tensor x, Tensor? bias, str approximate,"
@@ -115,6 +132,8 @@ TORCH_LIBRARY_IMPL(fastattn_C, CPU, m) {
   m.impl("rms_norm_bwd", &fastattn::cpu::rms_norm_bwd);
   m.impl("attention_fwd", &fastattn::cpu::attention_fwd);
   m.impl("attention_bwd", &fastattn::cpu::attention_bwd);
+  m.impl("attention_fwd_features", &fastattn::cpu::attention_fwd_features);
+  m.impl("attention_bwd_features", &fastattn::cpu::attention_bwd_features);
   m.impl("bias_gelu_fwd", &fastattn::cpu::bias_gelu_fwd);
   m.impl("bias_gelu_bwd", &fastattn::cpu::bias_gelu_bwd);
   m.impl("gated_act_fwd", &fastattn::cpu::gated_act_fwd);
@@ -130,6 +149,7 @@ PyMODINIT_FUNC PyInit__C(void) {
   if (mod == nullptr) return nullptr;
   PyModule_AddStringConstant(mod, "cpu_capability", kCpuCapability);
   PyModule_AddObject(mod, "with_cuda", PyBool_FromLong(kWithCuda));
+  PyModule_AddObject(mod, "cpu_bf16_dot", PyBool_FromLong(fastattn::cpu::attention_bf16_dot_available()));
   // The kernels' limits (csrc/kernel_limits.h), read by the op declarations in fastattn/ops/<op>.py.
   PyObject* limits = PyDict_New();
   if (limits == nullptr) return nullptr;

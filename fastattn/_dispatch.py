@@ -388,6 +388,14 @@ def describe() -> str:
             f"extension: built for CPU vector width {mod.cpu_capability}, "
             f"CUDA kernels {'included' if mod.with_cuda else 'not built'}"
         )
+        if getattr(mod, "cpu_bf16_dot", False):
+            on = os.environ.get("FASTATTN_CPU_BF16_DOT") != "0"
+            lines.append(
+                "cpu bfloat16 attention: "
+                + ("AVX512_BF16 dot products" if on else "fp32 FMA (FASTATTN_CPU_BF16_DOT=0)")
+            )
+        else:
+            lines.append("cpu bfloat16 attention: fp32 FMA (no AVX512_BF16 in this build or CPU)")
     else:
         lines.append(f"extension: {why}")
     lines.append(f"backend in force: {get_backend()}  (set_backend() or FASTATTN_BACKEND)")

@@ -27,7 +27,7 @@ from tests.test_attention import DEV, KERNEL_BACKENDS
 # What each kernel backend serves; everything else must be refused by name.
 SUPPORTS: dict[str, set[str]] = {
     "reference": {"softcap", "window", "top_left", "bias", "mask"},
-    "cpu": set(),
+    "cpu": {"window", "top_left", "softcap", "bias", "mask"},
     "triton": set(),
     "cuda": set(),
 }

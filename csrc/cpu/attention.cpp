@@ -1,13 +1,18 @@
 // Softmax attention on the CPU, FlashAttention-2 style: forward and backward.
 //
 // Maths, per (batch b, query head h, kv head g = h / (Hq / Hkv)), with scale c:
-//   s_ij = c * q_i . k_j, masked to -inf where key j is padding or (causal) j > i + Tk - Tq
+//   t_ij = c * q_i . k_j,  s_ij = cap * tanh(t_ij / cap) (softcap; s = t without) + bias_bhij,
+//   masked to -inf where key j is padding or outside the window of query i: with the diagonal
+//   d_i = i + off (off = Tk - Tq bottom-right, 0 top-left), visible iff (wl < 0 or
+//   j >= d_i - wl) and (wr < 0 or j <= d_i + wr); causal is wr = 0.
 //   lse_i = log sum_j exp(s_ij),  p_ij = exp(s_ij - lse_i),  out_i = sum_j d_ij p_ij v_j
 // where d_ij = keep_ij / (1 - dropout_p) (1 without dropout; keep from Philox4x32-10, below).
 // A row that sees no key has out = 0 and lse = +inf. Backward, with dO = dout:
 //   dV_j = sum_i d_ij p_ij dO_i,  dP_ij = d_ij (dO_i . v_j),  Delta_i = dO_i . out_i
-//   dS_ij = p_ij (dP_ij - Delta_i),  dQ_i = c sum_j dS_ij k_j,  dK_j = c sum_i dS_ij q_i
-// (dK, dV summed over the query heads that share the kv head).
+//   dS_ij = p_ij (dP_ij - Delta_i) (= dbias_bhij),  dT_ij = dS_ij (1 - tanh^2(t_ij / cap))
+//   dQ_i = c sum_j dT_ij k_j,  dK_j = c sum_i dT_ij q_i
+// (dK, dV summed over the query heads that share the kv head; dbias is the full [B, Hq, Tq, Tk]
+// dS, which autograd sums over the bias's broadcast dims).
 //
 // Algorithm (FlashAttention-2): the forward walks key blocks of kBK keys for one block of kBQ
 // queries at a time, keeping the running row max m, row sum l and the unnormalised output in
@@ -24,9 +29,12 @@
 //   run the same full-vector code.
 // - The packing happens per thread, once per (b, kv head) it works on, into a buffer that stays
 //   in L2 (Tk * Dp floats per operand), not in a global pass over memory.
-// - Causal: key blocks past the diagonal are never visited, the last visited block is cut at a
-//   16-column boundary, and only tiles crossing the diagonal (or the Tk tail) are masked per
-//   element. A key-padding mask is a per-batch additive 0 / -inf row.
+// - Causal / window: a query block visits only the key blocks that meet its band
+//   [lo(first row), hi(last row)) (Geom::kbeg / kend), the last one cut at a 16-column
+//   boundary, and only tiles crossing the band's edges (or the Tk tail) are masked per element.
+//   A key-padding mask is a per-batch additive 0 / -inf row. Softcap and bias are applied in the
+//   same pass over a score row (modify_row), in log2 units; the backward recomputes tanh per
+//   tile for the softcap's derivative and writes dS into dbias for the tiles it visits.
 // - Forward parallelism: items (b, h, query block) in that order, cut into one contiguous range
 //   per thread with equal total cost (cost = key blocks visited), which balances causal work.
 // - Backward parallelism: items (b, kv head, split), each owning its dK / dV accumulators
@@ -38,8 +46,12 @@
 //   products per tile (S, dP, dV, dK, dQ), the minimum: 2.5x the forward's FLOPs.
 // - Dropout: counter-based Philox4x32-10, keyed by (seed) and counted by (j, i, b*Hq + h,
 //   offset), identical to the Triton and CUDA backends; regenerated in the backward.
-// - bfloat16 is packed to float on the fly (float accumulation everywhere); float64 takes a
-//   plain scalar path (gradcheck only). lse is float32 (float64 for float64 inputs).
+// - bfloat16 on a CPU with AVX512_BF16 (checked at run time; FASTATTN_CPU_BF16_DOT=0 opts
+//   out) runs every product on bf16 pairs with `vdpbf16ps` (csrc/cpu/bf16dot.h and the "bfloat16
+//   dot-product path" below: 2x the multiply rate of fp32 FMA), P and dS rounded to bf16 for
+//   their products as flash-attention does on GPUs; scores, softmax statistics and accumulators
+//   stay fp32. Elsewhere bfloat16 is packed to float on the fly (the fp32 micro-kernels).
+//   float64 takes a plain scalar path (gradcheck only). lse is float32 (float64 for float64).
 //
 // Block sizes, measured on AVX-512 (Zen, 2 threads, float32, B=4, H=12, D=64, causal,
 // T = 512..2048; dev/attention_cpu/tune.py): kBQ = 64 query rows x kBK = 128 keys. kBK = 128
@@ -48,7 +60,10 @@
 // items to balance); a 6 x 4 micro-kernel was no faster than 4 x 4. The score tile (32 KB) and
 // the Q / O tiles (16 KB each at D = 64) stay in L1/L2.
 //
-// Test: python dev/attention_cpu/check.py.  Time: python dev/attention_cpu/bench.py.
+// Tests: tests/test_attention_cpu.py (both bf16 paths, features over many tiles),
+// tests/test_attention_features.py, tests/test_attention.py.  Time:
+// python -m benchmarks.tune_attention, benchmarks/bench_attention.py.
+#include "cpu/bf16dot.h"
 #include "cpu/kernels.h"
 #include "cpu/vec.h"
 #include "kernel_limits.h"
@@ -279,14 +294,36 @@ inline void dropout_row(const Dropout& dr, int64_t j0, int64_t i, int64_t bh, co
 
 // ------------------------------------------------------------------ shapes and packing
 struct Geom {
-  int64_t B, Hq, Hkv, G, Tq, Tk, D, Dp, off, nQB, nKB, Tkp;
-  bool causal;
-  // Keys visible to the query block starting at i0 with `rows` rows (a prefix [0, kend)).
-  int64_t kend(int64_t i0, int64_t rows) const {
-    return causal ? std::max<int64_t>(0, std::min<int64_t>(Tk, i0 + rows + off)) : Tk;
+  int64_t B, Hq, Hkv, G, Tq, Tk, D, Dp, nQB, nKB, Tkp;
+  // Window around query i's diagonal key i + off: keys [i + off - wl, i + off + wr] (-1 = no
+  // bound on that side; causal is wr = 0).
+  int64_t wl = -1, wr = -1, off = 0;
+  // Keys query i may see (before padding / bias): [lo(i), hi(i)), empty when lo >= hi.
+  int64_t lo(int64_t i) const { return wl < 0 ? 0 : std::clamp<int64_t>(i + off - wl, 0, Tk); }
+  int64_t hi(int64_t i) const { return wr < 0 ? Tk : std::clamp<int64_t>(i + off + wr + 1, 0, Tk); }
+  // Keys visited by the query block [i0, i0 + rows): [kbeg, kend), kbeg on a block boundary;
+  // blocks outside are fully masked for every row and skipped.
+  int64_t kbeg(int64_t i0) const { return lo(i0) / kBK * kBK; }
+  int64_t kend(int64_t i0, int64_t rows) const { return hi(i0 + rows - 1); }
+  // Whether some element of the tile (keys j0 .. j0 + n) is outside a row's window or past Tk.
+  bool edge(int64_t i0, int64_t rows, int64_t j0, int64_t n) const {
+    return j0 + n > hi(i0) || (wl >= 0 && j0 < lo(i0 + rows - 1));
   }
   int64_t rows_of(int64_t qb) const { return std::min<int64_t>(kBQ, Tq - qb * kBQ); }
-  int64_t cost(int64_t qb) const { return ceil_div(kend(qb * kBQ, rows_of(qb)), kBK) + 1; }
+  int64_t cost(int64_t qb) const {
+    const int64_t i0 = qb * kBQ;
+    return ceil_div(std::max<int64_t>(0, kend(i0, rows_of(qb)) - kbeg(i0)), kBK) + 1;
+  }
+};
+
+// Score modifiers of one call: softcap, additive bias, key padding; and the bias gradient.
+struct Mods {
+  float cap2 = 0.f;             // softcap in log2 units (c * log2 e), 0 = none
+  const float* bias = nullptr;  // [B, Hq, Tq, Tk] view, unit last stride (natural units)
+  int64_t sb = 0, sh = 0, sq = 0;
+  const float* kpm = nullptr;   // key padding as additive rows [B][Tkp] (0 / -inf)
+  float* dbias = nullptr;       // [B, Hq, Tq, Tk] contiguous: dS, when the bias needs a gradient
+  bool any() const { return cap2 > 0.f || bias != nullptr || kpm != nullptr; }
 };
 
 struct Strides {
@@ -342,18 +379,62 @@ std::vector<int64_t> balanced_bounds(int64_t n, int64_t parts, CostFn cost) {
   return bounds;
 }
 
-// Masks one score row in place: -inf from column `lim` on (causal / Tk tail), plus the
+// Masks one score row in place: -inf outside columns [lo, hi) (window / Tk tail), plus the
 // additive key-padding row (0 / -inf) when given. s holds n columns starting at key j0.
-inline void mask_row(float* s, int64_t n, int64_t lim, const float* bias) {
-  if (bias != nullptr)
-    for (int64_t jj = 0; jj < n; jj += kVecSize) (Vec::loadu(s + jj) + Vec::loadu(bias + jj)).store(s + jj);
-  for (int64_t jj = std::max<int64_t>(0, lim); jj < n; ++jj) s[jj] = kNegInf;
+inline void mask_row(float* s, int64_t n, int64_t lo, int64_t hi, const float* kpm) {
+  if (kpm != nullptr)
+    for (int64_t jj = 0; jj < n; jj += kVecSize) (Vec::loadu(s + jj) + Vec::loadu(kpm + jj)).store(s + jj);
+  for (int64_t jj = 0; jj < std::min(lo, n); ++jj) s[jj] = kNegInf;
+  for (int64_t jj = std::max<int64_t>(0, hi); jj < n; ++jj) s[jj] = kNegInf;
+}
+
+// One row of scores in log2 units (keys j0 .. j0 + n of query i of head (b, h)), in place:
+// softcap (th receives tanh(t / c) for the backward, when given), + bias, then the masks.
+inline void modify_row(float* sr, int64_t n, int64_t j0, int64_t i, int64_t b, int64_t h,
+                       const Geom& g, const Mods& md, bool edge, float* th) {
+  if (md.cap2 > 0.f) {
+    const Vec c(md.cap2), ic(1.f / md.cap2);
+    for (int64_t jj = 0; jj < n; jj += kVecSize) {
+      const Vec t = (Vec::loadu(sr + jj) * ic).tanh();
+      if (th != nullptr) t.store(th + jj);
+      (t * c).store(sr + jj);
+    }
+  }
+  if (md.bias != nullptr) {
+    const float* br = md.bias + b * md.sb + h * md.sh + i * md.sq + j0;
+    const int64_t m = std::min<int64_t>(n, g.Tk - j0);  // columns past Tk are masked below
+    const Vec l2e(kLog2e);
+    int64_t jj = 0;
+    for (; jj + kVecSize <= m; jj += kVecSize)
+      at::vec::fmadd(Vec::loadu(br + jj), l2e, Vec::loadu(sr + jj)).store(sr + jj);
+    for (; jj < m; ++jj) sr[jj] = std::fma(br[jj], kLog2e, sr[jj]);
+  }
+  if (edge || md.kpm != nullptr)
+    mask_row(sr, n, g.lo(i) - j0, g.hi(i) - j0, md.kpm != nullptr ? md.kpm + b * g.Tkp + j0 : nullptr);
+}
+
+// The backward's dS row (natural units, before the softcap's factor) into dbias when wanted;
+// then dS times 1 - tanh^2 (the softcap's derivative) in place when there is a softcap.
+inline void ds_row(float* ds, int64_t n, int64_t j0, int64_t i, int64_t bh, const Geom& g,
+                   const Mods& md, const float* th) {
+  if (md.dbias != nullptr) {
+    float* dst = md.dbias + (bh * g.Tq + i) * g.Tk + j0;
+    const int64_t m = std::min<int64_t>(n, g.Tk - j0);
+    std::memcpy(dst, ds, sizeof(float) * m);
+  }
+  if (md.cap2 > 0.f) {
+    const Vec one(1.f);
+    for (int64_t jj = 0; jj < n; jj += kVecSize) {
+      const Vec t = Vec::loadu(th + jj);
+      (Vec::loadu(ds + jj) * (one - t * t)).store(ds + jj);
+    }
+  }
 }
 
 // ------------------------------------------------------------------ forward, float/bfloat16
 template <typename T>
 void fwd_vec(const Geom& g, const T* q, Strides qs, const T* k, Strides ks, const T* v, Strides vs,
-             const float* bias, float scale, const Dropout& dr, T* out, float* lse) {
+             const Mods& md, float scale, const Dropout& dr, T* out, float* lse) {
   const int64_t items = g.B * g.Hq * g.nQB;
   const int64_t nt = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), items));
   const auto bounds = balanced_bounds(items, nt, [&](int64_t it) { return g.cost(it % g.nQB); });
@@ -387,18 +468,13 @@ void fwd_vec(const Geom& g, const T* q, Strides qs, const T* k, Strides ks, cons
           lrow[r] = 0.f;
         }
         const int64_t kend = g.kend(i0, rows);
-        const float* brow = bias != nullptr ? bias + b * g.Tkp : nullptr;
-        for (int64_t j0 = 0; j0 < kend; j0 += kBK) {
+        for (int64_t j0 = g.kbeg(i0); j0 < kend; j0 += kBK) {
           const int64_t n = round_up(std::min<int64_t>(kBK, kend - j0), kVecSize);
           gemm<false>(rows, n, D, qp, Dp, 1, kt + j0 * D, kBK, s, kBK);
-          const bool edge = j0 + n > g.Tk || (g.causal && j0 + n - 1 > i0 + g.off);
+          const bool edge = g.edge(i0, rows, j0, n);
           for (int64_t r = 0; r < rows; ++r) {
             float* sr = s + r * kBK;
-            if (edge || brow != nullptr) {
-              const int64_t lim =
-                  (g.causal ? std::min<int64_t>(g.Tk, i0 + r + g.off + 1) : g.Tk) - j0;
-              mask_row(sr, n, lim, brow != nullptr ? brow + j0 : nullptr);
-            }
+            if (edge || md.any()) modify_row(sr, n, j0, i0 + r, b, h, g, md, edge, nullptr);
             Vec mx(kNegInf);
             for (int64_t jj = 0; jj < n; jj += kVecSize) mx = at::vec::maximum(mx, Vec::loadu(sr + jj));
             const float m_new = std::max(mrow[r], hmax(mx));
@@ -435,39 +511,98 @@ void fwd_vec(const Geom& g, const T* q, Strides qs, const T* k, Strides ks, cons
   });
 }
 
-// ------------------------------------------------------------------ backward, float/bfloat16
-template <typename T>
-void bwd_vec(const Geom& g, const T* dout, const T* q, Strides qs, const T* k, Strides ks,
-             const T* v, Strides vs, const T* out, const float* lse, const float* bias, float scale,
-             const Dropout& dr, T* dq, T* dk, T* dv) {
-  const int64_t D = g.D, Dp = g.Dp;
-  const int64_t groups = g.B * g.Hkv;
-  const int64_t pairs = g.G * g.nQB;  // (query head, query block) pairs per group
+// ------------------------------------------------------------------ backward work plan
+// Items (b, kv head, split): see the header. Shared by the fp32 and the bf16 dot-product paths.
+struct BwdPlan {
+  int64_t groups = 0, pairs = 0, splits = 1, nt = 1;
+  std::vector<int64_t> split_bounds, bounds;  // pairs per split; items per thread
+  at::Tensor partial;                          // [2][splits][groups][Tkp][Dp] when splits > 1
+};
+
+BwdPlan bwd_plan(const Geom& g) {
+  BwdPlan pl;
+  pl.groups = g.B * g.Hkv;
+  pl.pairs = g.G * g.nQB;  // (query head, query block) pairs per group
   const int64_t threads = at::get_num_threads();
   // Split a group's pairs only when the groups alone cannot keep every thread busy (two items
   // per thread balance well), and keep the dK / dV partials under kMaxSplitBytes.
-  const int64_t want = groups >= 2 * threads ? 1 : ceil_div(2 * threads, groups);
-  const int64_t split_bytes = 2 * groups * g.Tkp * Dp * static_cast<int64_t>(sizeof(float));
+  const int64_t want = pl.groups >= 2 * threads ? 1 : ceil_div(2 * threads, pl.groups);
+  const int64_t split_bytes = 2 * pl.groups * g.Tkp * g.Dp * static_cast<int64_t>(sizeof(float));
   const int64_t mem_cap = std::max<int64_t>(1, kMaxSplitBytes / std::max<int64_t>(1, split_bytes));
-  const int64_t splits = std::max<int64_t>(1, std::min({want, pairs, mem_cap}));
+  pl.splits = std::max<int64_t>(1, std::min({want, pl.pairs, mem_cap}));
   const auto pair_cost = [&](int64_t pr) { return g.cost(pr % g.nQB); };
-  const auto split_bounds = balanced_bounds(pairs, splits, pair_cost);
-  int64_t split_cost_max = 1;
-  std::vector<int64_t> split_cost(splits, 0);
-  for (int64_t sp = 0; sp < splits; ++sp) {
-    for (int64_t pr = split_bounds[sp]; pr < split_bounds[sp + 1]; ++pr) split_cost[sp] += pair_cost(pr);
-    split_cost_max = std::max(split_cost_max, split_cost[sp]);
+  pl.split_bounds = balanced_bounds(pl.pairs, pl.splits, pair_cost);
+  std::vector<int64_t> split_cost(pl.splits, 0);
+  for (int64_t sp = 0; sp < pl.splits; ++sp)
+    for (int64_t pr = pl.split_bounds[sp]; pr < pl.split_bounds[sp + 1]; ++pr) split_cost[sp] += pair_cost(pr);
+  const int64_t items = pl.groups * pl.splits;
+  pl.nt = std::max<int64_t>(1, std::min<int64_t>(threads, items));
+  const int64_t splits = pl.splits;
+  pl.bounds = balanced_bounds(items, pl.nt, [&](int64_t it) { return split_cost[it % splits] + 1; });
+  if (pl.splits > 1) pl.partial = at::empty({2, pl.splits, pl.groups, g.Tkp, g.Dp}, at::kFloat);
+  return pl;
+}
+
+// A finished item's dK / dV accumulators ([Tkp][Dp]): written out (dK times dk_mul) when its
+// group is not split, else kept as that split's partial.
+template <typename T>
+void store_dkdv(const BwdPlan& pl, const Geom& g, int64_t grp, int64_t sp, const float* dka,
+                const float* dva, float dk_mul, T* dk, T* dv) {
+  const int64_t D = g.D, Dp = g.Dp;
+  if (pl.splits == 1) {
+    T* dkg = dk + grp * g.Tk * D;
+    T* dvg = dv + grp * g.Tk * D;
+    for (int64_t j = 0; j < g.Tk; ++j)
+      for (int64_t d = 0; d < D; ++d) {
+        dkg[j * D + d] = static_cast<T>(dka[j * Dp + d] * dk_mul);
+        dvg[j * D + d] = static_cast<T>(dva[j * Dp + d]);
+      }
+  } else {
+    float* base = pl.partial.data_ptr<float>();
+    const int64_t sz = g.Tkp * Dp;
+    std::memcpy(base + (sp * pl.groups + grp) * sz, dka, sizeof(float) * sz);
+    std::memcpy(base + ((pl.splits + sp) * pl.groups + grp) * sz, dva, sizeof(float) * sz);
   }
-  const int64_t items = groups * splits;
-  const int64_t nt = std::max<int64_t>(1, std::min<int64_t>(threads, items));
-  const auto bounds = balanced_bounds(items, nt, [&](int64_t it) { return split_cost[it % splits] + 1; });
-  // Partials [splits][groups][Tkp][Dp] for dK and dV when a group is split.
-  at::Tensor partial = splits > 1 ? at::empty({2, splits, groups, g.Tkp, Dp}, at::kFloat) : at::Tensor();
+}
+
+// Split partials summed in split order (deterministic), then dK times dk_mul.
+template <typename T>
+void reduce_splits(const BwdPlan& pl, const Geom& g, float dk_mul, T* dk, T* dv) {
+  if (pl.splits == 1) return;
+  const int64_t D = g.D, Dp = g.Dp, groups = pl.groups, splits = pl.splits;
+  const float* base = pl.partial.data_ptr<float>();
+  const int64_t sz = g.Tkp * Dp;
+  at::parallel_for(0, groups * g.Tk, 64, [&](int64_t rb, int64_t re) {
+    for (int64_t row = rb; row < re; ++row) {
+      const int64_t grp = row / g.Tk, j = row % g.Tk;
+      for (int64_t d = 0; d < D; ++d) {
+        float ak = 0.f, av = 0.f;
+        for (int64_t sp = 0; sp < splits; ++sp) {
+          ak += base[(sp * groups + grp) * sz + j * Dp + d];
+          av += base[((splits + sp) * groups + grp) * sz + j * Dp + d];
+        }
+        dk[row * D + d] = static_cast<T>(ak * dk_mul);
+        dv[row * D + d] = static_cast<T>(av);
+      }
+    }
+  });
+}
+
+// ------------------------------------------------------------------ backward, float/bfloat16
+template <typename T>
+void bwd_vec(const Geom& g, const T* dout, const T* q, Strides qs, const T* k, Strides ks,
+             const T* v, Strides vs, const T* out, const float* lse, const Mods& md, float scale,
+             const Dropout& dr, T* dq, T* dk, T* dv) {
+  const int64_t D = g.D, Dp = g.Dp;
+  const BwdPlan plan = bwd_plan(g);
+  const int64_t splits = plan.splits;
+  const auto& split_bounds = plan.split_bounds;
+  const auto& bounds = plan.bounds;
   const float qmul = scale * kLog2e;
   const float dk_mul = 1.f / kLog2e;  // dS^T (Q * scale * log2e) / log2e = scale * dS^T Q
-  at::parallel_for(0, nt, 1, [&](int64_t tb, int64_t te) {
+  at::parallel_for(0, plan.nt, 1, [&](int64_t tb, int64_t te) {
     at::Tensor scratch = at::empty(
-        {5 * g.Tkp * Dp + 3 * kBQ * Dp + 3 * kBQ * kBK + 2 * kBQ}, at::kFloat);
+        {5 * g.Tkp * Dp + 3 * kBQ * Dp + 4 * kBQ * kBK + 2 * kBQ}, at::kFloat);
     float* kt = scratch.data_ptr<float>();  // [Tkp][D] as K^T blocks
     float* kp = kt + g.Tkp * Dp;            // [Tkp][Dp]
     float* vt = kp + g.Tkp * Dp;            // V^T blocks
@@ -479,7 +614,8 @@ void bwd_vec(const Geom& g, const T* dout, const T* q, Strides qs, const T* k, S
     float* s = dqa + kBQ * Dp;  // [kBQ][kBK]: scores, then P
     float* dp = s + kBQ * kBK;  // dP, then dS
     float* pd = dp + kBQ * kBK;  // dropped P
-    float* delta = pd + kBQ * kBK;
+    float* th = pd + kBQ * kBK;  // tanh of the softcap
+    float* delta = th + kBQ * kBK;
     float* lse2 = delta + kBQ;
     for (int64_t t = tb; t < te; ++t) {
       for (int64_t it = bounds[t]; it < bounds[t + 1]; ++it) {
@@ -488,7 +624,6 @@ void bwd_vec(const Geom& g, const T* dout, const T* q, Strides qs, const T* k, S
         pack_kt<T>(k + b * ks.b + kvh * ks.h, ks.t, g, kt, kp);
         pack_kt<T>(v + b * vs.b + kvh * vs.h, vs.t, g, vt, nullptr);
         std::memset(dka, 0, sizeof(float) * 2 * g.Tkp * Dp);
-        const float* brow = bias != nullptr ? bias + b * g.Tkp : nullptr;
         for (int64_t pr = split_bounds[sp]; pr < split_bounds[sp + 1]; ++pr) {
           const int64_t h = kvh * g.G + pr / g.nQB, qb = pr % g.nQB;
           const int64_t bh = b * g.Hq + h;
@@ -507,25 +642,23 @@ void bwd_vec(const Geom& g, const T* dout, const T* q, Strides qs, const T* k, S
           }
           std::memset(dqa, 0, sizeof(float) * rows * Dp);
           const int64_t kend = g.kend(i0, rows);
-          for (int64_t j0 = 0; j0 < kend; j0 += kBK) {
+          for (int64_t j0 = g.kbeg(i0); j0 < kend; j0 += kBK) {
             const int64_t n = round_up(std::min<int64_t>(kBK, kend - j0), kVecSize);
             gemm<false>(rows, n, D, qp, Dp, 1, kt + j0 * D, kBK, s, kBK);
             gemm<false>(rows, n, D, dop, Dp, 1, vt + j0 * D, kBK, dp, kBK);
-            const bool edge = j0 + n > g.Tk || (g.causal && j0 + n - 1 > i0 + g.off);
+            const bool edge = g.edge(i0, rows, j0, n);
             for (int64_t r = 0; r < rows; ++r) {
               float* sr = s + r * kBK;
               float* dpr = dp + r * kBK;
-              if (edge || brow != nullptr) {
-                const int64_t lim =
-                    (g.causal ? std::min<int64_t>(g.Tk, i0 + r + g.off + 1) : g.Tk) - j0;
-                mask_row(sr, n, lim, brow != nullptr ? brow + j0 : nullptr);
-              }
+              float* thr = th + r * kBK;
+              if (edge || md.any()) modify_row(sr, n, j0, i0 + r, b, h, g, md, edge, thr);
               const Vec vl(lse2[r]);
               for (int64_t jj = 0; jj < n; jj += kVecSize) exp2v(Vec::loadu(sr + jj) - vl).store(sr + jj);
               if (dr.on) dropout_row(dr, j0, i0 + r, bh, sr, pd + r * kBK, dpr, n);
               const Vec vd(delta[r]);
               for (int64_t jj = 0; jj < n; jj += kVecSize)
                 (Vec::loadu(sr + jj) * (Vec::loadu(dpr + jj) - vd)).store(dpr + jj);
+              ds_row(dpr, n, j0, i0 + r, bh, g, md, thr);
             }
             const float* pdrop = dr.on ? pd : s;
             gemm<true>(n, Dp, rows, pdrop, 1, kBK, dop, Dp, dva + j0 * Dp, Dp);
@@ -536,53 +669,330 @@ void bwd_vec(const Geom& g, const T* dout, const T* q, Strides qs, const T* k, S
           for (int64_t r = 0; r < rows; ++r)
             for (int64_t d = 0; d < D; ++d) dqrow[r * D + d] = static_cast<T>(dqa[r * Dp + d] * scale);
         }
-        if (splits == 1) {
-          T* dkg = dk + grp * g.Tk * D;
-          T* dvg = dv + grp * g.Tk * D;
-          for (int64_t j = 0; j < g.Tk; ++j)
-            for (int64_t d = 0; d < D; ++d) {
-              dkg[j * D + d] = static_cast<T>(dka[j * Dp + d] * dk_mul);
-              dvg[j * D + d] = static_cast<T>(dva[j * Dp + d]);
-            }
-        } else {
-          float* base = partial.data_ptr<float>();
-          const int64_t sz = g.Tkp * Dp;
-          std::memcpy(base + (sp * groups + grp) * sz, dka, sizeof(float) * sz);
-          std::memcpy(base + ((splits + sp) * groups + grp) * sz, dva, sizeof(float) * sz);
-        }
+        store_dkdv<T>(plan, g, grp, sp, dka, dva, dk_mul, dk, dv);
       }
     }
   });
-  if (splits > 1) {
-    const float* base = partial.data_ptr<float>();
-    const int64_t sz = g.Tkp * Dp;
-    at::parallel_for(0, groups * g.Tk, 64, [&](int64_t rb, int64_t re) {
-      for (int64_t row = rb; row < re; ++row) {
-        const int64_t grp = row / g.Tk, j = row % g.Tk;
-        for (int64_t d = 0; d < D; ++d) {
-          float ak = 0.f, av = 0.f;
-          for (int64_t sp = 0; sp < splits; ++sp) {
-            ak += base[(sp * groups + grp) * sz + j * Dp + d];
-            av += base[((splits + sp) * groups + grp) * sz + j * Dp + d];
-          }
-          dk[row * D + d] = static_cast<T>(ak * dk_mul);
-          dv[row * D + d] = static_cast<T>(av);
-        }
-      }
-    });
+  reduce_splits<T>(plan, g, dk_mul, dk, dv);
+}
+
+// ------------------------------------------------------------------ bfloat16 dot-product path
+// bfloat16 inputs on a CPU with AVX512_BF16 (csrc/cpu/bf16dot.h): the same algorithm, tiles and
+// work split as fwd_vec / bwd_vec, but every product runs on bf16 pairs with fp32 accumulation.
+// Operands are packed once per tile (K, V per (b, kv head); Q, dO per query block; P, dS per
+// tile) into the pair layouts the micro-kernel reads:
+//   pairs along the head dim   [rows][Dq] bf16 (Dq = D rounded up to even): Q, dO as A of
+//                              S = Q K^T and dP = dO V^T; K^T, V^T per key block
+//                              [kb][Dq/2][kBK] words as their B
+//   pairs along the row index  [rows/2][Dp] words: V (O += P V), K (dQ += dS K), Q (dK += dS^T Q),
+//                              dO (dV += P^T dO) as B; P^T and dS^T as A ([rows/2][kBK] words,
+//                              read through the transposing strides)
+//   pairs along the key index  [rows][kBK] bf16: P (forward) and dS (dQ) as A.
+// P and dS are rounded to bfloat16 for their products, as flash-attention does on GPUs; the
+// scores, softmax statistics (max, sum, lse), Delta and every accumulator stay fp32, and the
+// inputs enter the products unrounded (the scale is applied to the fp32 scores).
+#if FASTATTN_BF16_DOT
+using BF = c10::BFloat16;
+
+// w[(kb * Pd + p) * kBK + jj] = (x[j][2p], x[j][2p+1]) for key j = kb * kBK + jj: x^T per key
+// block in pairs along the head dim; zero past Tk and past D.
+void pack_t_pairs(const BF* x, int64_t st, const Geom& g, int64_t Pd, uint32_t* w) {
+  std::memset(w, 0, sizeof(uint32_t) * g.Tkp * Pd);
+  for (int64_t j = 0; j < g.Tk; ++j) {
+    const BF* row = x + j * st;
+    uint32_t* dst = w + (j / kBK) * Pd * kBK + (j % kBK);
+    for (int64_t p = 0; p < Pd; ++p) {
+      const uint16_t hi = 2 * p + 1 < g.D ? row[2 * p + 1].x : uint16_t(0);
+      dst[p * kBK] = bf16dot::pair(row[2 * p].x, hi);
+    }
   }
 }
 
+// w[(r / 2) * Dp + d] = (x[r & ~1][d], x[r | 1][d]): `rows` rows of stride st in pairs along
+// the row index, zero padded to `rows_pad` (even) rows and Dp columns.
+void pack_row_pairs(const BF* x, int64_t st, int64_t rows, int64_t rows_pad, int64_t D,
+                    int64_t Dp, uint32_t* w) {
+  for (int64_t r = 0; r < rows_pad; r += 2) {
+    uint32_t* dst = w + (r / 2) * Dp;
+    int64_t d = 0;
+    if (r < rows) {
+      const BF* a = x + r * st;
+      if (r + 1 < rows) {
+        const BF* b = a + st;
+        for (; d < D; ++d) dst[d] = bf16dot::pair(a[d].x, b[d].x);
+      } else {
+        for (; d < D; ++d) dst[d] = bf16dot::pair(a[d].x, 0);
+      }
+    }
+    for (; d < Dp; ++d) dst[d] = 0;
+  }
+}
+
+// dst[r][0:Dq] = x rows, the odd head-dim pad zero: pairs along the head dim.
+void pack_rows_bf(const BF* x, int64_t st, int64_t rows, int64_t D, int64_t Dq, uint16_t* dst) {
+  for (int64_t r = 0; r < rows; ++r) {
+    std::memcpy(dst + r * Dq, x + r * st, sizeof(uint16_t) * D);
+    if (Dq > D) dst[r * Dq + D] = 0;
+  }
+}
+
+inline float bf_float(uint16_t x) {
+  const uint32_t u = uint32_t(x) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+}
+
+FA_BF16_TARGET void fwd_bf16_range(const Geom& g, const std::vector<int64_t>& bounds, int64_t tb,
+                                   int64_t te, const BF* q, Strides qs, const BF* k, Strides ks,
+                                   const BF* v, Strides vs, const Mods& md, float scale,
+                                   const Dropout& dr, BF* out, float* lse) {
+  const int64_t D = g.D, Dp = g.Dp, Pd = ceil_div(D, 2), Dq = 2 * Pd;
+  const float qmul = scale * kLog2e;
+  at::Tensor wbuf = at::empty({g.Tkp * Pd + (g.Tkp / 2) * Dp + kBQ * Pd + kBQ * kBK / 2}, at::kInt);
+  at::Tensor fbuf = at::empty({kBQ * Dp + kBQ * kBK + 2 * kBQ}, at::kFloat);
+  uint32_t* kt2 = reinterpret_cast<uint32_t*>(wbuf.data_ptr<int32_t>());  // K^T pairs (S)
+  uint32_t* v2 = kt2 + g.Tkp * Pd;                                       // V row pairs (O)
+  uint32_t* qa = v2 + (g.Tkp / 2) * Dp;                                  // Q [kBQ][Dq]
+  uint32_t* pb = qa + kBQ * Pd;                                          // P [kBQ][kBK] bf16
+  float* o = fbuf.data_ptr<float>();
+  float* s = o + kBQ * Dp;
+  float* mrow = s + kBQ * kBK;
+  float* lrow = mrow + kBQ;
+  const __m512 vq = _mm512_set1_ps(qmul);
+  int64_t packed = -1;
+  for (int64_t t = tb; t < te; ++t) {
+    for (int64_t it = bounds[t]; it < bounds[t + 1]; ++it) {
+      const int64_t qb = it % g.nQB, h = (it / g.nQB) % g.Hq, b = it / (g.nQB * g.Hq);
+      const int64_t kvh = h / g.G, bh = b * g.Hq + h;
+      if (packed != b * g.Hkv + kvh) {
+        packed = b * g.Hkv + kvh;
+        pack_t_pairs(k + b * ks.b + kvh * ks.h, ks.t, g, Pd, kt2);
+        pack_row_pairs(v + b * vs.b + kvh * vs.h, vs.t, g.Tk, g.Tkp, D, Dp, v2);
+      }
+      const int64_t i0 = qb * kBQ, rows = g.rows_of(qb);
+      pack_rows_bf(q + b * qs.b + h * qs.h + i0 * qs.t, qs.t, rows, D, Dq,
+                   reinterpret_cast<uint16_t*>(qa));
+      std::memset(o, 0, sizeof(float) * rows * Dp);
+      for (int64_t r = 0; r < rows; ++r) {
+        mrow[r] = kNegInf;
+        lrow[r] = 0.f;
+      }
+      const int64_t kend = g.kend(i0, rows);
+      for (int64_t j0 = g.kbeg(i0); j0 < kend; j0 += kBK) {
+        const int64_t n = round_up(std::min<int64_t>(kBK, kend - j0), kVecSize);
+        bf16dot::gemm<false>(rows, n, Pd, qa, Pd, 1, kt2 + (j0 / kBK) * Pd * kBK, kBK, s, kBK);
+        const bool edge = g.edge(i0, rows, j0, n);
+        for (int64_t r = 0; r < rows; ++r) {
+          float* sr = s + r * kBK;
+          // Plain vmaxps, not at::vec::maximum's NaN-propagating blend: a NaN score still
+          // reaches the output through exp2 and the row sum.
+          __m512 mx = _mm512_set1_ps(kNegInf);
+          for (int64_t jj = 0; jj < n; jj += kVecSize) {
+            const __m512 x = _mm512_mul_ps(_mm512_loadu_ps(sr + jj), vq);
+            _mm512_storeu_ps(sr + jj, x);
+            mx = _mm512_max_ps(mx, x);
+          }
+          if (edge || md.any()) {
+            modify_row(sr, n, j0, i0 + r, b, h, g, md, edge, nullptr);
+            mx = _mm512_set1_ps(kNegInf);
+            for (int64_t jj = 0; jj < n; jj += kVecSize) mx = _mm512_max_ps(mx, _mm512_loadu_ps(sr + jj));
+          }
+          const float m_new = std::max(mrow[r], _mm512_reduce_max_ps(mx));
+          const float m_safe = m_new == kNegInf ? 0.f : m_new;
+          const Vec vm(m_safe);
+          Vec sum(0.f);
+          for (int64_t jj = 0; jj < n; jj += kVecSize) {
+            const Vec p = exp2v(Vec::loadu(sr + jj) - vm);
+            sum = sum + p;
+            p.store(sr + jj);
+          }
+          const float alpha = std::exp2(mrow[r] - m_safe);
+          lrow[r] = lrow[r] * alpha + hsum(sum);
+          mrow[r] = m_new;
+          if (alpha != 1.f) {
+            float* orow = o + r * Dp;
+            const Vec va(alpha);
+            for (int64_t d = 0; d < Dp; d += kVecSize) (Vec::loadu(orow + d) * va).store(orow + d);
+          }
+          if (dr.on) dropout_row(dr, j0, i0 + r, bh, sr, sr, nullptr, n);
+          bf16dot::round_row(sr, reinterpret_cast<uint16_t*>(pb) + r * kBK, n);
+        }
+        bf16dot::gemm<true>(rows, Dp, n / 2, pb, kBK / 2, 1, v2 + (j0 / 2) * Dp, Dp, o, Dp);
+      }
+      BF* orow_out = out + (bh * g.Tq + i0) * D;
+      float* lse_out = lse + bh * g.Tq + i0;
+      for (int64_t r = 0; r < rows; ++r) {
+        const float l = lrow[r];
+        const float inv = l > 0.f ? 1.f / l : 0.f;
+        for (int64_t d = 0; d < D; ++d) orow_out[r * D + d] = static_cast<BF>(o[r * Dp + d] * inv);
+        lse_out[r] = l > 0.f ? (mrow[r] + std::log2(l)) * kLn2 : kPosInf;
+      }
+    }
+  }
+}
+
+void fwd_bf16dot(const Geom& g, const BF* q, Strides qs, const BF* k, Strides ks, const BF* v,
+                 Strides vs, const Mods& md, float scale, const Dropout& dr, BF* out, float* lse) {
+  const int64_t items = g.B * g.Hq * g.nQB;
+  const int64_t nt = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), items));
+  const auto bounds = balanced_bounds(items, nt, [&](int64_t it) { return g.cost(it % g.nQB); });
+  at::parallel_for(0, nt, 1, [&](int64_t tb, int64_t te) {
+    fwd_bf16_range(g, bounds, tb, te, q, qs, k, ks, v, vs, md, scale, dr, out, lse);
+  });
+}
+
+FA_BF16_TARGET void bwd_bf16_range(const Geom& g, const BwdPlan& plan, int64_t tb, int64_t te,
+                                   const BF* dout, const BF* q, Strides qs, const BF* k,
+                                   Strides ks, const BF* v, Strides vs, const BF* out,
+                                   const float* lse, const Mods& md, float scale,
+                                   const Dropout& dr, BF* dq, BF* dk, BF* dv) {
+  const int64_t D = g.D, Dp = g.Dp, Pd = ceil_div(D, 2), Dq = 2 * Pd;
+  const int64_t splits = plan.splits;
+  const float qmul = scale * kLog2e;
+  const int64_t half = kBQ / 2;
+  at::Tensor wbuf = at::empty({2 * g.Tkp * Pd + (g.Tkp / 2) * Dp + 2 * kBQ * Pd + 2 * half * Dp +
+                                   2 * half * kBK + kBQ * kBK / 2},
+                              at::kInt);
+  at::Tensor fbuf = at::empty({2 * g.Tkp * Dp + kBQ * Dp + 4 * kBQ * kBK + 2 * kBQ}, at::kFloat);
+  uint32_t* kt2 = reinterpret_cast<uint32_t*>(wbuf.data_ptr<int32_t>());  // K^T pairs (S)
+  uint32_t* vt2 = kt2 + g.Tkp * Pd;                                      // V^T pairs (dP)
+  uint32_t* k2 = vt2 + g.Tkp * Pd;                                       // K row pairs (dQ)
+  uint32_t* qa = k2 + (g.Tkp / 2) * Dp;                                  // Q [kBQ][Dq] (S)
+  uint32_t* doa = qa + kBQ * Pd;                                         // dO [kBQ][Dq] (dP)
+  uint32_t* q2 = doa + kBQ * Pd;                                         // Q row pairs (dK)
+  uint32_t* do2 = q2 + half * Dp;                                        // dO row pairs (dV)
+  uint32_t* pt2 = do2 + half * Dp;                                       // P^T, dropped (dV)
+  uint32_t* st2 = pt2 + half * kBK;                                      // dS^T (dK)
+  uint16_t* dsa = reinterpret_cast<uint16_t*>(st2 + half * kBK);         // dS [kBQ][kBK] (dQ)
+  float* dka = fbuf.data_ptr<float>();  // [Tkp][Dp] accumulators
+  float* dva = dka + g.Tkp * Dp;
+  float* dqa = dva + g.Tkp * Dp;  // [kBQ][Dp]
+  float* s = dqa + kBQ * Dp;      // [kBQ][kBK]: scores, then P
+  float* dp = s + kBQ * kBK;      // dP, then dS
+  float* pd = dp + kBQ * kBK;     // dropped P
+  float* th = pd + kBQ * kBK;     // tanh of the softcap
+  float* delta = th + kBQ * kBK;
+  float* lse2 = delta + kBQ;
+  const Vec vq(qmul);
+  for (int64_t t = tb; t < te; ++t) {
+    for (int64_t it = plan.bounds[t]; it < plan.bounds[t + 1]; ++it) {
+      const int64_t grp = it / splits, sp = it % splits;
+      const int64_t b = grp / g.Hkv, kvh = grp % g.Hkv;
+      const BF* kg = k + b * ks.b + kvh * ks.h;
+      pack_t_pairs(kg, ks.t, g, Pd, kt2);
+      pack_t_pairs(v + b * vs.b + kvh * vs.h, vs.t, g, Pd, vt2);
+      pack_row_pairs(kg, ks.t, g.Tk, g.Tkp, D, Dp, k2);
+      std::memset(dka, 0, sizeof(float) * 2 * g.Tkp * Dp);
+      for (int64_t pr = plan.split_bounds[sp]; pr < plan.split_bounds[sp + 1]; ++pr) {
+        const int64_t h = kvh * g.G + pr / g.nQB, qb = pr % g.nQB;
+        const int64_t bh = b * g.Hq + h;
+        const int64_t i0 = qb * kBQ, rows = g.rows_of(qb), rows2 = round_up(rows, 2);
+        const BF* qrow = q + b * qs.b + h * qs.h + i0 * qs.t;
+        const BF* dorow = dout + (bh * g.Tq + i0) * D;
+        const BF* orow = out + (bh * g.Tq + i0) * D;
+        pack_rows_bf(qrow, qs.t, rows, D, Dq, reinterpret_cast<uint16_t*>(qa));
+        pack_row_pairs(qrow, qs.t, rows, rows2, D, Dp, q2);
+        pack_rows_bf(dorow, D, rows, D, Dq, reinterpret_cast<uint16_t*>(doa));
+        pack_row_pairs(dorow, D, rows, rows2, D, Dp, do2);
+        for (int64_t r = 0; r < rows; ++r) {
+          // Delta in the order vdpbf16ps sums a dP element (per pair: odd product, then even),
+          // so dP - Delta is exact where the two agree mathematically (a single visible key).
+          const BF* dor = dorow + r * D;
+          const BF* orr = orow + r * D;
+          float acc = 0.f;
+          for (int64_t p = 0; p < Pd; ++p) {
+            if (2 * p + 1 < D) acc = acc + bf_float(dor[2 * p + 1].x) * bf_float(orr[2 * p + 1].x);
+            acc = acc + bf_float(dor[2 * p].x) * bf_float(orr[2 * p].x);
+          }
+          delta[r] = acc;
+          lse2[r] = lse[bh * g.Tq + i0 + r] * kLog2e;
+        }
+        std::memset(dqa, 0, sizeof(float) * rows * Dp);
+        const int64_t kend = g.kend(i0, rows);
+        for (int64_t j0 = g.kbeg(i0); j0 < kend; j0 += kBK) {
+          const int64_t n = round_up(std::min<int64_t>(kBK, kend - j0), kVecSize);
+          const int64_t kb = j0 / kBK;
+          bf16dot::gemm<false>(rows, n, Pd, qa, Pd, 1, kt2 + kb * Pd * kBK, kBK, s, kBK);
+          bf16dot::gemm<false>(rows, n, Pd, doa, Pd, 1, vt2 + kb * Pd * kBK, kBK, dp, kBK);
+          const bool edge = g.edge(i0, rows, j0, n);
+          for (int64_t r = 0; r < rows; ++r) {
+            float* sr = s + r * kBK;
+            float* dpr = dp + r * kBK;
+            float* thr = th + r * kBK;
+            for (int64_t jj = 0; jj < n; jj += kVecSize) (Vec::loadu(sr + jj) * vq).store(sr + jj);
+            if (edge || md.any()) modify_row(sr, n, j0, i0 + r, b, h, g, md, edge, thr);
+            const Vec vl(lse2[r]);
+            for (int64_t jj = 0; jj < n; jj += kVecSize) exp2v(Vec::loadu(sr + jj) - vl).store(sr + jj);
+            if (dr.on) dropout_row(dr, j0, i0 + r, bh, sr, pd + r * kBK, dpr, n);
+            const Vec vd(delta[r]);
+            for (int64_t jj = 0; jj < n; jj += kVecSize)
+              (Vec::loadu(sr + jj) * (Vec::loadu(dpr + jj) - vd)).store(dpr + jj);
+            ds_row(dpr, n, j0, i0 + r, bh, g, md, thr);
+            bf16dot::round_row(dpr, dsa + r * kBK, n);
+          }
+          const float* pdrop = dr.on ? pd : s;
+          for (int64_t r = 0; r < rows2; r += 2) {
+            const bool two = r + 1 < rows;
+            bf16dot::interleave_rows(pdrop + r * kBK, two ? pdrop + (r + 1) * kBK : nullptr,
+                                     pt2 + (r / 2) * kBK, n);
+            bf16dot::interleave_rows(dp + r * kBK, two ? dp + (r + 1) * kBK : nullptr,
+                                     st2 + (r / 2) * kBK, n);
+          }
+          bf16dot::gemm<true>(n, Dp, rows2 / 2, pt2, 1, kBK, do2, Dp, dva + j0 * Dp, Dp);
+          bf16dot::gemm<true>(n, Dp, rows2 / 2, st2, 1, kBK, q2, Dp, dka + j0 * Dp, Dp);
+          bf16dot::gemm<true>(rows, Dp, n / 2, reinterpret_cast<const uint32_t*>(dsa), kBK / 2, 1,
+                              k2 + (j0 / 2) * Dp, Dp, dqa, Dp);
+        }
+        BF* dqrow = dq + (bh * g.Tq + i0) * D;
+        for (int64_t r = 0; r < rows; ++r)
+          for (int64_t d = 0; d < D; ++d) dqrow[r * D + d] = static_cast<BF>(dqa[r * Dp + d] * scale);
+      }
+      store_dkdv<BF>(plan, g, grp, sp, dka, dva, scale, dk, dv);
+    }
+  }
+}
+
+void bwd_bf16dot(const Geom& g, const BF* dout, const BF* q, Strides qs, const BF* k, Strides ks,
+                 const BF* v, Strides vs, const BF* out, const float* lse, const Mods& md,
+                 float scale, const Dropout& dr, BF* dq, BF* dk, BF* dv) {
+  const BwdPlan plan = bwd_plan(g);
+  at::parallel_for(0, plan.nt, 1, [&](int64_t tb, int64_t te) {
+    bwd_bf16_range(g, plan, tb, te, dout, q, qs, k, ks, v, vs, out, lse, md, scale, dr, dq, dk, dv);
+  });
+  reduce_splits<BF>(plan, g, scale, dk, dv);
+}
+#endif  // FASTATTN_BF16_DOT
+
 // ------------------------------------------------------------------ float64 (gradcheck) path
-// Visible-key limit of query row i: keys [0, lim) minus padding.
-inline int64_t row_limit(const Geom& g, int64_t i) {
-  return g.causal ? std::max<int64_t>(0, std::min<int64_t>(g.Tk, i + g.off + 1)) : g.Tk;
+// The same maths per element, in double, one query row at a time.
+struct Mods64 {
+  double cap = 0;                // softcap (natural units), 0 = none
+  const double* bias = nullptr;  // as Mods
+  int64_t sb = 0, sh = 0, sq = 0;
+  const bool* kpm = nullptr;     // [B, Tk], true = padding
+  double* dbias = nullptr;
+};
+
+// Score s_ij (softcap, bias; -inf when hidden) and, for the backward, tanh(t / c).
+inline double score64(const Geom& g, const Mods64& md, int64_t b, int64_t h, int64_t i, int64_t j,
+                      double t, double* th) {
+  if (md.kpm != nullptr && md.kpm[b * g.Tk + j]) return -std::numeric_limits<double>::infinity();
+  double sc = t;
+  if (md.cap > 0) {
+    const double x = std::tanh(t / md.cap);
+    if (th != nullptr) *th = x;
+    sc = md.cap * x;
+  }
+  if (md.bias != nullptr) sc += md.bias[b * md.sb + h * md.sh + i * md.sq + j];
+  return sc;
 }
 
 void fwd_double(const Geom& g, const double* q, Strides qs, const double* k, Strides ks,
-                const double* v, Strides vs, const bool* mask, double scale, const Dropout& dr,
+                const double* v, Strides vs, const Mods64& md, double scale, const Dropout& dr,
                 double* out, double* lse) {
   const int64_t D = g.D;
+  constexpr double kNegInf64 = -std::numeric_limits<double>::infinity();
   at::parallel_for(0, g.B * g.Hq * g.Tq, 16, [&](int64_t rb, int64_t re) {
     std::vector<double> p(g.Tk);
     for (int64_t row = rb; row < re; ++row) {
@@ -591,29 +1001,26 @@ void fwd_double(const Geom& g, const double* q, Strides qs, const double* k, Str
       const double* qi = q + b * qs.b + h * qs.h + i * qs.t;
       const double* kb = k + b * ks.b + kvh * ks.h;
       const double* vb = v + b * vs.b + kvh * vs.h;
-      const int64_t lim = row_limit(g, i);
-      double mx = -std::numeric_limits<double>::infinity();
-      for (int64_t j = 0; j < lim; ++j) {
-        if (mask != nullptr && mask[b * g.Tk + j]) continue;
+      const int64_t lo = g.lo(i), hi = g.hi(i);
+      double mx = kNegInf64;
+      for (int64_t j = lo; j < hi; ++j) {
         double acc = 0;
         for (int64_t d = 0; d < D; ++d) acc += qi[d] * kb[j * ks.t + d];
-        p[j] = acc * scale;
+        p[j] = score64(g, md, b, h, i, j, acc * scale, nullptr);
         mx = std::max(mx, p[j]);
       }
       double* o = out + row * D;
       for (int64_t d = 0; d < D; ++d) o[d] = 0;
-      if (mx == -std::numeric_limits<double>::infinity()) {
+      if (mx == kNegInf64) {
         lse[row] = std::numeric_limits<double>::infinity();
         continue;
       }
       double l = 0;
-      for (int64_t j = 0; j < lim; ++j) {
-        if (mask != nullptr && mask[b * g.Tk + j]) continue;
+      for (int64_t j = lo; j < hi; ++j) {
         p[j] = std::exp(p[j] - mx);
         l += p[j];
       }
-      for (int64_t j = 0; j < lim; ++j) {
-        if (mask != nullptr && mask[b * g.Tk + j]) continue;
+      for (int64_t j = lo; j < hi; ++j) {
         double w = p[j] / l;
         if (dr.on) w = dr.keep(j, i, bh) ? w / (1.0 - dr.p64) : 0.0;
         for (int64_t d = 0; d < D; ++d) o[d] += w * vb[j * vs.t + d];
@@ -625,13 +1032,13 @@ void fwd_double(const Geom& g, const double* q, Strides qs, const double* k, Str
 
 void bwd_double(const Geom& g, const double* dout, const double* q, Strides qs, const double* k,
                 Strides ks, const double* v, Strides vs, const double* out, const double* lse,
-                const bool* mask, double scale, const Dropout& dr, double* dq, double* dk,
+                const Mods64& md, double scale, const Dropout& dr, double* dq, double* dk,
                 double* dv) {
   const int64_t D = g.D;
   const double inv_keep = 1.0 / (1.0 - dr.p64);
-  // One (b, kv head) per task: its dK / dV rows are written by that task only.
+  // One (b, kv head) per task: its dK / dV rows (and its heads' dbias rows) are written by that
+  // task only.
   at::parallel_for(0, g.B * g.Hkv, 1, [&](int64_t gb, int64_t ge) {
-    std::vector<double> p(g.Tk), dpv(g.Tk);
     for (int64_t grp = gb; grp < ge; ++grp) {
       const int64_t b = grp / g.Hkv, kvh = grp % g.Hkv;
       const double* kb = k + b * ks.b + kvh * ks.h;
@@ -651,21 +1058,22 @@ void bwd_double(const Geom& g, const double* dout, const double* q, Strides qs, 
           if (std::isinf(lse[row])) continue;
           double delta = 0;
           for (int64_t d = 0; d < D; ++d) delta += doi[d] * oi[d];
-          const int64_t lim = row_limit(g, i);
-          for (int64_t j = 0; j < lim; ++j) {
-            if (mask != nullptr && mask[b * g.Tk + j]) continue;
+          for (int64_t j = g.lo(i); j < g.hi(i); ++j) {
             double sc = 0, dpd = 0;
             for (int64_t d = 0; d < D; ++d) {
               sc += qi[d] * kb[j * ks.t + d];
               dpd += doi[d] * vb[j * vs.t + d];
             }
-            const double pj = std::exp(sc * scale - lse[row]);
+            double th = 0;
+            const double pj = std::exp(score64(g, md, b, h, i, j, sc * scale, &th) - lse[row]);
             const double keep = dr.on ? (dr.keep(j, i, bh) ? inv_keep : 0.0) : 1.0;
             const double ds = pj * (dpd * keep - delta);
+            if (md.dbias != nullptr) md.dbias[row * g.Tk + j] = ds;
+            const double dt = md.cap > 0 ? ds * (1.0 - th * th) : ds;
             for (int64_t d = 0; d < D; ++d) {
               dvg[j * D + d] += pj * keep * doi[d];
-              dkg[j * D + d] += ds * scale * qi[d];
-              dqi[d] += ds * scale * kb[j * ks.t + d];
+              dkg[j * D + d] += dt * scale * qi[d];
+              dqi[d] += dt * scale * kb[j * ks.t + d];
             }
           }
         }
@@ -678,7 +1086,7 @@ void bwd_double(const Geom& g, const double* dout, const double* q, Strides qs, 
 at::Tensor last_dim_contiguous(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
 
 Geom check_qkv(const char* fn, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-               const std::optional<at::Tensor>& mask, bool causal, double dropout_p) {
+               const std::optional<at::Tensor>& mask, double dropout_p) {
   TORCH_CHECK(q.dim() == 4, fn, ": q must be 4-D [B, Hq, Tq, D], got ", q.dim(), "-D ", q.sizes());
   TORCH_CHECK(k.dim() == 4, fn, ": k must be 4-D [B, Hkv, Tk, D], got ", k.dim(), "-D ", k.sizes());
   TORCH_CHECK(v.dim() == 4, fn, ": v must be 4-D [B, Hkv, Tk, D], got ", v.dim(), "-D ", v.sizes());
@@ -722,11 +1130,9 @@ Geom check_qkv(const char* fn, const at::Tensor& q, const at::Tensor& k, const a
   g.Tk = k.size(2);
   g.D = D;
   g.Dp = round_up(D, kVecSize);
-  g.off = g.Tk - g.Tq;
   g.nQB = ceil_div(g.Tq, kBQ);
   g.nKB = ceil_div(g.Tk, kBK);
   g.Tkp = g.nKB * kBK;
-  g.causal = causal;
   return g;
 }
 
@@ -742,16 +1148,56 @@ at::Tensor mask_bias(const std::optional<at::Tensor>& mask, const Geom& g) {
   return bias;
 }
 
+// The window, softcap and bias arguments: checked, then set into g.
+void check_features(const char* fn, Geom& g, const at::Tensor& q,
+                    const std::optional<at::Tensor>& bias, double scale, double softcap,
+                    int64_t wl, int64_t wr, int64_t diag_offset) {
+  TORCH_CHECK(std::isfinite(scale), fn, ": scale must be finite, got ", scale);
+  TORCH_CHECK(std::isfinite(softcap) && softcap >= 0.0, fn,
+              ": softcap must be finite and >= 0 (0 = none), got ", softcap);
+  TORCH_CHECK(wl >= -1 && wr >= -1, fn, ": window_left and window_right must be >= -1 (-1 = ",
+              "unbounded), got ", wl, " and ", wr);
+  TORCH_CHECK(std::abs(diag_offset) <= (int64_t(1) << 40), fn, ": diag_offset out of range: ",
+              diag_offset);
+  g.wl = wl;
+  g.wr = wr;
+  g.off = diag_offset;
+  if (bias.has_value()) {
+    const auto want = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+    TORCH_CHECK(bias->scalar_type() == want, fn, ": bias must be ", want, " for ",
+                q.scalar_type(), " inputs, got ", bias->scalar_type());
+    TORCH_CHECK(bias->device().is_cpu(), fn, ": bias must be a CPU tensor, got ", bias->device());
+    TORCH_CHECK(bias->dim() == 4 && bias->size(0) == g.B && bias->size(1) == g.Hq &&
+                    bias->size(2) == g.Tq && bias->size(3) == g.Tk,
+                fn, ": bias must have shape [B, Hq, Tq, Tk] = [", g.B, ", ", g.Hq, ", ", g.Tq,
+                ", ", g.Tk, "] (broadcast dims with stride 0), got ", bias->sizes());
+    TORCH_CHECK(bias->stride(3) == 1 || g.Tk == 1, fn, ": bias must have unit stride on the ",
+                "key dim, got strides ", bias->strides());
+  }
+}
+
+template <typename S>
+void set_bias(const std::optional<at::Tensor>& bias, S& md) {
+  if (!bias.has_value()) return;
+  using E = std::remove_const_t<std::remove_pointer_t<decltype(md.bias)>>;
+  md.bias = bias->data_ptr<E>();
+  md.sb = bias->stride(0);
+  md.sh = bias->stride(1);
+  md.sq = bias->stride(2);
+}
+
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q_in, const at::Tensor& k_in,
-                                                 const at::Tensor& v_in,
-                                                 const std::optional<at::Tensor>& key_padding_mask,
-                                                 bool causal, double scale, double dropout_p,
-                                                 int64_t seed, int64_t offset) {
+bool attention_bf16_dot_available() { return FASTATTN_BF16_DOT && bf16_dot_cpu(); }
+
+std::tuple<at::Tensor, at::Tensor> attention_fwd_features(
+    const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+    const std::optional<at::Tensor>& key_padding_mask, const std::optional<at::Tensor>& bias,
+    double scale, double softcap, int64_t window_left, int64_t window_right, int64_t diag_offset,
+    double dropout_p, int64_t seed, int64_t offset) {
   const char* fn = "fastattn_C.attention_fwd";
-  const Geom g = check_qkv(fn, q_in, k_in, v_in, key_padding_mask, causal, dropout_p);
-  TORCH_CHECK(std::isfinite(scale), fn, ": scale must be finite, got ", scale);
+  Geom g = check_qkv(fn, q_in, k_in, v_in, key_padding_mask, dropout_p);
+  check_features(fn, g, q_in, bias, scale, softcap, window_left, window_right, diag_offset);
   const at::Tensor q = last_dim_contiguous(q_in), k = last_dim_contiguous(k_in),
                    v = last_dim_contiguous(v_in);
   const auto dt = q.scalar_type();
@@ -765,34 +1211,51 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q_in, const a
   const Dropout dr(dropout_p, seed, offset);
   if (dt == at::kDouble) {
     at::Tensor m = key_padding_mask.has_value() ? key_padding_mask->contiguous() : at::Tensor();
+    Mods64 md;
+    md.cap = softcap;
+    md.kpm = m.defined() ? m.data_ptr<bool>() : nullptr;
+    set_bias(bias, md);
     fwd_double(g, q.data_ptr<double>(), Strides(q), k.data_ptr<double>(), Strides(k),
-               v.data_ptr<double>(), Strides(v), m.defined() ? m.data_ptr<bool>() : nullptr,
-               scale, dr, out.data_ptr<double>(), lse.data_ptr<double>());
+               v.data_ptr<double>(), Strides(v), md, scale, dr, out.data_ptr<double>(),
+               lse.data_ptr<double>());
     return {out, lse};
   }
-  const at::Tensor bias = mask_bias(key_padding_mask, g);
-  const float* bp = bias.defined() ? bias.data_ptr<float>() : nullptr;
+  const at::Tensor kpm = mask_bias(key_padding_mask, g);
+  Mods md;
+  md.cap2 = static_cast<float>(softcap * kLog2e);
+  md.kpm = kpm.defined() ? kpm.data_ptr<float>() : nullptr;
+  set_bias(bias, md);
   if (dt == at::kFloat) {
     fwd_vec<float>(g, q.data_ptr<float>(), Strides(q), k.data_ptr<float>(), Strides(k),
-                   v.data_ptr<float>(), Strides(v), bp, static_cast<float>(scale), dr,
+                   v.data_ptr<float>(), Strides(v), md, static_cast<float>(scale), dr,
                    out.data_ptr<float>(), lse.data_ptr<float>());
   } else {
     using BF = c10::BFloat16;
+#if FASTATTN_BF16_DOT
+    if (bf16_dot_usable()) {
+      fwd_bf16dot(g, q.data_ptr<BF>(), Strides(q), k.data_ptr<BF>(), Strides(k), v.data_ptr<BF>(),
+                  Strides(v), md, static_cast<float>(scale), dr, out.data_ptr<BF>(),
+                  lse.data_ptr<float>());
+      return {out, lse};
+    }
+#endif
     fwd_vec<BF>(g, q.data_ptr<BF>(), Strides(q), k.data_ptr<BF>(), Strides(k), v.data_ptr<BF>(),
-                Strides(v), bp, static_cast<float>(scale), dr, out.data_ptr<BF>(),
+                Strides(v), md, static_cast<float>(scale), dr, out.data_ptr<BF>(),
                 lse.data_ptr<float>());
   }
   return {out, lse};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_features(
     const at::Tensor& dout_in, const at::Tensor& q_in, const at::Tensor& k_in,
     const at::Tensor& v_in, const at::Tensor& out_in, const at::Tensor& lse_in,
-    const std::optional<at::Tensor>& key_padding_mask, bool causal, double scale,
-    double dropout_p, int64_t seed, int64_t offset) {
+    const std::optional<at::Tensor>& key_padding_mask, const std::optional<at::Tensor>& bias,
+    double scale, double softcap, int64_t window_left, int64_t window_right, int64_t diag_offset,
+    double dropout_p, int64_t seed, int64_t offset, bool need_bias_grad) {
   const char* fn = "fastattn_C.attention_bwd";
-  const Geom g = check_qkv(fn, q_in, k_in, v_in, key_padding_mask, causal, dropout_p);
-  TORCH_CHECK(std::isfinite(scale), fn, ": scale must be finite, got ", scale);
+  Geom g = check_qkv(fn, q_in, k_in, v_in, key_padding_mask, dropout_p);
+  check_features(fn, g, q_in, bias, scale, softcap, window_left, window_right, diag_offset);
+  TORCH_CHECK(!need_bias_grad || bias.has_value(), fn, ": need_bias_grad without a bias");
   const auto dt = q_in.scalar_type();
   const auto acc = dt == at::kDouble ? at::kDouble : at::kFloat;
   TORCH_CHECK(dout_in.sizes() == q_in.sizes() && out_in.sizes() == q_in.sizes(), fn,
@@ -816,35 +1279,78 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
   at::Tensor dq = at::empty({g.B, g.Hq, g.Tq, g.D}, q.options());
   at::Tensor dk = at::empty({g.B, g.Hkv, g.Tk, g.D}, q.options());
   at::Tensor dv = at::empty({g.B, g.Hkv, g.Tk, g.D}, q.options());
+  // dS for the bias gradient: zero where no tile is visited (hidden keys have dS = 0).
+  at::Tensor dbias = need_bias_grad ? at::zeros({g.B, g.Hq, g.Tq, g.Tk}, q.options().dtype(acc))
+                                    : at::empty({0}, q.options().dtype(acc));
   if (dq.numel() == 0 || dk.numel() == 0) {
     dq.zero_();
     dk.zero_();
     dv.zero_();
-    return {dq, dk, dv};
+    return {dq, dk, dv, dbias};
   }
   const Dropout dr(dropout_p, seed, offset);
   if (dt == at::kDouble) {
     at::Tensor m = key_padding_mask.has_value() ? key_padding_mask->contiguous() : at::Tensor();
+    Mods64 md;
+    md.cap = softcap;
+    md.kpm = m.defined() ? m.data_ptr<bool>() : nullptr;
+    set_bias(bias, md);
+    md.dbias = need_bias_grad ? dbias.data_ptr<double>() : nullptr;
     bwd_double(g, dout.data_ptr<double>(), q.data_ptr<double>(), Strides(q), k.data_ptr<double>(),
                Strides(k), v.data_ptr<double>(), Strides(v), out.data_ptr<double>(),
-               lse.data_ptr<double>(), m.defined() ? m.data_ptr<bool>() : nullptr, scale, dr,
-               dq.data_ptr<double>(), dk.data_ptr<double>(), dv.data_ptr<double>());
-    return {dq, dk, dv};
+               lse.data_ptr<double>(), md, scale, dr, dq.data_ptr<double>(),
+               dk.data_ptr<double>(), dv.data_ptr<double>());
+    return {dq, dk, dv, dbias};
   }
-  const at::Tensor bias = mask_bias(key_padding_mask, g);
-  const float* bp = bias.defined() ? bias.data_ptr<float>() : nullptr;
+  const at::Tensor kpm = mask_bias(key_padding_mask, g);
+  Mods md;
+  md.cap2 = static_cast<float>(softcap * kLog2e);
+  md.kpm = kpm.defined() ? kpm.data_ptr<float>() : nullptr;
+  set_bias(bias, md);
+  md.dbias = need_bias_grad ? dbias.data_ptr<float>() : nullptr;
   if (dt == at::kFloat) {
     bwd_vec<float>(g, dout.data_ptr<float>(), q.data_ptr<float>(), Strides(q),
                    k.data_ptr<float>(), Strides(k), v.data_ptr<float>(), Strides(v),
-                   out.data_ptr<float>(), lse.data_ptr<float>(), bp, static_cast<float>(scale), dr,
+                   out.data_ptr<float>(), lse.data_ptr<float>(), md, static_cast<float>(scale), dr,
                    dq.data_ptr<float>(), dk.data_ptr<float>(), dv.data_ptr<float>());
   } else {
     using BF = c10::BFloat16;
+#if FASTATTN_BF16_DOT
+    if (bf16_dot_usable()) {
+      bwd_bf16dot(g, dout.data_ptr<BF>(), q.data_ptr<BF>(), Strides(q), k.data_ptr<BF>(),
+                  Strides(k), v.data_ptr<BF>(), Strides(v), out.data_ptr<BF>(),
+                  lse.data_ptr<float>(), md, static_cast<float>(scale), dr, dq.data_ptr<BF>(),
+                  dk.data_ptr<BF>(), dv.data_ptr<BF>());
+      return {dq, dk, dv, dbias};
+    }
+#endif
     bwd_vec<BF>(g, dout.data_ptr<BF>(), q.data_ptr<BF>(), Strides(q), k.data_ptr<BF>(), Strides(k),
-                v.data_ptr<BF>(), Strides(v), out.data_ptr<BF>(), lse.data_ptr<float>(), bp,
+                v.data_ptr<BF>(), Strides(v), out.data_ptr<BF>(), lse.data_ptr<float>(), md,
                 static_cast<float>(scale), dr, dq.data_ptr<BF>(), dk.data_ptr<BF>(),
                 dv.data_ptr<BF>());
   }
+  return {dq, dk, dv, dbias};
+}
+
+// The original schemas (shared with the CUDA kernels): no window but causal, no softcap, no bias.
+std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::Tensor& k,
+                                                 const at::Tensor& v,
+                                                 const std::optional<at::Tensor>& key_padding_mask,
+                                                 bool causal, double scale, double dropout_p,
+                                                 int64_t seed, int64_t offset) {
+  const int64_t off = k.dim() == 4 && q.dim() == 4 ? k.size(2) - q.size(2) : 0;
+  return attention_fwd_features(q, k, v, key_padding_mask, std::nullopt, scale, 0.0, -1,
+                                causal ? 0 : -1, off, dropout_p, seed, offset);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& key_padding_mask,
+    bool causal, double scale, double dropout_p, int64_t seed, int64_t offset) {
+  const int64_t off = k.dim() == 4 && q.dim() == 4 ? k.size(2) - q.size(2) : 0;
+  auto [dq, dk, dv, dbias] =
+      attention_bwd_features(dout, q, k, v, out, lse, key_padding_mask, std::nullopt, scale, 0.0,
+                             -1, causal ? 0 : -1, off, dropout_p, seed, offset, false);
   return {dq, dk, dv};
 }
 

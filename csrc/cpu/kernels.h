@@ -47,6 +47,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
     const std::optional<at::Tensor>& key_padding_mask, bool causal, double scale,
     double dropout_p, int64_t seed, int64_t offset);
 
+// The full contract (CPU only; see csrc/ops.cpp): window, diagonal offset, softcap, additive
+// bias and its gradient (dbias = dS [B, Hq, Tq, Tk], empty unless need_bias_grad).
+std::tuple<at::Tensor, at::Tensor> attention_fwd_features(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const std::optional<at::Tensor>& key_padding_mask, const std::optional<at::Tensor>& bias,
+    double scale, double softcap, int64_t window_left, int64_t window_right, int64_t diag_offset,
+    double dropout_p, int64_t seed, int64_t offset);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_features(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& out, const at::Tensor& lse,
+    const std::optional<at::Tensor>& key_padding_mask, const std::optional<at::Tensor>& bias,
+    double scale, double softcap, int64_t window_left, int64_t window_right, int64_t diag_offset,
+    double dropout_p, int64_t seed, int64_t offset, bool need_bias_grad);
+
+// True when bfloat16 attention can run its products on AVX512_BF16 here (built with it and the
+// CPU has it); FASTATTN_CPU_BF16_DOT=0 still switches that path off per call.
+bool attention_bf16_dot_available();
+
 // gelu.cpp --------------------------------------------------------------------
 at::Tensor bias_gelu_fwd(const at::Tensor& x, const std::optional<at::Tensor>& bias,
                          const std::string& approximate);

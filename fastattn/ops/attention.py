@@ -357,10 +357,37 @@ class _Reference:
         return dq.to(q.dtype), dk.sum(2).to(k.dtype), dv.sum(2).to(v.dtype), dbias
 
 
+def _acc_bias(bias: Tensor | None, q: Tensor, k: Tensor) -> Tensor | None:
+    """The bias as the CPU kernel reads it: [B, Hq, Tq, Tk] in the accumulation dtype (float32;
+    float64 for float64 inputs) with unit stride on the key dim. Only the stored elements are
+    converted (broadcast dims, size 1 or stride 0, stay broadcast), and only a broadcast key
+    dim is materialised."""
+    if bias is None:
+        return None
+    B, Hq, Tq, _ = q.shape
+    Tk = k.shape[2]
+    acc = acc_dtype(q.dtype)
+    while bias.dim() < 4:
+        bias = bias.unsqueeze(0)
+    index = tuple(slice(0, 1) if st == 0 else slice(None) for st in bias.stride()[:3])
+    base = bias[index]
+    if base.shape[-1] != Tk or base.stride(-1) != 1 or base.dtype != acc:
+        base = base.to(acc).expand(*base.shape[:3], Tk).contiguous()
+    return base.expand(B, Hq, Tq, Tk)
+
+
 class _Native:
-    """The ``cpu`` and ``cuda`` backends: C++ / CUDA kernels behind ``torch.ops.fastattn_C``."""
+    """The ``cpu`` and ``cuda`` backends: C++ / CUDA kernels behind ``torch.ops.fastattn_C``.
+
+    The CPU kernel takes the whole contract (``attention_fwd_features``: window, alignment,
+    softcap, bias and its gradient); the CUDA one the original schema (causal, no features)."""
 
     def fwd(self, q, k, v, key_padding_mask, bias, scale, softcap, wl, wr, off, p, seed, offset):
+        if q.device.type == "cpu":
+            return torch.ops.fastattn_C.attention_fwd_features(
+                q, k, v, key_padding_mask, _acc_bias(bias, q, k), scale, softcap, wl, wr,
+                off, p, seed, offset,
+            )  # fmt: skip
         return torch.ops.fastattn_C.attention_fwd(
             q, k, v, key_padding_mask, wr == 0, scale, p, seed, offset
         )
@@ -385,6 +412,11 @@ class _Native:
         offset,
         need_bias_grad,
     ):
+        if q.device.type == "cpu":
+            return torch.ops.fastattn_C.attention_bwd_features(
+                dout, q, k, v, out, lse, key_padding_mask, _acc_bias(bias, q, k), scale,
+                softcap, wl, wr, off, dropout_p, seed, offset, need_bias_grad,
+            )  # fmt: skip
         dq, dk, dv = torch.ops.fastattn_C.attention_bwd(
             dout, q, k, v, out, lse, key_padding_mask, wr == 0, scale, dropout_p, seed, offset
         )
@@ -407,7 +439,7 @@ DECL = _dispatch.declare(
             ("cpu", "cpu"): _dispatch.Support(
                 (torch.float32, torch.bfloat16, torch.float64),
                 max_head_dim="attention_max_head_dim_cpu",
-                features=frozenset(),
+                features=frozenset({"window", "top_left", "softcap", "bias", "bias_grad"}),
             ),
             ("cuda", "cuda"): _dispatch.Support(
                 (torch.float16, torch.bfloat16, torch.float32),

@@ -13,6 +13,7 @@ measured first in the same run and head every file recorded in ``benchmarks/resu
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as _dt
 import os
 import sys
@@ -502,6 +503,26 @@ def patch_models(quick: bool):
             return transformers.GPT2LMHeadModel(cfg)
 
         models.append(("HF GPT-2 4x384, 6 heads", gpt2, lambda: (torch.randint(0, 1024, (B, T)),)))
+
+        def llama():  # GQA, RMSNorm, SwiGLU: the Llama / Mistral / Qwen2 family's layers
+            cfg = transformers.LlamaConfig(
+                num_hidden_layers=4,
+                hidden_size=384,
+                num_attention_heads=6,
+                num_key_value_heads=2,
+                intermediate_size=1024,
+                vocab_size=1024,
+                max_position_embeddings=T,
+            )
+            return transformers.LlamaForCausalLM(cfg)
+
+        models.append(
+            (
+                "HF Llama 4x384, 6 q / 2 kv heads, SwiGLU 1024",
+                llama,
+                lambda: (torch.randint(0, 1024, (B, T)),),
+            )  # fmt: skip
+        )
     except ImportError:
         pass
     return B, T, models
@@ -513,8 +534,8 @@ def suite_patch(ctx: Context) -> Report:
     B, T, models = patch_models(ctx.quick)
     baselines = ["original eager", "original compiled"]
     rep = Report(
-        f"fastattn.patch(model): forward+backward, float32, B={B}, T={T}, CPU",
-        comparison_columns(["model"], None, None, baselines),
+        f"fastattn.patch(model): forward+backward, float32 and bf16 autocast, B={B}, T={T}, CPU",
+        comparison_columns(["model", "dtype"], None, None, baselines),
         ceilings=ctx.ceilings,
         notes=[
             "original = the model as built; patched = fastattn.patch(copy); compiled = "
@@ -534,19 +555,24 @@ def suite_patch(ctx: Context) -> Report:
             "original compiled": _compiled(original),
             "patched compiled": _compiled(patched),
         }
-        fns = {}
-        for name, model in variants.items():
+        for tag, ac in (
+            ("fp32", contextlib.nullcontext),
+            ("bf16", lambda: torch.autocast("cpu", dtype=torch.bfloat16)),
+        ):
+            fns = {}
+            for name, model in variants.items():
 
-            def step(model=model):
-                out = model(*args)
-                out = getattr(out, "logits", out)
-                return torch.autograd.grad(
-                    out.float().mean(), list(model.parameters()), allow_unused=True
-                )
+                def step(model=model, ac=ac):
+                    with ac():
+                        out = model(*args)
+                        out = getattr(out, "logits", out)
+                    return torch.autograd.grad(
+                        out.float().mean(), list(model.parameters()), allow_unused=True
+                    )
 
-            fns[name] = step
-        cmp = interleaved(fns, rounds=ctx.rounds_or(11), max_s=90.0)
-        rep.add_comparison([label], cmp, baselines=baselines)
+                fns[name] = step
+            cmp = interleaved(fns, rounds=ctx.rounds_or(11), max_s=90.0)
+            rep.add_comparison([label, tag], cmp, baselines=baselines)
     return rep
 
 

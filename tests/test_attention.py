@@ -658,3 +658,20 @@ def test_scale_argument():
     q, k, v, _, _ = make_inputs(1, 2, 2, 9, 9, 16, torch.float64)
     got = fastattn.attention(q, k, v, scale=0.1)
     torch.testing.assert_close(got, attention_reference(q, k, v, scale=0.1))
+
+
+def test_autocast_casts_like_sdpa():
+    # Under autocast, SDPA takes q/k/v in the autocast dtype whatever they arrive in (a float32
+    # q/k after a float32 rotary embedding, a bfloat16 v from the projection): so does attention.
+    q, k, v, _, dout = make_inputs(2, 4, 2, 17, 17, 16, torch.float32)
+    v = v.bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = fastattn.attention(q, k, v, causal=True)
+        want = F.scaled_dot_product_attention(
+            q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), is_causal=True
+        )
+    assert got.dtype == want.dtype == torch.bfloat16
+    ref = attention_reference(q.double(), k.double(), v.double(), causal=True)
+    from tests.rule import assert_rule
+
+    assert_rule("out", got, want, ref)

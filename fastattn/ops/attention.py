@@ -745,7 +745,17 @@ def attention(
     A query that sees no key gives 0 (and zero gradients). A backend whose kernel lacks a
     feature is skipped by ``auto`` (the reference serves the call, logged at debug level); an
     explicitly chosen one raises :class:`fastattn.BackendError` naming the feature.
+
+    Under autocast, q, k and v are cast to the autocast dtype first, as autocast does for
+    ``F.scaled_dot_product_attention`` (so a float32 q/k after a float32 rotary embedding meets
+    a bfloat16 v as SDPA would take them).
     """
+    if isinstance(q, Tensor) and torch.is_autocast_enabled(q.device.type):
+        adt = torch.get_autocast_dtype(q.device.type)
+        q, k, v = (
+            t.to(adt) if isinstance(t, Tensor) and t.dtype in (torch.float32, adt) else t
+            for t in (q, k, v)
+        )
     _validate(
         q,
         k,

@@ -139,7 +139,12 @@ def budget(cfg: Config, dtype: torch.dtype, ceilings) -> dict[str, float]:
 
 FAMILIES = {
     "GEMM": ("aten::mm", "aten::addmm", "mkldnn::_linear_pointwise", "aten::bmm"),
-    "attention": ("fastattn_C::attention_fwd", "fastattn_C::attention_bwd"),
+    "attention": (
+        "fastattn_C::attention_fwd",
+        "fastattn_C::attention_bwd",
+        "fastattn_C::attention_fwd_features",
+        "fastattn_C::attention_bwd_features",
+    ),
     "layer_norm": ("fastattn_C::layer_norm_fwd", "fastattn_C::layer_norm_bwd"),
     "bias_gelu": ("fastattn_C::bias_gelu_fwd", "fastattn_C::bias_gelu_bwd"),
     "AdamW": ("aten::_fused_adamw_",),

@@ -44,7 +44,7 @@ def _leaves(ts, dt):
 
 # Small shapes for the interpreter (it runs programs one by one, in numpy); on a GPU also real
 # widths and enough rows for many programs per weight-gradient partial sum.
-SHAPES = [(1, 1), (3, 7), (5, 33), (2, 3, 1023), (4, 130)]
+SHAPES = [(1, 1), (3, 7), (5, 33), (2, 3, 1023), (4, 130), (2, 10007)]  # 10007: looped rows
 if not interpreting():
     SHAPES += [(4096, 768), (1000, 4099), (3, 65536)]
 

@@ -30,9 +30,13 @@ CPU); on a GPU the same tests run natively.
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import triton
 import triton.language as tl
+
+from fastattn.triton import Launch
 
 # Constants inlined in the kernels: 2 sqrt(2/pi) = 1.5957691216057308, 1/sqrt(2) =
 # 0.7071067811865476, 1/sqrt(2 pi) = 0.3989422804014327; clamp of the tanh form: 10.
@@ -152,6 +156,55 @@ def num_warps(block_n: int, block_m: int) -> int:
     return 4 if block_n * block_m < 2048 else 8
 
 
+def dbias_block(m: int) -> int:
+    return min(triton.next_power_of_2(max(m, 1)), 256)
+
+
+DTYPES = ("fp32", "fp16", "bf16")  # the declaration's (fastattn.ops.gelu)
+MAX_BLOCK_COLS_M = 1 << 11  # every block size the rules give appears for some m below this
+
+
+def aot_launches(every_flag: bool = True) -> list[Launch]:
+    """Every kernel variant the launchers can start (scripts/triton_aot.py): every tile the
+    launch rules give (they depend on m only below 1024 columns), both GELU forms, bias absent,
+    in x's dtype or fp32. ``every_flag=False``: only the variants with a bias (fp32) and its
+    gradient, the ones with the most live values."""
+    out = []
+    for x in DTYPES:
+        bdts = (None, x) if x == "fp32" else (None, x, "fp32")  # None: no bias
+        if not every_flag:
+            bdts = ("fp32",)
+        tiles = sorted({(block_rows(m), block_cols(m)) for m in range(1, MAX_BLOCK_COLS_M)})
+        for (bn, bm), bdt, tanh in itertools.product(tiles, bdts, (False, True)):
+            tile = dict(TANH=tanh, BLOCK_N=bn, BLOCK_M=bm)
+            ptr = dict(X=x, B=bdt or x, Y=x)
+            meta = dict(HAS_BIAS=bdt is not None, **tile)
+            out.append(_rec("_bias_gelu_fwd", ptr, meta, num_warps(bn, bm)))
+            for need_db in (False, True) if every_flag else (True,):
+                if need_db and bdt is None:
+                    continue
+                ptr = dict(DOUT=x, X=x, B=bdt or x, DX=x, DB_PART="fp32")
+                meta = dict(HAS_BIAS=bdt is not None, NEED_DB=need_db, **tile)
+                out.append(_rec("_bias_gelu_bwd", ptr, meta, num_warps(bn, bm)))
+    for pdt in DTYPES:
+        for bm in sorted({dbias_block(m) for m in range(1, MAX_BLOCK_COLS_M)}):
+            ptr = dict(DB=pdt, DB_PART="fp32")
+            out.append(_rec("_bias_gelu_bwd_dbias", ptr, dict(BLOCK_P=16, BLOCK_M=bm), 4))
+    return out
+
+
+def _rec(kernel: str, pointers: dict, constexprs: dict, warps: int) -> Launch:
+    return Launch(
+        module="gelu",
+        kernel=kernel,
+        pointers=tuple(pointers.items()),
+        floats=(),
+        constexprs=tuple(sorted(constexprs.items())),
+        num_warps=warps,
+        num_stages=3,  # Triton's default on CUDA (the launchers do not pass num_stages)
+    )
+
+
 def _rows_ready(t: torch.Tensor) -> torch.Tensor:
     """[N, M] with unit column stride (the kernels take a row stride)."""
     return t if t.stride(-1) == 1 else t.contiguous()
@@ -193,7 +246,7 @@ class _Triton:
             BLOCK_N=bn, BLOCK_M=bm, num_warps=num_warps(bn, bm),
         )  # fmt: skip
         if need_db:
-            rbm = min(triton.next_power_of_2(m), 256)
+            rbm = dbias_block(m)
             _bias_gelu_bwd_dbias[(triton.cdiv(m, rbm),)](
                 part, db, p, m, BLOCK_P=16, BLOCK_M=rbm, num_warps=4
             )

@@ -28,19 +28,31 @@ as uint8. Dropout draws the same Philox4x32-10 stream as
 uint32 counters (j, i, b*Hq + h, offset) and key (seed lo, seed hi); an element is kept iff
 ``(c0 >> 8) >= ceil(p * 2^24)`` (integer compare: identical on every backend).
 
-Launch rules (named functions below):
+Launch rules: one pure function, :func:`plan` (kernel -> constexprs, autotune configs), which
+the launchers call and :func:`aot_launches` runs over every dtype, head dim 1..128 and flag, so
+that ``scripts/triton_aot.py`` compiles for sm_80 and sm_90 exactly what can launch (registers,
+spills, shared memory: ``make cuda-check``).
 
-- ``_head_dim_block``: the head dim is padded to a power of two >= 16 (``tl.dot`` needs >= 16
-  and power-of-two block shapes); padded columns are masked on load and store.
-- ``_fwd_blocks``: BLOCK_M = 128 rows of queries for D <= 64 (enough work per program to hide
-  the K/V loads), 64 above (the fp32 accumulator of BLOCK_M x D must stay in registers);
-  BLOCK_N = 64 (32 for D = 128 with fp32 inputs, whose tiles are twice the bytes); 4 warps,
-  8 at BLOCK_M = 128 so each warp owns 16 rows. Under the interpreter: 32 x 32, which keeps
-  numpy's per-op overhead low while still crossing block edges in small tests.
-- ``_bwd_blocks``: 64 x 64 for D <= 64 and 32 x 64 above (the dK, dV accumulators double the
-  register footprint), 4 warps; interpreter 32 x 32.
-- fp32 inputs use ``input_precision="ieee"`` in ``tl.dot`` (no TF32): the correctness rule
-  compares against PyTorch's own fp32, which does not use TF32 by default.
+- Head dim padded to a power of two >= 16 (``_head_dim_block``: ``tl.dot`` needs >= 16 and
+  power-of-two block shapes); padded columns are masked on load and store.
+- Precision (``_precision``): fp16 / bf16 on the tensor cores. fp32 follows torch's TF32
+  switch (``fastattn.triton.tf32_enabled``: ``torch.backends.cuda.matmul.fp32_precision`` /
+  ``allow_tf32`` / ``torch.set_float32_matmul_precision("high")``): "tf32" when torch may use
+  TF32 for its own fp32 matmuls, else exact "ieee" (torch's default), whose dots become scalar
+  FMAs: small tiles (16-64 rows) keep them within the registers.
+- Tiles (``_FWD``, ``_DKDV``, ``_DQ``, per precision and head-dim block): chosen from ptxas's
+  numbers so that no fp16 / bf16 / TF32 variant spills on sm_80 or sm_90 and every one fits
+  the A100's 163 KB of shared memory. Forward: 128 query rows and 8 warps up to D = 64 (each
+  warp owns 16 rows), 64 rows and 4 warps at 128. dK/dV keeps two fp32 [BLOCK_N, D]
+  accumulators live across its whole query loop beside the dropout mask's Philox state: 8
+  warps and 32-64 query rows. num_stages 2 (software pipelining depth of the K/V loads).
+- Autotuning: where a table lists several configs (the 16-bit forward: num_stages 2 and 3),
+  ``triton.autotune`` times them once per (sequence-length bucket, flags, dtypes) and keeps the
+  fastest (``_launch``); a single config launches directly. Under the interpreter: one config,
+  32 x 32 blocks, which keeps numpy's per-op overhead low while still crossing block edges in
+  small tests, and no autotuning.
+- ``GROUP`` (Hq // Hkv) is a runtime argument, and seeds / offsets go in as int32 bit patterns:
+  one binary per variant whatever the head grouping or seed.
 
 Test: ``TRITON_INTERPRET=1 pytest tests/test_attention.py -k triton`` (the variable must be set
 before Triton is imported). Time: ``pytest benchmarks/bench_attention.py`` on a GPU.

@@ -15,11 +15,13 @@ Maths (elementwise, ``u = x + bias``, computed in float32 whatever the input dty
   stages: each (row block, column block) program writes its column sums to a
   ``[row_blocks, M]`` float32 buffer, then ``_bias_gelu_bwd_dbias`` adds the row blocks in order.
 
-Launch rules (named functions below):
+Launch rules (named functions below; :func:`aot_launches` lists every variant they give, which
+``scripts/triton_aot.py`` compiles for sm_80 and sm_90: no spills, ``make cuda-check``):
 
-- :func:`block_cols`: 2-D tiles ``[BLOCK_N, BLOCK_M]`` with ``BLOCK_M = min(next_pow2(M), 1024)``:
-  wide enough for 128-bit accesses per thread, small enough that any M works (columns are a
-  grid axis, so there is no row-length limit).
+- :func:`block_cols`: 2-D tiles ``[BLOCK_N, BLOCK_M]`` with ``BLOCK_M = next_pow2(M)`` clamped
+  to [16, 1024]: wide enough for 128-bit accesses per thread, small enough that any M works
+  (columns are a grid axis, so there is no row-length limit); at least 16 (a one-column
+  [4096, 1] tile spilled registers on sm_80).
 - :func:`block_rows`: ``BLOCK_N`` such that a tile holds ~4096 elements (>= 1 row): ~16 values
   per thread at 8 warps keeps registers low and gives enough tiles to fill the GPU.
 - :func:`num_warps`: 4 below 2048 elements per tile, else 8.
@@ -144,8 +146,11 @@ def _bias_gelu_bwd_dbias(
 
 
 # ------------------------------------------------------------------ launch rules
+MIN_BLOCK_COLS = 16  # a [4096, 1] tile (M = 1) spilled on sm_80; narrower rows are masked
+
+
 def block_cols(m: int) -> int:
-    return min(triton.next_power_of_2(max(m, 1)), 1024)
+    return min(max(triton.next_power_of_2(max(m, 1)), MIN_BLOCK_COLS), 1024)
 
 
 def block_rows(m: int) -> int:

@@ -12,11 +12,16 @@ statistics in float32):
   range of rows and writes its partial sums to its own row of ``[programs, M]`` float32
   buffers; ``_layer_norm_bwd_dwdb`` adds those rows in order.
 
-Launch rules (named functions below):
+Launch rules (named functions below; :func:`aot_launches` lists every variant they give, which
+``scripts/triton_aot.py`` compiles for sm_80 and sm_90: no spills, ``make cuda-check``):
 
-- :func:`block_cols`: a whole row in one block, ``BLOCK_M = next_pow2(M)``; rows longer than
-  65536 are not covered (`TRITON_MAX_COLS` in the op declaration): the row must fit in registers.
-- :func:`num_warps`: ``BLOCK_M / 256`` clamped to [1, 16]: ~8 floats per thread per operand.
+- :func:`block_cols` / :func:`one_block`: a row of up to ``ONE_BLOCK_MAX`` = 8192 columns is
+  one block held in registers, ``BLOCK_M = next_pow2(M)`` (at least 128: one warp); a longer
+  row (up to `TRITON_MAX_COLS` = 65536 in the op declaration) is read in 4096-column chunks, in
+  three passes forward (sum, variance around the mean, output) and two backward (the two row
+  means, then dx): a whole 16384+-column row spilled registers (16 warps cap a thread at 128).
+- :func:`num_warps`: ``BLOCK_M / 256`` clamped to [1, 16]: at most 16 floats per thread per
+  operand.
 - :func:`bwd_programs`: 4 programs per SM on a GPU (enough to hide latency while keeping the
   ``[programs, M]`` partial buffers small); 4 under the interpreter (it runs programs serially).
 

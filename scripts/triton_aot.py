@@ -8,7 +8,9 @@ head dims 1..128, row lengths 1..65536, every flag and autotune config), dedupli
 launcher cannot start a variant that is not in that set (``tests/test_triton_aot.py`` checks).
 Specialisation is the common case: 16-byte aligned pointers and multiple-of-16 integer
 arguments, as Triton specialises at run time (other alignments compile the same tiles with
-narrower loads).
+narrower loads; an integer argument equal to 1 becomes a constant: the same tiles, fewer
+instructions). ``--quick``: per tile, only the variant with every optional flag on (the most
+live values) -- what ``make cuda-check`` runs; without it, every variant (~3500 compiles).
 
 Numbers: registers and spill bytes from ptxas's own log (``-v``, Triton's bundled ptxas: no
 nvcc needed), shared memory from the kernel's metadata (Triton allocates it dynamically).
@@ -18,8 +20,9 @@ FMAs; their spills are reported, not failed: TF32, torch's opt-in, is the fast f
 shared memory above the target's opt-in limit per block (sm_80: 166912 B, sm_90: 232448 B).
 Prints a skip line and exits 0 where triton is not installed.
 
-Usage: python scripts/triton_aot.py [--jobs N] [--only SUBSTRING] [--arch 80,90] [--table]
-(``make cuda-check`` runs it; env TRITON_CACHE_DIR keeps compiled kernels between runs).
+Usage: python scripts/triton_aot.py [--quick] [--jobs N] [--only SUBSTRING] [--arch 80,90]
+[--table] (env TRITON_CACHE_DIR: Triton's compile cache, which also keeps ptxas's numbers, so
+an unchanged kernel is not compiled again).
 """
 
 from __future__ import annotations

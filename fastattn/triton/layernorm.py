@@ -66,8 +66,10 @@ def _layer_norm_fwd(
         mask = cols < M
         s = tl.load(X + row * stride_x + cols, mask=mask, other=0.0)
         if HAS_RES:
-            s = s + tl.load(RES + row * stride_r + cols, mask=mask, other=0.0)
-            # Rounded to the input dtype: the normalised value is the sum the caller gets back.
+            # Added in fp32 and rounded to the input dtype (as torch does; the interpreter's
+            # bfloat16 add overflows): the normalised value is the sum the caller gets back.
+            r = tl.load(RES + row * stride_r + cols, mask=mask, other=0.0)
+            s = (s.to(tl.float32) + r.to(tl.float32)).to(X.dtype.element_ty)
             tl.store(SUM + row * M + cols, s, mask=mask)
         s = s.to(tl.float32)
         mean = tl.sum(s, axis=0) / M
@@ -89,7 +91,8 @@ def _layer_norm_fwd(
             mask = c0 + cols < M
             s = tl.load(X + row * stride_x + c0 + cols, mask=mask, other=0.0)
             if HAS_RES:
-                s = s + tl.load(RES + row * stride_r + c0 + cols, mask=mask, other=0.0)
+                r = tl.load(RES + row * stride_r + c0 + cols, mask=mask, other=0.0)
+                s = (s.to(tl.float32) + r.to(tl.float32)).to(X.dtype.element_ty)
                 tl.store(SUM + row * M + c0 + cols, s, mask=mask)
             acc += s.to(tl.float32)
         mean = tl.sum(acc, axis=0) / M

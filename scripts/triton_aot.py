@@ -15,9 +15,11 @@ live values) -- what ``make cuda-check`` runs; without it, every variant (~3500 
 Numbers: registers and spill bytes from ptxas's own log (``-v``, Triton's bundled ptxas: no
 nvcc needed), shared memory from the kernel's metadata (Triton allocates it dynamically).
 
-Exit 1 on any compile error, any spill outside fp32 "ieee" attention (exact fp32 dots are scalar
-FMAs; their spills are reported, not failed: TF32, torch's opt-in, is the fast fp32 path), or
-shared memory above the target's opt-in limit per block (sm_80: 166912 B, sm_90: 232448 B).
+Exit 1 on any compile error, any spill in a kernel on fp16 / bf16 data, or shared memory above
+the target's opt-in limit per block (sm_80: 166912 B, sm_90: 232448 B). Spills of fp32 kernels
+are reported, not failed: exact fp32 attention dots are scalar FMAs, and ptxas's allocation of
+them (and of some TF32 variants) spills a few bytes to ~1 KB in variants that differ from a
+spill-free one by a flag; the 16-bit kernels are the fast path.
 Prints a skip line and exits 0 where triton is not installed.
 
 Usage: python scripts/triton_aot.py [--quick] [--jobs N] [--only SUBSTRING] [--arch 80,90]
@@ -134,14 +136,18 @@ def compile_one(launch, arch: int, fn=None) -> dict:
     return row
 
 
+def _data_type(launch) -> str:
+    """The element type of the kernel's data: its first pointer's (the table lists it first)."""
+    return launch.pointers[0][1] if launch.pointers else ""
+
+
 def problems(row: dict) -> list[str]:
     """Why a compiled variant fails the check (empty: it passes)."""
     launch, arch = row["launch"], row["arch"]
     if "error" in row:
         return [f"compile error: {row['error']}"]
     out = []
-    exact_fp32 = dict(launch.constexprs).get("PRECISION") == "ieee"
-    if row["spill"] and not exact_fp32:
+    if row["spill"] and _data_type(launch) in ("fp16", "bf16"):
         out.append(f"spills {row['spill']} B")
     if row["smem"] > SMEM_LIMIT[arch]:
         out.append(f"shared memory {row['smem']} B > {SMEM_LIMIT[arch]} B (sm_{arch} limit)")
@@ -244,11 +250,12 @@ def report(rows: list, archs: list[int], wall: float, table: bool = False) -> in
             print(f"triton_aot: sm_{arch}: nothing compiled")
             continue
         spilling = [r for r in rs if r["spill"]]
-        exact = [r for r in spilling if dict(r["launch"].constexprs).get("PRECISION") == "ieee"]
+        fp32 = [r for r in spilling if _data_type(r["launch"]) == "fp32"]
         print(
             f"triton_aot: sm_{arch}: {len(rs)} variants compiled, max {max(r['regs'] for r in rs)} "
-            f"registers, {len(spilling)} spilling ({len(exact)} of them exact fp32), max shared "
-            f"memory {max(r['smem'] for r in rs)} B (limit {SMEM_LIMIT[arch]} B)"
+            f"registers, {len(spilling)} spilling ({len(fp32)} of them fp32, max "
+            f"{max((r['spill'] for r in spilling), default=0)} B), max shared memory "
+            f"{max(r['smem'] for r in rs)} B (limit {SMEM_LIMIT[arch]} B)"
         )
     secs: dict = {}
     for r in rows:

@@ -275,8 +275,7 @@ def test_script_fails_on_spills_and_shared_memory():
     assert "shared memory" in aot.problems({**ok, "smem": 166913})[0]
     assert aot.problems({**ok, "arch": 90, "smem": 232448}) == []
     assert "sm_90 limit" in aot.problems({**ok, "arch": 90, "smem": 232449})[0]
-    # exact-fp32 attention may spill (reported, not failed); 16-bit attention may not
-    ieee = Launch("attention", "_attn_fwd", (), (), (("PRECISION", "ieee"),), 4, 2)
-    half = Launch("attention", "_attn_fwd", (), (), (("PRECISION", "tf32"),), 4, 2)
-    assert aot.problems({**ok, "launch": ieee, "spill": 100}) == []
-    assert aot.problems({**ok, "launch": half, "spill": 100})
+    # fp32 kernels may spill (reported, not failed); 16-bit ones may not
+    for dt, fails in (("fp32", False), ("bf16", True), ("fp16", True)):
+        lc = Launch("attention", "_attn_fwd", (("Q", dt),), (), (("PRECISION", "ieee"),), 4, 2)
+        assert bool(aot.problems({**ok, "launch": lc, "spill": 100})) == fails, dt

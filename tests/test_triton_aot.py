@@ -221,6 +221,29 @@ def test_autotuned_launch_runs_every_config(monkeypatch):
     torch.testing.assert_close(out, attention_reference(q, k, v, causal=True), atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("tf32", [False, True])
+@pytest.mark.parametrize("D", [16, 40, 64, 128])
+def test_gpu_tiles_in_the_interpreter(monkeypatch, tf32, D):
+    """The fp32 attention kernels with the tiles a GPU would use (not the interpreter's 32 x 32):
+    the tables' block sizes, differing per kernel, are correct (causal bounds, masks, edges).
+    fp32 only: the interpreter's 16-bit tl.dot is unreliable (see attention._dot)."""
+    if not A._triton_interpreting():
+        pytest.skip("on a GPU the attention tests run these tiles natively")
+    import fastattn
+    from tests.test_attention import assert_within_rule, fwd_bwd, make_inputs
+
+    monkeypatch.setattr(A, "_triton_interpreting", lambda: False)
+    monkeypatch.setattr(A, "tf32_enabled", lambda: tf32)
+    q, k, v, kpm, dout = make_inputs(1, 4, 2, 70, 83, D, torch.float32, pad=True, seed=D)
+    kw = dict(causal=True, key_padding_mask=kpm)
+    with fastattn.use_backend("triton"):
+        got = fwd_bwd(fastattn.attention, q, k, v, dout, **kw)
+    if tf32:  # the interpreter multiplies in fp32 whatever the precision: same bound
+        assert A.plan(torch.float32, D, causal=True, has_mask=True, dropout=False, tf32=True,
+                      interpreter=False)["_attn_fwd"][0]["PRECISION"] == "tf32"  # fmt: skip
+    assert_within_rule(got, q, k, v, dout, label=f"gpu tiles D={D}", **kw)
+
+
 # ----------------------------------------------------------------------------- the script
 def _tiny(X, Y, N, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)

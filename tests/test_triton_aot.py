@@ -3,6 +3,9 @@
 - Every launch the Triton launchers make (recorded, not run, over dtypes, head dims / row
   lengths, flags, GQA, TF32 on and off) is one of the variants the script compiles: the
   script's table covers what can run on a GPU.
+- The autotuned launch runs every candidate config to the same answer (a stand-in tuner: the
+  real one needs a GPU driver to time them); fp32 attention with the GPU tiles (not the
+  interpreter's) is within the error rule.
 - The script fails (exit status 1) on a kernel that does not compile, on spills and on shared
   memory above a target's limit; a good tiny kernel passes. Compiles two tiny kernels (seconds).
 

@@ -11,15 +11,22 @@ PY     := $(BIN)/python
 DEPS   := $(VENV)/.deps-stamp
 PKG    := $(VENV)/.pkg-stamp
 NVCC   := $(shell command -v nvcc 2>/dev/null)
+# scripts/triton_aot.py compiles every Triton variant (~3500 compiles: ~40 min cold on 2 busy
+# cores, ~3 min with build/triton_aot_cache warm: only changed kernels are compiled again).
+# TRITON_AOT_ARGS=--quick: per tile only the variant with every optional flag on (a smoke test,
+# not a proof: ptxas spills in some variants with fewer flags).
+TRITON_AOT_ARGS ?=
+AOT_PY := $(if $(wildcard $(PY)),$(PY),$(PYTHON))
 PYTEST_ARGS ?=
 
 .PHONY: demo test lint build bench cuda-check asan clean help
 
 help:
 	@echo "make demo        train the demo GPT with torch and with fastattn kernels, compare speed"
-	@echo "make test        lint, build, cuda-check (where nvcc exists) and the whole test-suite"
+	@echo "make test        lint, build, cuda-check (CUDA where nvcc exists) and the whole test-suite"
 	@echo "make bench       microbenchmarks; tables and plots in benchmarks/results/"
-	@echo "make cuda-check  compile csrc/cuda/*.cu for sm_80 and sm_90, print registers and spills"
+	@echo "make cuda-check  compile csrc/cuda/*.cu and the Triton kernels for sm_80 and sm_90, print"
+	@echo "                 registers, spills and shared memory"
 	@echo "make asan        the CPU kernels' tests against an AddressSanitizer build"
 
 $(PY):
@@ -50,10 +57,11 @@ lint: $(DEPS)
 
 cuda-check:
 ifeq ($(NVCC),)
-	@echo "cuda-check: skipped (nvcc not found)"
+	@echo "cuda-check: CUDA sources skipped (nvcc not found)"
 else
 	bash scripts/cuda_check.sh
 endif
+	TRITON_CACHE_DIR=$(CURDIR)/build/triton_aot_cache $(AOT_PY) scripts/triton_aot.py $(TRITON_AOT_ARGS)
 
 test: lint build cuda-check
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -7,11 +7,19 @@ import os
 import torch
 
 # Without a CUDA GPU, the Triton kernels run on CPU tensors through Triton's interpreter (small
-# shapes: see fastattn.triton.interpreting()); with one they run compiled, on the GPU. Triton
-# reads TRITON_INTERPRET when a @triton.jit kernel is defined, so this must happen before
+# shapes: see fastattn.triton.interpreting()); with one they run compiled, on the GPU, with the
+# launchers' real tiles (the tests do not depend on the interpreter's block sizes).
+# FASTATTN_TRITON_INTERPRET=1 forces the interpreter even on a GPU machine (GPU tensors are
+# copied to the host and back), =0 forbids it (without a GPU the Triton tests then skip).
+# Triton reads TRITON_INTERPRET when a @triton.jit kernel is defined, so this must happen before
 # anything imports fastattn.triton.<op> (conftest is imported before the test modules).
 # fastattn's `auto` never picks Triton on a CPU; tests choose it explicitly.
-if not torch.cuda.is_available():
+_FORCE_INTERPRET = os.environ.get("FASTATTN_TRITON_INTERPRET", "")
+if _FORCE_INTERPRET in ("0", "1"):
+    os.environ["TRITON_INTERPRET"] = _FORCE_INTERPRET
+elif _FORCE_INTERPRET:
+    raise RuntimeError(f"FASTATTN_TRITON_INTERPRET must be 0 or 1, got {_FORCE_INTERPRET!r}")
+elif not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402

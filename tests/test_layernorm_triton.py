@@ -44,7 +44,7 @@ def _leaves(ts, dt):
 
 # Small shapes for the interpreter (it runs programs one by one, in numpy); on a GPU also real
 # widths and enough rows for many programs per weight-gradient partial sum.
-SHAPES = [(1, 1), (3, 7), (5, 33), (2, 3, 1023), (4, 130)]
+SHAPES = [(1, 1), (3, 7), (5, 33), (2, 3, 1023), (4, 130), (2, 10007)]  # 10007: looped rows
 if not interpreting():
     SHAPES += [(4096, 768), (1000, 4099), (3, 65536)]
 
@@ -93,6 +93,35 @@ def test_triton_layer_norm(shape, affine, residual):
         _check(
             f"{name} {shape} {affine} res={residual}", results["ours"][i], ref, results["torch"][i]
         )
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m", [8191, 10007])  # one block / the looped kernel
+def test_triton_add_layer_norm_16bit(dtype, m):
+    """16-bit input, fp32 weight and 16-bit bias, with a residual: both row kernels."""
+    torch.manual_seed(2)
+    x, r, g, gs = (torch.randn(2, m) for _ in range(4))
+    w, b = torch.randn(m), torch.randn(m)
+    results = {}
+    for tag, dt in (("ours", dtype), ("torch", dtype), ("ref", torch.float64)):
+        xx, rr, bb = _leaves([x, r, b], dt)
+        (ww,) = _leaves([w], torch.float32 if tag != "ref" else dt)
+        if tag == "ours":
+            with fastattn.use_backend("triton"):
+                y, s = fastattn.add_layer_norm(xx, rr, m, ww, bb)
+        else:
+            s = xx + rr
+            y = (
+                F.layer_norm(s.float(), (m,), ww, bb.float()).to(dt)
+                if tag == "torch"
+                else layer_norm_reference(s, m, ww, bb)
+            )
+        torch.autograd.backward([y, s], [g.to(DEVICE, dt), gs.to(DEVICE, dt)])
+        results[tag] = [y.detach(), s.detach(), xx.grad, rr.grad, ww.grad, bb.grad]
+    for i, name in enumerate(("out", "sum", "dx", "dresidual", "dweight", "dbias")):
+        got, ref, own = (results[t][i] for t in ("ours", "ref", "torch"))
+        assert got.dtype == own.dtype, f"{name}: dtype {got.dtype} != {own.dtype}"
+        _check(f"{name} {dtype} m={m}", got, ref, own)
 
 
 def test_triton_layer_norm_non_contiguous():

@@ -28,19 +28,35 @@ as uint8. Dropout draws the same Philox4x32-10 stream as
 uint32 counters (j, i, b*Hq + h, offset) and key (seed lo, seed hi); an element is kept iff
 ``(c0 >> 8) >= ceil(p * 2^24)`` (integer compare: identical on every backend).
 
-Launch rules (named functions below):
+Launch rules: one pure function, :func:`plan` (kernel -> constexprs, autotune configs), which
+the launchers call and :func:`aot_launches` runs over every dtype, head dim 1..128 and flag, so
+that ``scripts/triton_aot.py`` compiles for sm_80 and sm_90 exactly what can launch (registers,
+spills, shared memory: ``make cuda-check``).
 
-- ``_head_dim_block``: the head dim is padded to a power of two >= 16 (``tl.dot`` needs >= 16
-  and power-of-two block shapes); padded columns are masked on load and store.
-- ``_fwd_blocks``: BLOCK_M = 128 rows of queries for D <= 64 (enough work per program to hide
-  the K/V loads), 64 above (the fp32 accumulator of BLOCK_M x D must stay in registers);
-  BLOCK_N = 64 (32 for D = 128 with fp32 inputs, whose tiles are twice the bytes); 4 warps,
-  8 at BLOCK_M = 128 so each warp owns 16 rows. Under the interpreter: 32 x 32, which keeps
-  numpy's per-op overhead low while still crossing block edges in small tests.
-- ``_bwd_blocks``: 64 x 64 for D <= 64 and 32 x 64 above (the dK, dV accumulators double the
-  register footprint), 4 warps; interpreter 32 x 32.
-- fp32 inputs use ``input_precision="ieee"`` in ``tl.dot`` (no TF32): the correctness rule
-  compares against PyTorch's own fp32, which does not use TF32 by default.
+- Head dim padded to a power of two >= 16 (``_head_dim_block``: ``tl.dot`` needs >= 16 and
+  power-of-two block shapes); padded columns are masked on load and store.
+- Precision (``_precision``): fp16 / bf16 on the tensor cores. fp32 follows torch's TF32
+  switch (``fastattn.triton.tf32_enabled``: ``torch.backends.cuda.matmul.fp32_precision`` /
+  ``allow_tf32`` / ``torch.set_float32_matmul_precision("high")``): "tf32" when torch may use
+  TF32 for its own fp32 matmuls, else exact "ieee" (torch's default), whose dots become scalar
+  FMAs: small tiles (16-64 rows) keep them within the registers.
+- Tiles (``_FWD``, ``_DKDV``, ``_DQ``, per precision and head-dim block): chosen from ptxas's
+  numbers so that no fp16 / bf16 variant spills on sm_80 or sm_90 (fp32 ones spill at most a
+  few bytes with TF32; exact fp32 more, see scripts/triton_aot.py) and every one fits the
+  A100's 163 KB of shared memory. Forward: 128 query rows and 8 warps up to D = 64 (each
+  warp owns 16 rows), 64 rows and 4 warps at 128. dK/dV keeps two fp32 [BLOCK_N, D]
+  accumulators live across its whole query loop beside the dropout mask's Philox state: 8
+  warps and 32-64 query rows. num_stages 2 (software pipelining depth of the loads), 1 for
+  dK/dV at head dim 64, where the pipelined loads' registers spilled. ptxas's allocation is
+  not monotonic in the flags (a variant with fewer flags can spill where the all-flags one does
+  not), so every flag combination is checked, not only the heaviest.
+- Autotuning: where a table lists several configs (the 16-bit forward: num_stages 2 and 3),
+  ``triton.autotune`` times them once per (sequence-length bucket, flags, dtypes) and keeps the
+  fastest (``_launch``); a single config launches directly. Under the interpreter: one config,
+  32 x 32 blocks, which keeps numpy's per-op overhead low while still crossing block edges in
+  small tests, and no autotuning.
+- ``GROUP`` (Hq // Hkv) is a runtime argument, and seeds / offsets go in as int32 bit patterns:
+  one binary per variant whatever the head grouping or seed.
 
 Test: ``TRITON_INTERPRET=1 pytest tests/test_attention.py -k triton`` (the variable must be set
 before Triton is imported). Time: ``pytest benchmarks/bench_attention.py`` on a GPU.
@@ -48,12 +64,15 @@ before Triton is imported). Time: ``pytest benchmarks/bench_attention.py`` on a 
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import triton
 import triton.language as tl
 from triton.language.random import philox_impl
 
-from fastattn.ops.attention import dropout_threshold
+from fastattn.ops.attention import TRITON_MAX_HEAD_DIM, dropout_threshold
+from fastattn.triton import TL_TYPES, Launch, tf32_enabled
 from fastattn.triton import interpreting as _triton_interpreting
 
 LOG2E = 1.4426950408889634
@@ -110,7 +129,7 @@ def _visible(
 
 
 # ----------------------------------------------------------------------------- forward
-@triton.jit(do_not_specialize=["seed_lo", "seed_hi", "offset", "threshold", "Tq", "Tk"])
+@triton.jit(do_not_specialize=["GROUP", "seed_lo", "seed_hi", "offset", "threshold", "Tq", "Tk"])
 def _attn_fwd(
     Q,
     K,
@@ -138,7 +157,7 @@ def _attn_fwd(
     seed_hi,
     offset,
     threshold,
-    GROUP: tl.constexpr,
+    GROUP,  # Hq // Hkv (runtime: one binary serves MHA, GQA and MQA)
     CAUSAL: tl.constexpr,
     HAS_MASK: tl.constexpr,
     DROPOUT: tl.constexpr,
@@ -233,7 +252,7 @@ def _attn_bwd_preprocess(
     tl.store(DELTA + bh * Tq + offs_m, delta, mask=offs_m < Tq)
 
 
-@triton.jit(do_not_specialize=["seed_lo", "seed_hi", "offset", "threshold", "Tq", "Tk"])
+@triton.jit(do_not_specialize=["GROUP", "seed_lo", "seed_hi", "offset", "threshold", "Tq", "Tk"])
 def _attn_bwd_dkdv(
     Q,
     K,
@@ -268,7 +287,7 @@ def _attn_bwd_dkdv(
     seed_hi,
     offset,
     threshold,
-    GROUP: tl.constexpr,
+    GROUP,  # Hq // Hkv (runtime: one binary serves MHA, GQA and MQA)
     CAUSAL: tl.constexpr,
     HAS_MASK: tl.constexpr,
     DROPOUT: tl.constexpr,
@@ -341,7 +360,7 @@ def _attn_bwd_dkdv(
     tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=kv_ok)
 
 
-@triton.jit(do_not_specialize=["seed_lo", "seed_hi", "offset", "threshold", "Tq", "Tk"])
+@triton.jit(do_not_specialize=["GROUP", "seed_lo", "seed_hi", "offset", "threshold", "Tq", "Tk"])
 def _attn_bwd_dq(
     Q,
     K,
@@ -374,7 +393,7 @@ def _attn_bwd_dq(
     seed_hi,
     offset,
     threshold,
-    GROUP: tl.constexpr,
+    GROUP,  # Hq // Hkv (runtime: one binary serves MHA, GQA and MQA)
     CAUSAL: tl.constexpr,
     HAS_MASK: tl.constexpr,
     DROPOUT: tl.constexpr,
@@ -438,6 +457,81 @@ def _attn_bwd_dq(
 
 
 # ----------------------------------------------------------------------------- launch rules
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # the declaration's (ops/attention.py)
+HEAD_DIM_BLOCKS = (16, 32, 64, 128)  # _head_dim_block over 1..TRITON_MAX_HEAD_DIM
+_POINTERS = {  # element type of each pointer argument: "x" = the input dtype
+    "_attn_fwd": {"Q": "x", "K": "x", "V": "x", "KPM": "m", "O": "x", "LSE": "fp32"},
+    "_attn_bwd_preprocess": {"O": "x", "DO": "x", "DELTA": "fp32"},
+    "_attn_bwd_dkdv": {
+        **{n: "x" for n in ("Q", "K", "V", "DO", "DK", "DV")},
+        **{"KPM": "m", "LSE": "fp32", "DELTA": "fp32"},
+    },
+    "_attn_bwd_dq": {
+        **{n: "x" for n in ("Q", "K", "V", "DO", "DQ")},
+        **{"KPM": "m", "LSE": "fp32", "DELTA": "fp32"},
+    },
+}
+_FLOATS = ("qk_scale", "scale", "rp_keep")
+
+
+def _cfg(block_m: int, block_n: int, warps: int, stages: int) -> triton.Config:
+    return triton.Config(
+        {"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages
+    )
+
+
+# Under the interpreter: one config (no autotuning), 32 x 32 blocks keep numpy's per-op
+# overhead low while still crossing block edges in small tests.
+_INTERPRETER = (_cfg(32, 32, 4, 1),)
+
+# (precision class, BLOCK_D) -> autotune candidates; "16" = fp16/bf16 tensor cores, "tf32" =
+# fp32 on tensor cores (torch's TF32 opt-in), "ieee" = exact fp32 (scalar FMAs). Every entry is
+# compiled for sm_80 and sm_90 by scripts/triton_aot.py: no spills, shared memory within limits.
+_FWD = {
+    ("16", 16): (_cfg(128, 64, 8, 2), _cfg(128, 64, 8, 3)),
+    ("16", 32): (_cfg(128, 64, 8, 2),),  # num_stages 3 spilled 8 B (sm_80, dropout)
+    ("16", 64): (_cfg(128, 64, 8, 2), _cfg(128, 64, 8, 3)),
+    ("16", 128): (_cfg(64, 64, 4, 2), _cfg(64, 64, 4, 3)),
+    ("tf32", 16): (_cfg(128, 64, 8, 2),),
+    ("tf32", 32): (_cfg(128, 64, 8, 2),),
+    ("tf32", 64): (_cfg(64, 64, 4, 2),),
+    ("tf32", 128): (_cfg(64, 32, 4, 2),),
+    ("ieee", 16): (_cfg(64, 32, 4, 2),),
+    ("ieee", 32): (_cfg(64, 32, 4, 2),),
+    ("ieee", 64): (_cfg(32, 32, 4, 2),),
+    ("ieee", 128): (_cfg(16, 32, 8, 2),),
+}
+# dK/dV: two [BLOCK_N, D] fp32 accumulators live across the whole query loop, beside the
+# dropout mask's Philox state: smaller query blocks (BLOCK_M) and 8 warps than the forward.
+_DKDV = {
+    ("16", 16): (_cfg(64, 64, 8, 2),),
+    ("16", 32): (_cfg(32, 64, 8, 2),),
+    ("16", 64): (_cfg(32, 32, 8, 1),),
+    ("16", 128): (_cfg(32, 64, 8, 2),),
+    ("tf32", 16): (_cfg(32, 64, 8, 2),),
+    ("tf32", 32): (_cfg(32, 64, 8, 2),),
+    ("tf32", 64): (_cfg(32, 32, 8, 1),),
+    ("tf32", 128): (_cfg(32, 64, 8, 2),),
+    ("ieee", 16): (_cfg(32, 32, 8, 2),),
+    ("ieee", 32): (_cfg(16, 16, 4, 2),),
+    ("ieee", 64): (_cfg(16, 16, 4, 2),),
+    ("ieee", 128): (_cfg(16, 16, 8, 1),),  # 16 x 16 x 4 warps x 2 stages spilled 1.3 KB
+}
+_DQ = {
+    ("16", 16): (_cfg(64, 64, 4, 2),),
+    ("16", 32): (_cfg(64, 64, 4, 2),),
+    ("16", 64): (_cfg(64, 64, 8, 2),),
+    ("16", 128): (_cfg(64, 32, 4, 2),),
+    ("tf32", 16): (_cfg(64, 64, 4, 2),),
+    ("tf32", 32): (_cfg(64, 64, 4, 2),),
+    ("tf32", 64): (_cfg(64, 32, 4, 2),),
+    ("tf32", 128): (_cfg(32, 32, 4, 2),),
+    ("ieee", 16): (_cfg(32, 32, 8, 2),),
+    ("ieee", 32): (_cfg(32, 32, 4, 2),),
+    ("ieee", 64): (_cfg(32, 32, 4, 2),),
+    ("ieee", 128): (_cfg(32, 16, 4, 2),),
+}
+_PREPROCESS_BLOCK_M = 64
 
 
 def _head_dim_block(D: int) -> int:
@@ -445,37 +539,131 @@ def _head_dim_block(D: int) -> int:
     return max(16, triton.next_power_of_2(D))
 
 
-def _fwd_blocks(block_d: int, dtype: torch.dtype) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps) of the forward; see the module header for why."""
-    if _triton_interpreting():
-        return 32, 32, 4
-    block_m = 128 if block_d <= 64 else 64
-    block_n = 32 if (block_d >= 128 and dtype == torch.float32) else 64
-    return block_m, block_n, 8 if block_m == 128 else 4
-
-
-def _bwd_blocks(block_d: int) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps) of the two backward kernels."""
-    if _triton_interpreting():
-        return 32, 32, 4
-    return (64 if block_d <= 64 else 32), 64, 4
-
-
-def _precision(dtype: torch.dtype) -> str:
-    """``tl.dot`` input precision: exact fp32 for fp32 inputs (no TF32); 16-bit inputs use the
-    tensor cores natively, or an fp32 upcast under the interpreter (see ``_dot``)."""
+def _precision(dtype: torch.dtype, *, tf32: bool, interpreter: bool) -> str:
+    """``tl.dot`` input precision. fp32 follows torch's TF32 switch (``tf32_enabled``): "tf32"
+    when torch may use TF32 for fp32 matmuls, else exact "ieee"; 16-bit inputs use the tensor
+    cores natively, or an fp32 upcast under the interpreter (see ``_dot``)."""
     if dtype == torch.float32:
-        return "ieee"
-    return "upcast" if _triton_interpreting() else "tf32"
+        return "tf32" if tf32 else "ieee"
+    return "upcast" if interpreter else "tf32"
+
+
+def _precision_class(dtype: torch.dtype, precision: str) -> str:
+    return precision if dtype == torch.float32 else "16"
+
+
+def plan(
+    dtype: torch.dtype,
+    head_dim: int,
+    *,
+    causal: bool,
+    has_mask: bool,
+    dropout: bool,
+    tf32: bool,
+    interpreter: bool,
+) -> dict[str, tuple[dict, tuple[triton.Config, ...]]]:
+    """The launch rules: kernel name -> (constexprs, autotune configs) for one call's facts.
+
+    Pure: the launchers call it, and so does ``aot_launches`` for scripts/triton_aot.py, so
+    the ahead-of-time check compiles exactly what can be launched.
+    """
+    block_d = _head_dim_block(head_dim)
+    prec = _precision(dtype, tf32=tf32, interpreter=interpreter)
+    flags = dict(CAUSAL=causal, HAS_MASK=has_mask, DROPOUT=dropout, PRECISION=prec)
+    key = (_precision_class(dtype, prec), block_d)
+    pick = (lambda table: _INTERPRETER) if interpreter else (lambda table: table[key])
+    pre_m = 32 if interpreter else _PREPROCESS_BLOCK_M
+    return {
+        "_attn_fwd": ({**flags, "BLOCK_D": block_d}, pick(_FWD)),
+        "_attn_bwd_preprocess": (
+            {"BLOCK_M": pre_m, "BLOCK_D": block_d},
+            (triton.Config({}, num_warps=4, num_stages=1),),
+        ),
+        "_attn_bwd_dkdv": ({**flags, "BLOCK_D": block_d}, pick(_DKDV)),
+        "_attn_bwd_dq": ({**flags, "BLOCK_D": block_d}, pick(_DQ)),
+    }
+
+
+def aot_launches(every_flag: bool = True) -> list[Launch]:
+    """Every kernel variant the launchers can start on a GPU (scripts/triton_aot.py): every
+    dtype (fp32 with TF32 on and off), head dim 1..TRITON_MAX_HEAD_DIM, flag and autotune
+    config. ``every_flag=False``: only causal + key padding + dropout, the variants with the
+    most live values (every flag adds work to the same loop)."""
+    bools = (False, True) if every_flag else (True,)
+    out = set()
+    for dtype in DTYPES:
+        for tf32 in (False, True) if dtype == torch.float32 else (False,):
+            for head_dim in range(1, TRITON_MAX_HEAD_DIM + 1):
+                for causal, has_mask, dropout in itertools.product(bools, repeat=3):
+                    p = plan(
+                        dtype, head_dim, causal=causal, has_mask=has_mask, dropout=dropout,
+                        tf32=tf32, interpreter=False,
+                    )  # fmt: skip
+                    for kernel, (meta, configs) in p.items():
+                        for cfg in configs:
+                            out.add(_launch_record(kernel, dtype, has_mask, meta, cfg))
+    return sorted(out, key=Launch.label)
+
+
+def _launch_record(kernel, dtype, has_mask, meta, cfg) -> Launch:
+    x = TL_TYPES[str(dtype)[6:]]
+    types = {"x": x, "m": "u8" if has_mask else x}
+    pointers = tuple((n, types.get(t, t)) for n, t in _POINTERS[kernel].items())
+    fn = globals()[kernel]
+    constexprs = {**meta, **cfg.kwargs}
+    return Launch(
+        module="attention",
+        kernel=kernel,
+        pointers=pointers,
+        floats=tuple(f for f in _FLOATS if f in fn.arg_names),
+        constexprs=tuple(sorted(constexprs.items())),
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )
+
+
+def _seq_bucket(t: int) -> int:
+    """Autotune key for a sequence length: its power-of-two bucket, clamped to [128, 16384]
+    (one tuning per bucket, not per length: variable-length batches do not retune each call)."""
+    return min(max(triton.next_power_of_2(max(t, 1)), 128), 16384)
+
+
+_TUNERS: dict = {}
+
+
+def _launch(kernel, configs, grid, args, meta, seq_len: int) -> None:
+    """Launch kernel with meta; one config runs as is, several through a triton.autotune that
+    benchmarks them once per (sequence bucket, flags, dtypes) and keeps the fastest."""
+    if len(configs) == 1:
+        cfg = configs[0]
+        g = grid(cfg.kwargs)
+        kernel[g](*args, **meta, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        return
+    tk = (kernel.__name__, configs, _seq_bucket(seq_len))
+    tuner = _TUNERS.get(tk)
+    if tuner is None:
+        tuner = triton.autotune(configs=list(configs), key=["CAUSAL", "HAS_MASK", "DROPOUT"])(
+            kernel
+        )
+        _TUNERS[tk] = tuner
+    tuner[grid](*args, **meta)
+
+
+def _int32(v: int) -> int:
+    """A uint32 as the int32 with the same bits: every scalar stays an i32 kernel argument
+    (Triton would type values >= 2^31 as i64 and compile another variant); the kernels read it
+    back with ``.to(tl.uint32)``, which keeps the bits."""
+    v &= 0xFFFFFFFF
+    return v - (1 << 32) if v >= 1 << 31 else v
 
 
 def _dropout_args(dropout_p: float, seed: int, offset: int) -> tuple[float, int, int, int, int]:
     rp = 1.0 / (1.0 - dropout_p) if dropout_p > 0 else 1.0
     return (
         rp,
-        seed & 0xFFFFFFFF,
-        (seed >> 32) & 0xFFFFFFFF,
-        offset & 0xFFFFFFFF,
+        _int32(seed),
+        _int32(seed >> 32),
+        _int32(offset),
         dropout_threshold(dropout_p),
     )
 
@@ -485,6 +673,18 @@ def _mask_arg(key_padding_mask: torch.Tensor | None, q: torch.Tensor):
         return q, 0  # never read (HAS_MASK is False)
     m = key_padding_mask.contiguous().view(torch.uint8)
     return m, m.stride(0)
+
+
+def _plan_for(q: torch.Tensor, key_padding_mask, causal: bool, dropout_p: float):
+    return plan(
+        q.dtype,
+        q.shape[-1],
+        causal=causal,
+        has_mask=key_padding_mask is not None,
+        dropout=dropout_p > 0,
+        tf32=tf32_enabled(),
+        interpreter=_triton_interpreting(),
+    )
 
 
 class _Triton:
@@ -500,48 +700,18 @@ class _Triton:
         lse = torch.empty((B, Hq, Tq), dtype=torch.float32, device=q.device)
         if out.numel() == 0:
             return out, lse
-        block_d = _head_dim_block(D)
-        bm, bn, warps = _fwd_blocks(block_d, q.dtype)
+        meta, configs = _plan_for(q, key_padding_mask, causal, dropout_p)["_attn_fwd"]
         kpm, smb = _mask_arg(key_padding_mask, q)
         rp, slo, shi, off, thr = _dropout_args(dropout_p, seed, offset)
-        grid = (triton.cdiv(Tq, bm), B * Hq)
-        _attn_fwd[grid](
-            q,
-            k,
-            v,
-            kpm,
-            out,
-            lse,
-            q.stride(0),
-            q.stride(1),
-            q.stride(2),
-            k.stride(0),
-            k.stride(1),
-            k.stride(2),
-            v.stride(0),
-            v.stride(1),
-            v.stride(2),
-            smb,
-            Hq,
-            Tq,
-            Tk,
-            D,
-            scale * LOG2E,
-            rp,
-            slo,
-            shi,
-            off,
-            thr,
-            GROUP=Hq // Hkv,
-            CAUSAL=causal,
-            HAS_MASK=key_padding_mask is not None,
-            DROPOUT=dropout_p > 0,
-            PRECISION=_precision(q.dtype),
-            BLOCK_M=bm,
-            BLOCK_N=bn,
-            BLOCK_D=block_d,
-            num_warps=warps,
-        )
+        args = (
+            q, k, v, kpm, out, lse,
+            q.stride(0), q.stride(1), q.stride(2),
+            k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2),
+            smb, Hq, Tq, Tk, D, scale * LOG2E, rp, slo, shi, off, thr, Hq // Hkv,
+        )  # fmt: skip
+        grid = lambda m: (triton.cdiv(Tq, m["BLOCK_M"]), B * Hq)  # noqa: E731
+        _launch(_attn_fwd, configs, grid, args, meta, max(Tq, Tk))
         return out, lse
 
     def bwd(
@@ -576,99 +746,56 @@ class _Triton:
             dout = dout.contiguous()
         out = out.contiguous()
         lse = lse.contiguous()
-        block_d = _head_dim_block(D)
-        bm, bn, warps = _bwd_blocks(block_d)
+        p = _plan_for(q, key_padding_mask, causal, dropout_p)
         kpm, smb = _mask_arg(key_padding_mask, q)
         rp, slo, shi, off, thr = _dropout_args(dropout_p, seed, offset)
         delta = torch.empty((B, Hq, Tq), dtype=torch.float32, device=q.device)
-        _attn_bwd_preprocess[(triton.cdiv(Tq, bm), B * Hq)](
-            out,
-            dout,
-            delta,
-            dout.stride(0),
-            dout.stride(1),
-            dout.stride(2),
-            Hq,
+        meta, configs = p["_attn_bwd_preprocess"]
+        _launch(
+            _attn_bwd_preprocess,
+            configs,
+            lambda m: (triton.cdiv(Tq, meta["BLOCK_M"]), B * Hq),
+            (out, dout, delta, dout.stride(0), dout.stride(1), dout.stride(2), Hq, Tq, D),
+            meta,
             Tq,
-            D,
-            BLOCK_M=bm,
-            BLOCK_D=block_d,
         )
         strides = (
-            q.stride(0),
-            q.stride(1),
-            q.stride(2),
-            k.stride(0),
-            k.stride(1),
-            k.stride(2),
-            v.stride(0),
-            v.stride(1),
-            v.stride(2),
-            dout.stride(0),
-            dout.stride(1),
-            dout.stride(2),
+            q.stride(0), q.stride(1), q.stride(2),
+            k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2),
+            dout.stride(0), dout.stride(1), dout.stride(2),
             smb,
+        )  # fmt: skip
+        tail = (scale, rp, slo, shi, off, thr, Hq // Hkv)
+        meta, configs = p["_attn_bwd_dkdv"]
+        _launch(
+            _attn_bwd_dkdv,
+            configs,
+            lambda m: (triton.cdiv(Tk, m["BLOCK_N"]), B * Hkv),
+            (q, k, v, dout, kpm, lse, delta, dk, dv, *strides, Hq, Hkv, Tq, Tk, D, *tail),
+            meta,
+            max(Tq, Tk),
         )
-        meta = dict(
-            GROUP=Hq // Hkv,
-            CAUSAL=causal,
-            HAS_MASK=key_padding_mask is not None,
-            DROPOUT=dropout_p > 0,
-            PRECISION=_precision(q.dtype),
-            BLOCK_M=bm,
-            BLOCK_N=bn,
-            BLOCK_D=block_d,
-            num_warps=warps,
-        )
-        _attn_bwd_dkdv[(triton.cdiv(Tk, bn), B * Hkv)](
-            q,
-            k,
-            v,
-            dout,
-            kpm,
-            lse,
-            delta,
-            dk,
-            dv,
-            *strides,
-            Hq,
-            Hkv,
-            Tq,
-            Tk,
-            D,
-            scale,
-            rp,
-            slo,
-            shi,
-            off,
-            thr,
-            **meta,
-        )
-        _attn_bwd_dq[(triton.cdiv(Tq, bm), B * Hq)](
-            q,
-            k,
-            v,
-            dout,
-            kpm,
-            lse,
-            delta,
-            dq,
-            *strides,
-            Hq,
-            Tq,
-            Tk,
-            D,
-            scale,
-            rp,
-            slo,
-            shi,
-            off,
-            thr,
-            **meta,
+        meta, configs = p["_attn_bwd_dq"]
+        _launch(
+            _attn_bwd_dq,
+            configs,
+            lambda m: (triton.cdiv(Tq, m["BLOCK_M"]), B * Hq),
+            (q, k, v, dout, kpm, lse, delta, dq, *strides, Hq, Tq, Tk, D, *tail),
+            meta,
+            max(Tq, Tk),
         )
         return dq, dk, dv, q.new_empty(0)
 
 
 TRITON = _Triton()
 
-__all__ = ["TRITON", "_attn_fwd", "_attn_bwd_preprocess", "_attn_bwd_dkdv", "_attn_bwd_dq"]
+__all__ = [
+    "TRITON",
+    "_attn_fwd",
+    "_attn_bwd_preprocess",
+    "_attn_bwd_dkdv",
+    "_attn_bwd_dq",
+    "aot_launches",
+    "plan",
+]

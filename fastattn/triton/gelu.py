@@ -15,11 +15,13 @@ Maths (elementwise, ``u = x + bias``, computed in float32 whatever the input dty
   stages: each (row block, column block) program writes its column sums to a
   ``[row_blocks, M]`` float32 buffer, then ``_bias_gelu_bwd_dbias`` adds the row blocks in order.
 
-Launch rules (named functions below):
+Launch rules (named functions below; :func:`aot_launches` lists every variant they give, which
+``scripts/triton_aot.py`` compiles for sm_80 and sm_90: no spills, ``make cuda-check``):
 
-- :func:`block_cols`: 2-D tiles ``[BLOCK_N, BLOCK_M]`` with ``BLOCK_M = min(next_pow2(M), 1024)``:
-  wide enough for 128-bit accesses per thread, small enough that any M works (columns are a
-  grid axis, so there is no row-length limit).
+- :func:`block_cols`: 2-D tiles ``[BLOCK_N, BLOCK_M]`` with ``BLOCK_M = next_pow2(M)`` clamped
+  to [16, 1024]: wide enough for 128-bit accesses per thread, small enough that any M works
+  (columns are a grid axis, so there is no row-length limit); at least 16 (a one-column
+  [4096, 1] tile spilled registers on sm_80).
 - :func:`block_rows`: ``BLOCK_N`` such that a tile holds ~4096 elements (>= 1 row): ~16 values
   per thread at 8 warps keeps registers low and gives enough tiles to fill the GPU.
 - :func:`num_warps`: 4 below 2048 elements per tile, else 8.
@@ -30,9 +32,13 @@ CPU); on a GPU the same tests run natively.
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import triton
 import triton.language as tl
+
+from fastattn.triton import Launch
 
 # Constants inlined in the kernels: 2 sqrt(2/pi) = 1.5957691216057308, 1/sqrt(2) =
 # 0.7071067811865476, 1/sqrt(2 pi) = 0.3989422804014327; clamp of the tanh form: 10.
@@ -140,8 +146,11 @@ def _bias_gelu_bwd_dbias(
 
 
 # ------------------------------------------------------------------ launch rules
+MIN_BLOCK_COLS = 16  # a [4096, 1] tile (M = 1) spilled on sm_80; narrower rows are masked
+
+
 def block_cols(m: int) -> int:
-    return min(triton.next_power_of_2(max(m, 1)), 1024)
+    return min(max(triton.next_power_of_2(max(m, 1)), MIN_BLOCK_COLS), 1024)
 
 
 def block_rows(m: int) -> int:
@@ -150,6 +159,55 @@ def block_rows(m: int) -> int:
 
 def num_warps(block_n: int, block_m: int) -> int:
     return 4 if block_n * block_m < 2048 else 8
+
+
+def dbias_block(m: int) -> int:
+    return min(triton.next_power_of_2(max(m, 1)), 256)
+
+
+DTYPES = ("fp32", "fp16", "bf16")  # the declaration's (fastattn.ops.gelu)
+MAX_BLOCK_COLS_M = 1 << 11  # every block size the rules give appears for some m below this
+
+
+def aot_launches(every_flag: bool = True) -> list[Launch]:
+    """Every kernel variant the launchers can start (scripts/triton_aot.py): every tile the
+    launch rules give (they depend on m only below 1024 columns), both GELU forms, bias absent,
+    in x's dtype or fp32. ``every_flag=False``: only the variants with a bias (fp32) and its
+    gradient, the ones with the most live values."""
+    out = []
+    for x in DTYPES:
+        bdts = (None, x) if x == "fp32" else (None, x, "fp32")  # None: no bias
+        if not every_flag:
+            bdts = ("fp32",)
+        tiles = sorted({(block_rows(m), block_cols(m)) for m in range(1, MAX_BLOCK_COLS_M)})
+        for (bn, bm), bdt, tanh in itertools.product(tiles, bdts, (False, True)):
+            tile = dict(TANH=tanh, BLOCK_N=bn, BLOCK_M=bm)
+            ptr = dict(X=x, B=bdt or x, Y=x)
+            meta = dict(HAS_BIAS=bdt is not None, **tile)
+            out.append(_rec("_bias_gelu_fwd", ptr, meta, num_warps(bn, bm)))
+            for need_db in (False, True) if every_flag else (True,):
+                if need_db and bdt is None:
+                    continue
+                ptr = dict(DOUT=x, X=x, B=bdt or x, DX=x, DB_PART="fp32")
+                meta = dict(HAS_BIAS=bdt is not None, NEED_DB=need_db, **tile)
+                out.append(_rec("_bias_gelu_bwd", ptr, meta, num_warps(bn, bm)))
+    for pdt in DTYPES:
+        for bm in sorted({dbias_block(m) for m in range(1, MAX_BLOCK_COLS_M)}):
+            ptr = dict(DB=pdt, DB_PART="fp32")
+            out.append(_rec("_bias_gelu_bwd_dbias", ptr, dict(BLOCK_P=16, BLOCK_M=bm), 4))
+    return out
+
+
+def _rec(kernel: str, pointers: dict, constexprs: dict, warps: int) -> Launch:
+    return Launch(
+        module="gelu",
+        kernel=kernel,
+        pointers=tuple(pointers.items()),
+        floats=(),
+        constexprs=tuple(sorted(constexprs.items())),
+        num_warps=warps,
+        num_stages=3,  # Triton's default on CUDA (the launchers do not pass num_stages)
+    )
 
 
 def _rows_ready(t: torch.Tensor) -> torch.Tensor:
@@ -193,7 +251,7 @@ class _Triton:
             BLOCK_N=bn, BLOCK_M=bm, num_warps=num_warps(bn, bm),
         )  # fmt: skip
         if need_db:
-            rbm = min(triton.next_power_of_2(m), 256)
+            rbm = dbias_block(m)
             _bias_gelu_bwd_dbias[(triton.cdiv(m, rbm),)](
                 part, db, p, m, BLOCK_P=16, BLOCK_M=rbm, num_warps=4
             )

@@ -12,11 +12,16 @@ statistics in float32):
   range of rows and writes its partial sums to its own row of ``[programs, M]`` float32
   buffers; ``_layer_norm_bwd_dwdb`` adds those rows in order.
 
-Launch rules (named functions below):
+Launch rules (named functions below; :func:`aot_launches` lists every variant they give, which
+``scripts/triton_aot.py`` compiles for sm_80 and sm_90: no spills, ``make cuda-check``):
 
-- :func:`block_cols`: a whole row in one block, ``BLOCK_M = next_pow2(M)``; rows longer than
-  65536 are not covered (`TRITON_MAX_COLS` in the op declaration): the row must fit in registers.
-- :func:`num_warps`: ``BLOCK_M / 256`` clamped to [1, 16]: ~8 floats per thread per operand.
+- :func:`block_cols` / :func:`one_block`: a row of up to ``ONE_BLOCK_MAX`` = 8192 columns is
+  one block held in registers, ``BLOCK_M = next_pow2(M)`` (at least 128: one warp); a longer
+  row (up to `TRITON_MAX_COLS` = 65536 in the op declaration) is read in 4096-column chunks, in
+  three passes forward (sum, variance around the mean, output) and two backward (the two row
+  means, then dx): a whole 16384+-column row spilled registers (16 warps cap a thread at 128).
+- :func:`num_warps`: ``BLOCK_M / 256`` clamped to [1, 16]: at most 16 floats per thread per
+  operand.
 - :func:`bwd_programs`: 4 programs per SM on a GPU (enough to hide latency while keeping the
   ``[programs, M]`` partial buffers small); 4 under the interpreter (it runs programs serially).
 
@@ -25,9 +30,14 @@ Test: ``TRITON_INTERPRET=1 pytest tests/test_layernorm_triton.py`` (interpreter,
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import triton
 import triton.language as tl
+
+from fastattn.ops.layernorm import TRITON_MAX_COLS
+from fastattn.triton import Launch
 
 
 @triton.jit
@@ -47,27 +57,61 @@ def _layer_norm_fwd(
     HAS_RES: tl.constexpr,
     HAS_W: tl.constexpr,
     HAS_B: tl.constexpr,
+    ONE_BLOCK: tl.constexpr,  # the row fits one BLOCK_M block (else: looped, three passes)
     BLOCK_M: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_M)
-    mask = cols < M
-    s = tl.load(X + row * stride_x + cols, mask=mask, other=0.0)
-    if HAS_RES:
-        s = s + tl.load(RES + row * stride_r + cols, mask=mask, other=0.0)
-        # Rounded to the input dtype: the normalised value is the sum the caller gets back.
-        tl.store(SUM + row * M + cols, s, mask=mask)
-    s = s.to(tl.float32)
-    mean = tl.sum(s, axis=0) / M
-    d = tl.where(mask, s - mean, 0.0)
-    var = tl.sum(d * d, axis=0) / M
-    rstd = 1.0 / tl.sqrt(var + eps)
-    y = d * rstd
-    if HAS_W:
-        y = y * tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
-    if HAS_B:
-        y = y + tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(OUT + row * M + cols, y.to(OUT.dtype.element_ty), mask=mask)
+    if ONE_BLOCK:
+        mask = cols < M
+        s = tl.load(X + row * stride_x + cols, mask=mask, other=0.0)
+        if HAS_RES:
+            # Added in fp32 and rounded to the input dtype (as torch does; the interpreter's
+            # bfloat16 add overflows): the normalised value is the sum the caller gets back.
+            r = tl.load(RES + row * stride_r + cols, mask=mask, other=0.0)
+            s = (s.to(tl.float32) + r.to(tl.float32)).to(X.dtype.element_ty)
+            tl.store(SUM + row * M + cols, s, mask=mask)
+        s = s.to(tl.float32)
+        mean = tl.sum(s, axis=0) / M
+        d = tl.where(mask, s - mean, 0.0)
+        var = tl.sum(d * d, axis=0) / M
+        rstd = 1.0 / tl.sqrt(var + eps)
+        y = d * rstd
+        if HAS_W:
+            y = y * tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+        if HAS_B:
+            y = y + tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(OUT + row * M + cols, y.to(OUT.dtype.element_ty), mask=mask)
+    else:
+        # A long row in BLOCK_M chunks: the sum (stored, then re-read: the same rounded values),
+        # the mean, the variance around it (two-pass, as above), then the output.
+        src = SUM + row * M if HAS_RES else X + row * stride_x
+        acc = tl.zeros([BLOCK_M], dtype=tl.float32)
+        for c0 in range(0, M, BLOCK_M):
+            mask = c0 + cols < M
+            s = tl.load(X + row * stride_x + c0 + cols, mask=mask, other=0.0)
+            if HAS_RES:
+                r = tl.load(RES + row * stride_r + c0 + cols, mask=mask, other=0.0)
+                s = (s.to(tl.float32) + r.to(tl.float32)).to(X.dtype.element_ty)
+                tl.store(SUM + row * M + c0 + cols, s, mask=mask)
+            acc += s.to(tl.float32)
+        mean = tl.sum(acc, axis=0) / M
+        acc = tl.zeros([BLOCK_M], dtype=tl.float32)
+        for c0 in range(0, M, BLOCK_M):
+            mask = c0 + cols < M
+            s = tl.load(src + c0 + cols, mask=mask, other=0.0).to(tl.float32)
+            d = tl.where(mask, s - mean, 0.0)
+            acc += d * d
+        rstd = 1.0 / tl.sqrt(tl.sum(acc, axis=0) / M + eps)
+        for c0 in range(0, M, BLOCK_M):
+            mask = c0 + cols < M
+            s = tl.load(src + c0 + cols, mask=mask, other=0.0).to(tl.float32)
+            y = (s - mean) * rstd
+            if HAS_W:
+                y = y * tl.load(W + c0 + cols, mask=mask, other=0.0).to(tl.float32)
+            if HAS_B:
+                y = y + tl.load(B + c0 + cols, mask=mask, other=0.0).to(tl.float32)
+            tl.store(OUT + row * M + c0 + cols, y.to(OUT.dtype.element_ty), mask=mask)
     tl.store(MEAN + row, mean)
     tl.store(RSTD + row, rstd)
 
@@ -93,39 +137,83 @@ def _layer_norm_bwd_dx(
     HAS_DSUM: tl.constexpr,
     NEED_DW: tl.constexpr,
     NEED_DB: tl.constexpr,
+    ONE_BLOCK: tl.constexpr,  # the row fits one BLOCK_M block (else: looped, two passes)
     BLOCK_M: tl.constexpr,
 ):
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_M)
-    mask = cols < M
-    if HAS_W:
-        w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
-    dw = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    db = tl.zeros((BLOCK_M,), dtype=tl.float32)
     row0 = pid * rows_per_program
     row1 = tl.minimum(row0 + rows_per_program, N)
-    for r in range(row0, row1):
-        row = tl.cast(r, tl.int64)  # 64-bit offsets: N * M may exceed 2^31
-        dy = tl.load(DOUT + row * stride_d + cols, mask=mask, other=0.0).to(tl.float32)
-        x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-        mean = tl.load(MEAN + row)
-        rstd = tl.load(RSTD + row)
-        xh = tl.where(mask, (x - mean) * rstd, 0.0)
-        g = dy * w if HAS_W else dy
-        mg = tl.sum(g, axis=0) / M
-        mgx = tl.sum(g * xh, axis=0) / M
-        dx = (g - mg - xh * mgx) * rstd
-        if HAS_DSUM:
-            dx += tl.load(DSUM + row * stride_s + cols, mask=mask, other=0.0).to(tl.float32)
-        tl.store(DX + row * M + cols, dx.to(DX.dtype.element_ty), mask=mask)
+    if ONE_BLOCK:
+        mask = cols < M
+        if HAS_W:
+            w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+        dw = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        db = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        for r in range(row0, row1):
+            row = tl.cast(r, tl.int64)  # 64-bit offsets: N * M may exceed 2^31
+            dy = tl.load(DOUT + row * stride_d + cols, mask=mask, other=0.0).to(tl.float32)
+            x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+            mean = tl.load(MEAN + row)
+            rstd = tl.load(RSTD + row)
+            xh = tl.where(mask, (x - mean) * rstd, 0.0)
+            g = dy * w if HAS_W else dy
+            mg = tl.sum(g, axis=0) / M
+            mgx = tl.sum(g * xh, axis=0) / M
+            dx = (g - mg - xh * mgx) * rstd
+            if HAS_DSUM:
+                dx += tl.load(DSUM + row * stride_s + cols, mask=mask, other=0.0).to(tl.float32)
+            tl.store(DX + row * M + cols, dx.to(DX.dtype.element_ty), mask=mask)
+            if NEED_DW:
+                dw += dy * xh
+            if NEED_DB:
+                db += dy
         if NEED_DW:
-            dw += dy * xh
+            tl.store(DW_PART + pid * M + cols, dw, mask=mask)
         if NEED_DB:
-            db += dy
-    if NEED_DW:
-        tl.store(DW_PART + pid * M + cols, dw, mask=mask)
-    if NEED_DB:
-        tl.store(DB_PART + pid * M + cols, db, mask=mask)
+            tl.store(DB_PART + pid * M + cols, db, mask=mask)
+    else:
+        # A long row in BLOCK_M chunks: pass 1 the two row means, pass 2 dx and the partial
+        # dweight / dbias, added in place into this program's own (zeroed) partial rows.
+        for r in range(row0, row1):
+            row = tl.cast(r, tl.int64)
+            mean = tl.load(MEAN + row)
+            rstd = tl.load(RSTD + row)
+            acc_g = tl.zeros((BLOCK_M,), dtype=tl.float32)
+            acc_gx = tl.zeros((BLOCK_M,), dtype=tl.float32)
+            for c0 in range(0, M, BLOCK_M):
+                mask = c0 + cols < M
+                dy = tl.load(DOUT + row * stride_d + c0 + cols, mask=mask, other=0.0)
+                x = tl.load(X + row * stride_x + c0 + cols, mask=mask, other=0.0)
+                xh = tl.where(mask, (x.to(tl.float32) - mean) * rstd, 0.0)
+                g = dy.to(tl.float32)
+                if HAS_W:
+                    g = g * tl.load(W + c0 + cols, mask=mask, other=0.0).to(tl.float32)
+                acc_g += g
+                acc_gx += g * xh
+            mg = tl.sum(acc_g, axis=0) / M
+            mgx = tl.sum(acc_gx, axis=0) / M
+            for c0 in range(0, M, BLOCK_M):
+                mask = c0 + cols < M
+                dy = tl.load(DOUT + row * stride_d + c0 + cols, mask=mask, other=0.0)
+                x = tl.load(X + row * stride_x + c0 + cols, mask=mask, other=0.0)
+                dy = dy.to(tl.float32)
+                xh = tl.where(mask, (x.to(tl.float32) - mean) * rstd, 0.0)
+                g = dy
+                if HAS_W:
+                    g = g * tl.load(W + c0 + cols, mask=mask, other=0.0).to(tl.float32)
+                dx = (g - mg - xh * mgx) * rstd
+                if HAS_DSUM:
+                    dx += tl.load(DSUM + row * stride_s + c0 + cols, mask=mask, other=0.0).to(
+                        tl.float32
+                    )
+                tl.store(DX + row * M + c0 + cols, dx.to(DX.dtype.element_ty), mask=mask)
+                if NEED_DW:
+                    part = DW_PART + pid * M + c0 + cols
+                    tl.store(part, tl.load(part, mask=mask, other=0.0) + dy * xh, mask=mask)
+                if NEED_DB:
+                    part = DB_PART + pid * M + c0 + cols
+                    tl.store(part, tl.load(part, mask=mask, other=0.0) + dy, mask=mask)
 
 
 @triton.jit
@@ -159,12 +247,30 @@ def _layer_norm_bwd_dwdb(
 
 
 # ------------------------------------------------------------------ launch rules
+ONE_BLOCK_MAX = 8192  # longest row held in registers whole (16 warps: 16 floats per operand)
+LOOP_BLOCK = 4096  # chunk of a longer row (16 warps: 8 floats per operand per pass)
+MIN_BLOCK = 128  # one warp, 4 values per thread: shorter rows are masked
+DTYPES = ("fp32", "fp16", "bf16")  # the declaration's (fastattn.ops.layernorm)
+
+
 def block_cols(m: int) -> int:
-    return triton.next_power_of_2(max(m, 1))
+    """BLOCK_M: the whole row padded to a power of two (>= MIN_BLOCK) up to ONE_BLOCK_MAX
+    columns, else LOOP_BLOCK-column chunks of it (``one_block(m)`` False)."""
+    if not one_block(m):
+        return LOOP_BLOCK
+    return max(triton.next_power_of_2(max(m, 1)), MIN_BLOCK)
+
+
+def one_block(m: int) -> bool:
+    return m <= ONE_BLOCK_MAX
 
 
 def num_warps(block_m: int) -> int:
     return min(max(block_m // 256, 1), 16)
+
+
+def dwdb_block(block_m: int) -> int:
+    return min(block_m, 256)
 
 
 def bwd_programs(n: int, device: torch.device) -> int:
@@ -172,6 +278,57 @@ def bwd_programs(n: int, device: torch.device) -> int:
         sms = torch.cuda.get_device_properties(device).multi_processor_count
         return max(1, min(n, 4 * sms))
     return max(1, min(n, 4))
+
+
+def aot_launches(every_flag: bool = True) -> list[Launch]:
+    """Every kernel variant the launchers can start (scripts/triton_aot.py): every (block,
+    one-block) pair the launch rules give for 1..TRITON_MAX_COLS, every flag, weight / bias in
+    x's dtype or fp32. ``every_flag=False``: only the variants with every optional operand
+    present (fp32 parameters), the ones with the most live values."""
+    rows = sorted({(block_cols(m), one_block(m)) for m in range(1, TRITON_MAX_COLS + 1)})
+    bools = (False, True) if every_flag else (True,)
+    out = []
+    for x in DTYPES:
+        pdts = (None, x) if x == "fp32" else (None, x, "fp32")  # None: no such parameter
+        if not every_flag:
+            pdts = ("fp32",)
+        for bm, one in rows:
+            common = dict(ONE_BLOCK=one, BLOCK_M=bm)
+            for res, wt, bt in itertools.product(bools, pdts, pdts):
+                ptr = dict(X=x, RES=x, W=wt or x, B=bt or x, OUT=x, SUM=x, MEAN="fp32", RSTD="fp32")
+                meta = dict(HAS_RES=res, HAS_W=wt is not None, HAS_B=bt is not None, **common)
+                out.append(_rec("_layer_norm_fwd", ptr, meta, num_warps(bm)))
+            for wt, dsum, dw, db in itertools.product(pdts, bools, bools, bools):
+                if dw and wt is None:
+                    continue
+                ptr = dict(DOUT=x, X=x, W=wt or x, MEAN="fp32", RSTD="fp32", DSUM=x, DX=x)
+                ptr.update(DW_PART="fp32", DB_PART="fp32")
+                meta = dict(HAS_W=wt is not None, HAS_DSUM=dsum, NEED_DW=dw, NEED_DB=db, **common)
+                out.append(_rec("_layer_norm_bwd_dx", ptr, meta, num_warps(bm)))
+    for x in DTYPES:
+        for pdt in sorted({x, "fp32"}) if every_flag else ("fp32",):
+            for bm in sorted({dwdb_block(b) for b, _ in rows}):
+                for dw, db in ((True, True), (True, False), (False, True))[
+                    : 3 if every_flag else 1
+                ]:
+                    # an output that is not needed gets dx's pointer: never written
+                    ptr = dict(DW=pdt if dw else x, DB=pdt if db else x)
+                    ptr.update(DW_PART="fp32", DB_PART="fp32")
+                    meta = dict(NEED_DW=dw, NEED_DB=db, BLOCK_P=16, BLOCK_M=bm)
+                    out.append(_rec("_layer_norm_bwd_dwdb", ptr, meta, 4))
+    return out
+
+
+def _rec(kernel: str, pointers: dict, constexprs: dict, warps: int) -> Launch:
+    return Launch(
+        module="layernorm",
+        kernel=kernel,
+        pointers=tuple(pointers.items()),
+        floats=("eps",) if kernel == "_layer_norm_fwd" else (),
+        constexprs=tuple(sorted(constexprs.items())),
+        num_warps=warps,
+        num_stages=3,  # Triton's default on CUDA (the launchers do not pass num_stages)
+    )
 
 
 def _rows_ready(t: torch.Tensor) -> torch.Tensor:
@@ -200,7 +357,7 @@ class _Triton:
             x, res, weight if weight is not None else x, bias if bias is not None else x,
             out, s if has_res else out, mean, rstd, m, x.stride(0), res.stride(0), float(eps),
             HAS_RES=has_res, HAS_W=weight is not None, HAS_B=bias is not None,
-            BLOCK_M=bm, num_warps=num_warps(bm),
+            ONE_BLOCK=one_block(m), BLOCK_M=bm, num_warps=num_warps(bm),
         )  # fmt: skip
         return out, s, mean, rstd
 
@@ -230,18 +387,19 @@ class _Triton:
         p = bwd_programs(n, x.device)
         rows_per_program = triton.cdiv(n, p)
         p = triton.cdiv(n, rows_per_program)
-        shape = (p, m)
-        dw_part = torch.empty(shape if need_dw else (1,), dtype=torch.float32, device=x.device)
-        db_part = torch.empty(shape if need_db else (1,), dtype=torch.float32, device=x.device)
+        one = one_block(m)
+        new = torch.empty if one else torch.zeros  # the looped kernel adds into its partials
+        dw_part = new((p, m) if need_dw else (1,), dtype=torch.float32, device=x.device)
+        db_part = new((p, m) if need_db else (1,), dtype=torch.float32, device=x.device)
         _layer_norm_bwd_dx[(p,)](
             dout, x, weight if weight is not None else x, mean, rstd, ds if ds is not None else x,
             dx, dw_part, db_part, n, m, rows_per_program, dout.stride(0), x.stride(0),
             ds.stride(0) if ds is not None else 0,
             HAS_W=weight is not None, HAS_DSUM=ds is not None, NEED_DW=need_dw, NEED_DB=need_db,
-            BLOCK_M=bm, num_warps=num_warps(bm),
+            ONE_BLOCK=one, BLOCK_M=bm, num_warps=num_warps(bm),
         )  # fmt: skip
         if need_dw or need_db:
-            rbm = min(bm, 256)
+            rbm = dwdb_block(bm)
             _layer_norm_bwd_dwdb[(triton.cdiv(m, rbm),)](
                 dw_part, db_part, dw if need_dw else dx, db if need_db else dx, p, m,
                 NEED_DW=need_dw, NEED_DB=need_db, BLOCK_P=16, BLOCK_M=rbm, num_warps=4,

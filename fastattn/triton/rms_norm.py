@@ -23,7 +23,13 @@ import torch
 import triton
 import triton.language as tl
 
-from fastattn.triton.layernorm import _rows_ready, block_cols, bwd_programs, num_warps
+from fastattn.triton.layernorm import _rows_ready, bwd_programs, num_warps
+
+
+def block_cols(m: int) -> int:
+    """BLOCK_M: the whole row in one block, padded to a power of two (up to TRITON_MAX_COLS;
+    layer_norm's looped long-row kernel has no RMSNorm twin yet)."""
+    return triton.next_power_of_2(max(m, 1))
 
 
 @triton.jit

@@ -4,7 +4,8 @@ On a CPU the answer depends on the chip: AVX512_BF16 (Zen 4, Sapphire Rapids) ru
 products at about twice the fp32 FMA rate, while a CPU without them emulates bf16 matmuls and is
 slower than fp32. So the trainer measures instead of guessing: one matmul of the model's
 largest shape (tokens x n_embd times n_embd x 4 n_embd, the MLP's fc1) in each dtype, interleaved,
-in process CPU time (robust to other processes), median of a few rounds. On CUDA, bf16 where
+wall-clock, median of a few rounds. (Process CPU time was tried: spin-waiting threads and small
+GEMMs that MKL runs on one thread made its rates meaningless.) On CUDA, bf16 where
 the GPU supports it.
 """
 
@@ -39,14 +40,12 @@ def probe_cpu(tokens: int, n_embd: int) -> dict[str, float]:
         reps = max(1, int(2e8 // (2 * m * k * n)))  # ~0.2 GFLOP per timing
         for _ in range(ROUNDS):
             for name, (x, w) in ops.items():
-                t0 = time.process_time()
+                t0 = time.perf_counter()
                 for _ in range(reps):
                     F.linear(x, w)
-                times[name].append((time.process_time() - t0) / reps)
+                times[name].append((time.perf_counter() - t0) / reps)
     flop = 2.0 * m * k * n
-    # process_time adds up every thread's CPU time: divide by the threads for a wall-clock rate
-    threads = torch.get_num_threads()
-    return {name: flop * threads / _median(ts) / 1e9 for name, ts in times.items()}
+    return {name: flop / _median(ts) / 1e9 for name, ts in times.items()}
 
 
 def resolve(device: str, tokens: int, n_embd: int) -> tuple[str, str]:

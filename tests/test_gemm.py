@@ -85,3 +85,10 @@ def test_feed_forward_inference_epilogue(approximate, dtype):
     t = torch_ff(x, w1, b1, w2, b2)
     r = torch_ff(*(u.double() for u in (x, w1, b1, w2, b2)))
     assert_rule("out", out, t, r)
+
+
+def test_linear_autocast_leaves_float64_alone():
+    # CPU autocast does not cast float64 operands of F.linear; neither does the GEMM path.
+    x, w = torch.randn(5, 8, dtype=torch.float64), torch.randn(3, 8, dtype=torch.float64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert _gemm.linear(x, w).dtype == F.linear(x, w).dtype == torch.float64

@@ -115,14 +115,26 @@ def _path(x2: Tensor, w: Tensor, b: Tensor | None) -> str:
     return choice
 
 
+def _autocast(x: Tensor, w: Tensor, b: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
+    """The operands as CPU autocast hands them to ``F.linear``: floating tensors other than
+    float64 in the autocast dtype (float64 is not eligible and stays as it is)."""
+    dev = x.device.type
+    if dev != "cpu" or not torch.is_autocast_enabled(dev):
+        return x, w, b
+    dt = torch.get_autocast_dtype(dev)
+
+    def cast(t: Tensor | None) -> Tensor | None:
+        ok = t is not None and t.is_floating_point() and t.dtype != torch.float64
+        return t.to(dt) if ok else t
+
+    return cast(x), cast(w), cast(b)
+
+
 def linear(x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
     """``F.linear(x, w, b)`` (x ``(..., K)``, w ``(N, K)``, b ``(N,)``) on the faster GEMM path;
     honours autocast as ``F.linear`` does."""
     dev = x.device.type
-    if torch.is_autocast_enabled(dev) and dev == "cpu":
-        dt = torch.get_autocast_dtype(dev)
-        x, w = x.to(dt), w.to(dt)
-        b = b.to(dt) if b is not None else None
+    x, w, b = _autocast(x, w, b)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     if _path(x2, w, b) == "torch":
@@ -139,10 +151,7 @@ def linear_gelu(x: Tensor, w: Tensor, b: Tensor | None, approximate: str) -> Ten
     gradient (inference: nothing to save for a backward). None where oneDNN cannot serve it
     (the caller takes the unfused path)."""
     dev = x.device.type
-    if torch.is_autocast_enabled(dev) and dev == "cpu":
-        dt = torch.get_autocast_dtype(dev)
-        x, w = x.to(dt), w.to(dt)
-        b = b.to(dt) if b is not None else None
+    x, w, b = _autocast(x, w, b)
     x2 = x.reshape(-1, x.shape[-1])
     if _path(x2, w, b) != "onednn":
         return None

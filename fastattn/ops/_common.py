@@ -134,3 +134,9 @@ def draw_seed() -> Tensor:
     run repeatable), as a 0-dim int64 tensor: under ``torch.compile`` the draw is part of the
     graph (no ``.item()`` break), a fresh seed every call."""
     return torch.randint(0, 2**62, (), dtype=torch.int64)
+
+
+def seed_int(seed: Tensor | None) -> int:
+    """The Philox seed a kernel takes: the value of :func:`draw_seed`'s tensor, 0 without one.
+    Read inside a custom op's body, where the tensor is real even under ``torch.compile``."""
+    return int(seed.item()) if seed is not None else 0

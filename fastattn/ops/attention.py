@@ -54,6 +54,7 @@ from fastattn.ops._common import (
     eager_call,
     eager_fast_path,
     fake_from,
+    seed_int,
 )
 
 _MASK32 = 0xFFFFFFFF
@@ -499,14 +500,9 @@ def _attention_fwd(
     case = _case(q, k, key_padding_mask, bias, softcap, window_left, window_right, diag_offset,
                  dropout_p, False)  # fmt: skip
     args = (q, k, v, key_padding_mask, bias, scale, softcap, window_left, window_right,
-            diag_offset, dropout_p, _seed_int(seed), offset)  # fmt: skip
+            diag_offset, dropout_p, seed_int(seed), offset)  # fmt: skip
     out, lse = _dispatch.run("attention", "fwd", q.device, case, None, *args)
     return out.contiguous(), lse.contiguous()
-
-
-def _seed_int(seed: Tensor | None) -> int:
-    """The Philox seed: a 0-dim int64 tensor (drawn inside a compiled graph: no break)."""
-    return int(seed.item()) if seed is not None else 0
 
 
 attention_fwd = torch.library.custom_op("fastattn::attention_fwd", mutates_args=())(_attention_fwd)
@@ -540,7 +536,7 @@ def _attention_bwd(
     case = _case(q, k, key_padding_mask, bias, softcap, window_left, window_right, diag_offset,
                  dropout_p, need_bias_grad)  # fmt: skip
     args = (dout, q, k, v, out, lse, key_padding_mask, bias, scale, softcap, window_left,
-            window_right, diag_offset, dropout_p, _seed_int(seed), offset,
+            window_right, diag_offset, dropout_p, seed_int(seed), offset,
             need_bias_grad)  # fmt: skip
     dq, dk, dv, dbias = _dispatch.run("attention", "bwd", q.device, case, backend, *args)
     return dq.contiguous(), dk.contiguous(), dv.contiguous(), dbias.contiguous()

@@ -36,6 +36,7 @@ from fastattn.ops._common import (
     eager_call,
     eager_fast_path,
     fake_from,
+    seed_int,
 )
 from fastattn.ops.attention import dropout_threshold, philox4x32
 
@@ -206,17 +207,13 @@ def _layer_norm_fwd(
     case = _case(
         x, residual.dtype if residual is not None else None, out_dtype, dropout=dropout_p > 0
     )
-    args = (x, weight, bias, residual, eps, out_dtype, dropout_p, _seed_int(seed))
+    args = (x, weight, bias, residual, eps, out_dtype, dropout_p, seed_int(seed))
     return tuple(_dispatch.run("layer_norm", "fwd", x.device, case, None, *args))
 
 
 layer_norm_fwd = torch.library.custom_op("fastattn::layer_norm_fwd", mutates_args=())(
     _layer_norm_fwd
 )
-
-
-def _seed_int(seed: Tensor | None) -> int:
-    return int(seed.item()) if seed is not None else 0
 
 
 # The dropout mask changes values, not shapes: the fake draws it with seed 0 (a traced seed
@@ -242,7 +239,7 @@ def _layer_norm_bwd(
     """Returns (ds (+ dsum) or [0], dx or [0] (= ds), dweight or [0], dbias or [0]);
     ``backend``: the one in force at the forward."""
     args = (dout, x, weight, mean, rstd, dsum, need_weight_grad, need_bias_grad, need_ds,
-            x_dtype, dropout_p, _seed_int(seed))  # fmt: skip
+            x_dtype, dropout_p, seed_int(seed))  # fmt: skip
     case = _case(x, dout.dtype, x_dtype, dropout=dropout_p > 0)
     return tuple(_dispatch.run("layer_norm", "bwd", x.device, case, backend, *args))
 

@@ -191,9 +191,11 @@ def patch(
     attention: bool = True,
     rms_norm: bool = True,
     gated_mlp: bool = True,
+    linear: bool = True,
 ) -> PatchReport:
     """Swap ``model``'s LayerNorm, RMSNorm, GELU, gated MLP and attention layers for fastattn's,
-    in place.
+    in place; and (``linear=True``) its plain ``torch.nn.Linear`` layers for
+    :class:`fastattn.nn.Linear` (the same GEMM on torch's faster CPU library for each shape).
 
     Returns a :class:`PatchReport` of what was replaced and what was left and why.
     """
@@ -213,6 +215,9 @@ def patch(
             report.add(
                 name, "layer_norm", "replaced", "torch.nn.LayerNorm", "fastattn.nn.LayerNorm"
             )
+        elif linear and kind is nn.Linear:
+            _swap_class(module, fnn.Linear)
+            report.add(name, "linear", "replaced", "torch.nn.Linear", "fastattn.nn.Linear")
         elif gelu and kind is nn.GELU:
             _swap_class(module, fnn.GELU)
             report.add(name, "gelu", "replaced", "torch.nn.GELU", "fastattn.nn.GELU")

@@ -92,3 +92,48 @@ def test_linear_autocast_leaves_float64_alone():
     x, w = torch.randn(5, 8, dtype=torch.float64), torch.randn(3, 8, dtype=torch.float64)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert _gemm.linear(x, w).dtype == F.linear(x, w).dtype == torch.float64
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_nn_linear_is_a_drop_in(monkeypatch, path):
+    """fastattn.nn.Linear: torch.nn.Linear's constructor, parameters and state_dict; its output
+    and gradients within the rule (float32 and under bf16 autocast), on either GEMM path."""
+    monkeypatch.setenv("FASTATTN_GEMM", path)
+    torch.manual_seed(0)
+    ref = torch.nn.Linear(37, 19)
+    ours = fastattn.nn.Linear(37, 19)
+    ours.load_state_dict(ref.state_dict())
+    assert isinstance(ours, torch.nn.Linear) and ours.state_dict().keys() == ref.state_dict().keys()
+    ref64 = torch.nn.Linear(37, 19).double()
+    ref64.load_state_dict(ref.state_dict())
+    x = torch.randn(5, 3, 37)
+    dout = torch.randn(5, 3, 19)
+    for autocast in (False, True):
+        results = []
+        for m, ac in ((ours, autocast), (ref, autocast), (ref64, False)):
+            m.zero_grad(set_to_none=True)
+            xi = x.double() if m is ref64 else x
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=ac):
+                out = m(xi)
+            out.backward(dout.to(out.dtype))
+            results.append((out, m.weight.grad, m.bias.grad))
+        for what, a, t, r in zip(("out", "dw", "db"), *results, strict=True):
+            assert a.dtype == t.dtype
+            assert_rule(f"{what} autocast={autocast}", a, t, r)
+
+
+def test_patch_swaps_plain_linears_only():
+    model = torch.nn.Sequential(
+        torch.nn.Linear(8, 8), torch.nn.Sequential(torch.nn.Linear(8, 4)), torch.nn.Identity()
+    )
+    attn = torch.nn.MultiheadAttention(8, 2)  # its out_proj is a Linear subclass: left alone
+    model.append(attn)
+    x = torch.randn(3, 8)
+    before = model[:2](x)
+    report = fastattn.patch(model, attention=False)
+    assert [e.name for e in report.layers("linear", "replaced")] == ["0", "1.0"]
+    assert type(model[0]) is fastattn.nn.Linear and type(attn.out_proj) is not fastattn.nn.Linear
+    torch.testing.assert_close(model[:2](x), before)
+    fastattn.unpatch(model)
+    assert type(model[0]) is torch.nn.Linear and type(model[1][0]) is torch.nn.Linear
+    assert not fastattn.patch(model, linear=False).layers("linear")

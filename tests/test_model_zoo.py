@@ -388,6 +388,8 @@ def test_output_attentions_match_eager(name):
 def test_report_and_unpatch(name):
     original, patched, report = _build(name)
     replaced = Counter(e.kind for e in report.layers(action="replaced"))
+    linears = sum(type(m) is torch.nn.Linear for m in original.modules())
+    assert linears > 0 and replaced.pop("linear") == linears  # every plain Linear
     assert dict(replaced) == FAMILIES[name].replaced
     assert all(e.runtime for e in report.layers("attention", "replaced"))
     assert report.fallbacks, "the output_attentions path materialises weights: a fallback"

@@ -4,6 +4,7 @@ from fastattn.nn.attention import CausalSelfAttention, MultiheadAttention
 from fastattn.nn.gated_act import GatedFeedForward
 from fastattn.nn.gelu import GELU, FeedForward
 from fastattn.nn.layernorm import LayerNorm
+from fastattn.nn.linear import Linear
 from fastattn.nn.rms_norm import RMSNorm
 
 __all__ = [
@@ -12,6 +13,7 @@ __all__ = [
     "GatedFeedForward",
     "GELU",
     "LayerNorm",
+    "Linear",
     "MultiheadAttention",
     "RMSNorm",
 ]

@@ -39,10 +39,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from fastattn import _dispatch
+from fastattn.ops import _gemm
 from fastattn.ops._common import (
     NativeKernels,
     acc_dtype,
@@ -320,7 +320,8 @@ def gated_feed_forward(
     weight ``[w_gate; w_up]`` (and ``b_gate`` its ``(2 d_hidden,)`` bias): one GEMM, and the
     activation reads its two halves in place.
 
-    With two weights the projections are two ``F.linear`` calls. One GEMM over
+    The projections run on :func:`fastattn.ops._gemm.linear` (``F.linear``'s maths on oneDNN or
+    MKL, whichever measured faster for the shape). With two weights they are two GEMMs. One GEMM over
     ``torch.cat([w_gate, w_up])`` was measured on the CPU (``benchmarks/gated_gemm.py``,
     ``benchmarks/results/gated-gemm-20261206.md``): no faster forward, at most a few percent
     forward+backward within the noise, and in training the concatenated copy would be saved for
@@ -356,7 +357,7 @@ def gated_feed_forward(
     _check_linear(name, "w_down", x, w_down, hidden)
     _check_bias(name, "b_down", x, b_down, w_down.shape[0])
     if w_up is None:
-        h = gated_act(F.linear(x, w_gate, b_gate), None, activation)
+        h = gated_act(_gemm.linear(x, w_gate, b_gate), None, activation)
     else:
-        h = gated_act(F.linear(x, w_gate, b_gate), F.linear(x, w_up, b_up), activation)
-    return F.linear(h, w_down, b_down)
+        h = gated_act(_gemm.linear(x, w_gate, b_gate), _gemm.linear(x, w_up, b_up), activation)
+    return _gemm.linear(h, w_down, b_down)

@@ -504,7 +504,7 @@ def patch_models(quick: bool):
 
         models.append(("HF GPT-2 4x384, 6 heads", gpt2, lambda: (torch.randint(0, 1024, (B, T)),)))
 
-        def llama():  # GQA, RMSNorm, SwiGLU: the Llama / Mistral / Qwen2 family's layers
+        def llama(t: int = T):  # GQA, RMSNorm, SwiGLU: the Llama / Mistral / Qwen2 family's layers
             cfg = transformers.LlamaConfig(
                 num_hidden_layers=4,
                 hidden_size=384,
@@ -512,7 +512,7 @@ def patch_models(quick: bool):
                 num_key_value_heads=2,
                 intermediate_size=1024,
                 vocab_size=1024,
-                max_position_embeddings=T,
+                max_position_embeddings=t,
             )
             return transformers.LlamaForCausalLM(cfg)
 
@@ -523,6 +523,15 @@ def patch_models(quick: bool):
                 lambda: (torch.randint(0, 1024, (B, T)),),
             )  # fmt: skip
         )
+        if not quick:  # the same tokens per step as one long-context batch: attention weighs more
+            long_b, long_t = B * T // 1024, 1024
+            models.append(
+                (
+                    f"HF Llama 4x384 as above, B={long_b}, T={long_t}",
+                    lambda: llama(long_t),
+                    lambda: (torch.randint(0, 1024, (long_b, long_t)),),
+                )  # fmt: skip
+            )
     except ImportError:
         pass
     return B, T, models
@@ -534,7 +543,7 @@ def suite_patch(ctx: Context) -> Report:
     B, T, models = patch_models(ctx.quick)
     baselines = ["original eager", "original compiled"]
     rep = Report(
-        f"fastattn.patch(model): forward+backward, float32 and bf16 autocast, B={B}, T={T}, CPU",
+        f"fastattn.patch(model): forward+backward, float32 and bf16 autocast, B={B}, T={T} unless the model says otherwise, CPU",
         comparison_columns(["model", "dtype"], None, None, baselines),
         ceilings=ctx.ceilings,
         notes=[
@@ -543,6 +552,7 @@ def suite_patch(ctx: Context) -> Report:
             "compute- and memory-bound work, so no fraction of a ceiling is given."
         ],
     )
+    budget_rows = []
     for label, make, inputs in models:
         torch.manual_seed(0)
         original = make().train()
@@ -573,7 +583,50 @@ def suite_patch(ctx: Context) -> Report:
                 fns[name] = step
             cmp = interleaved(fns, rounds=ctx.rounds_or(11), max_s=90.0)
             rep.add_comparison([label, tag], cmp, baselines=baselines)
+            dtype = torch.bfloat16 if tag == "bf16" else torch.float32
+            floor = _linear_floor_ms(original, args, dtype)
+            orig, pat = (cmp.time(k).median * 1e3 for k in ("original eager", "patched eager"))
+            budget_rows.append([label, tag, orig, pat, floor, orig / floor, pat / floor])
+    rep.sections.append(
+        (
+            "GEMM floor: the model's Linear layers (forward, dx and dW products) at the best "
+            "rate torch's GEMMs (MKL or oneDNN) reach at each shape, measured in this run. "
+            "original / floor bounds the speed-up of any change that leaves the Linears' "
+            "FLOPs as they are (everything else free).",
+            [
+                "model",
+                "dtype",
+                "original eager ms",
+                "patched eager ms",
+                "GEMM floor ms",
+                "original / floor",
+                "patched / floor",
+            ],
+            budget_rows,
+        )
+    )
     return rep
+
+
+def _linear_floor_ms(model: torch.nn.Module, args: tuple, dtype: torch.dtype) -> float:
+    """Milliseconds of one forward+backward's Linear GEMMs at the best measured rate per shape."""
+    from benchmarks.training import gemm_rate
+
+    shapes: list[tuple[int, int, int]] = []
+
+    def hook(mod, inputs, _out):
+        x = inputs[0]
+        shapes.append((x.numel() // x.shape[-1], mod.in_features, mod.out_features))
+
+    hooks = [m.register_forward_hook(hook) for m in model.modules() if type(m) is torch.nn.Linear]
+    try:
+        with torch.no_grad():
+            model(*args)
+    finally:
+        for h in hooks:
+            h.remove()
+    rates = {s: gemm_rate(*s, dtype) for s in set(shapes)}
+    return sum(3 * 2 * m * k * n / rates[(m, k, n)] / 1e9 for m, k, n in shapes) * 1e3
 
 
 @dataclass(frozen=True)

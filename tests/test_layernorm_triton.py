@@ -145,3 +145,28 @@ def test_triton_layer_norm_unsupported_row_length():
     assert plan(torch.float32, 65536) == ("triton", [])
     with pytest.raises(fastattn.BackendError, match="dtype torch.float64"):
         plan(torch.float64, 8)
+
+
+def test_triton_layer_norm_launch_rules():
+    """The tiles `make cuda-check` (scripts/triton_aot.py) found spill-free in fp16 / bf16 on
+    sm_80 and sm_90: 8 values per thread up to 1024 columns, 4 from 2048 on (8 at 8192, 32 warps
+    at most); longer rows looped in 2048-column chunks. With 8 per thread at 2048 (8 warps) and
+    4096 (16 warps) ptxas spilled; a change here needs that check re-run."""
+    from fastattn.triton import layernorm as L
+
+    got = {m: (L.block_cols(m), L.one_block(m), L.num_warps(L.block_cols(m))) for m in
+           (1, 129, 256, 512, 1000, 1025, 2048, 2049, 4096, 8192, 8193, 65536)}  # fmt: skip
+    assert got == {
+        1: (128, True, 1),
+        129: (256, True, 1),
+        256: (256, True, 1),
+        512: (512, True, 2),
+        1000: (1024, True, 4),
+        1025: (2048, True, 16),
+        2048: (2048, True, 16),
+        2049: (4096, True, 32),
+        4096: (4096, True, 32),
+        8192: (8192, True, 32),
+        8193: (2048, False, 16),
+        65536: (2048, False, 16),
+    }

@@ -62,8 +62,12 @@ def test_probe_picks_a_path_once(monkeypatch):
     monkeypatch.setenv("FASTATTN_GEMM", "auto")
     x, w = torch.randn(31, 8), torch.randn(5, 8)
     _gemm.linear(x, w)
-    key = (torch.float32, 31, 8, 5, False)
-    assert _gemm.choices()[key] in PATHS
+    assert _gemm.choices()[(torch.float32, 31, 8, 5, False, False)] in PATHS
+    # Training (a gradient needed) is its own key, probed forward + backward.
+    w.requires_grad_()
+    _gemm.linear(x, w).sum().backward()
+    assert _gemm.choices()[(torch.float32, 31, 8, 5, False, True)] in PATHS
+    assert w.grad is not None
     monkeypatch.setenv("FASTATTN_GEMM", "cublas")
     with pytest.raises(ValueError, match="FASTATTN_GEMM must be auto, onednn or torch"):
         _gemm.linear(x, w)

@@ -6,9 +6,9 @@ speed. ``F.linear`` on float32 is MKL's sgemm; ``torch.ops.mkldnn._linear_pointw
 oneDNN's matmul (the path ``torch.compile`` takes on the CPU), which on AVX-512 machines often
 reaches more of the FMA peak at transformer shapes and can fuse a GELU epilogue. Which one wins
 depends on the CPU, the dtype and the shape, so :func:`linear` measures both the first time it
-sees a ``(dtype, M, K, N, bias)`` key (two interleaved rounds each, outside ``torch.compile``
-tracing) and keeps the winner; ``FASTATTN_GEMM=onednn`` / ``=torch`` forces a path and
-``choices()`` shows what was picked. Anything oneDNN cannot take (non-CPU tensors, float64,
+sees a ``(dtype, M, K, N, bias, grad)`` key (interleaved rounds, forward + backward where a
+gradient is needed, else the forward; outside ``torch.compile`` tracing) and keeps the winner;
+``FASTATTN_GEMM=onednn`` / ``=torch`` forces a path and ``choices()`` shows what was picked. Anything oneDNN cannot take (non-CPU tensors, float64,
 float16, a missing op) goes to ``F.linear``.
 
 Backward (``_OneDNNLinear``): ``dx = dy @ W`` on oneDNN, ``dW = dy^T @ x`` as ``torch.mm``
@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 _ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
-_CHOICE: dict[tuple, str] = {}  # (dtype, M, K, N, has_bias) -> "onednn" | "torch"
+_CHOICE: dict[tuple, str] = {}  # (dtype, M, K, N, has_bias, grad) -> "onednn" | "torch"
 _PROBE_ROUNDS = 3
 
 
@@ -67,7 +67,7 @@ class _OneDNNLinear(torch.autograd.Function):
 
 
 def choices() -> dict[tuple, str]:
-    """The path picked per ``(dtype, M, K, N, has_bias)`` so far."""
+    """The path picked per ``(dtype, M, K, N, has_bias, grad)`` so far."""
     return dict(_CHOICE)
 
 
@@ -75,16 +75,32 @@ def _median(ts: list[float]) -> float:
     return sorted(ts)[len(ts) // 2]
 
 
-def _probe(x: Tensor, w: Tensor, b: Tensor | None) -> str:
-    """Time both paths on these operands (forward only, as a proxy for the step's GEMMs of this
-    shape), interleaved, in process CPU time (robust to other processes on a busy machine);
-    returns the faster."""
-    with torch.no_grad():
+def _probe(x: Tensor, w: Tensor, b: Tensor | None, grad: bool) -> str:
+    """Time both paths on these operands, interleaved, in process CPU time (robust to other
+    processes on a busy machine); returns the faster. ``grad``: time forward + backward (dx, dW,
+    db), the work of a training step: oneDNN's forward can win while its backward loses (at
+    768 x 128 -> 65 / 128 in float32, 2 threads: 6-17% slower fwd+bwd, 0-7% faster forward)."""
+    x, w = x.detach(), w.detach()
+    b = None if b is None else b.detach()
+    if grad:
+        x, w = x.requires_grad_(), w.requires_grad_()
+        b = None if b is None else b.requires_grad_()
+        leaves = [t for t in (x, w, b) if t is not None]
+        dy = torch.ones(x.shape[0], w.shape[0], dtype=x.dtype)
+
+        def timed(f):
+            return lambda: torch.autograd.grad(f(x, w, b), leaves, dy)
+
+        fns = {"onednn": timed(_OneDNNLinear.apply), "torch": timed(F.linear)}
+    else:
         fns = {"onednn": lambda: _onednn(x, w, b), "torch": lambda: F.linear(x, w, b)}
+    # Small products vary more from call to call: more rounds where they are cheap.
+    rounds = _PROBE_ROUNDS if x.shape[0] * x.shape[1] * w.shape[0] > 2**28 else 3 * _PROBE_ROUNDS
+    with torch.enable_grad() if grad else torch.no_grad():
         for f in fns.values():
             f()
         times: dict[str, list[float]] = {k: [] for k in fns}
-        for _ in range(_PROBE_ROUNDS):
+        for _ in range(rounds):
             for k, f in fns.items():
                 t0 = time.process_time()
                 f()
@@ -108,10 +124,11 @@ def _path(x2: Tensor, w: Tensor, b: Tensor | None) -> str:
         return "torch"
     if forced == "onednn":
         return "onednn"
-    key = (x2.dtype, x2.shape[0], x2.shape[1], w.shape[0], b is not None)
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x2, w, b))
+    key = (x2.dtype, x2.shape[0], x2.shape[1], w.shape[0], b is not None, grad)
     choice = _CHOICE.get(key)
     if choice is None:
-        choice = _CHOICE[key] = _probe(x2.detach(), w.detach(), None if b is None else b.detach())
+        choice = _CHOICE[key] = _probe(x2, w, b, grad)
     return choice
 
 

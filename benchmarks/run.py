@@ -589,7 +589,8 @@ def suite_patch(ctx: Context) -> Report:
             budget_rows.append([label, tag, orig, pat, floor, orig / floor, pat / floor])
     rep.sections.append(
         (
-            "GEMM floor: the model's Linear layers (forward, dx and dW products) at the best "
+            "GEMM floor: the model's projections (Linear, HF Conv1D, MultiheadAttention's in / "
+            "out projections; forward, dx and dW products) at the best "
             "rate torch's GEMMs (MKL or oneDNN) reach at each shape, measured in this run. "
             "original / floor bounds the speed-up of any change that leaves the Linears' "
             "FLOPs as they are (everything else free).",
@@ -609,16 +610,35 @@ def suite_patch(ctx: Context) -> Report:
 
 
 def _linear_floor_ms(model: torch.nn.Module, args: tuple, dtype: torch.dtype) -> float:
-    """Milliseconds of one forward+backward's Linear GEMMs at the best measured rate per shape."""
+    """Milliseconds of one forward+backward's projection GEMMs (forward, dx, dW) at the best
+    measured rate per shape: every ``nn.Linear`` (subclasses too), Hugging Face's ``Conv1D``
+    (GPT-2's projections, weight ``[in, out]``) and ``nn.MultiheadAttention``'s packed input and
+    output projections (it reads their weights without calling the modules)."""
     from benchmarks.training import gemm_rate
 
     shapes: list[tuple[int, int, int]] = []
 
+    def rows(x: torch.Tensor) -> int:
+        return x.numel() // x.shape[-1]
+
     def hook(mod, inputs, _out):
         x = inputs[0]
-        shapes.append((x.numel() // x.shape[-1], mod.in_features, mod.out_features))
+        if isinstance(mod, torch.nn.MultiheadAttention):
+            e = mod.embed_dim
+            shapes.extend([(rows(x), e, 3 * e), (rows(x), e, e)])
+        elif isinstance(mod, torch.nn.Linear):
+            shapes.append((rows(x), mod.in_features, mod.out_features))
+        else:  # Conv1D
+            shapes.append((rows(x), mod.weight.shape[0], mod.weight.shape[1]))
 
-    hooks = [m.register_forward_hook(hook) for m in model.modules() if type(m) is torch.nn.Linear]
+    mods = [
+        m
+        for m in model.modules()
+        if isinstance(m, (torch.nn.Linear, torch.nn.MultiheadAttention))
+        or type(m).__name__ == "Conv1D"
+    ]
+    mha_parts = {id(m.out_proj) for m in mods if isinstance(m, torch.nn.MultiheadAttention)}
+    hooks = [m.register_forward_hook(hook) for m in mods if id(m) not in mha_parts]
     try:
         with torch.no_grad():
             model(*args)

@@ -649,6 +649,71 @@ def _linear_floor_ms(model: torch.nn.Module, args: tuple, dtype: torch.dtype) ->
     return sum(3 * 2 * m * k * n / rates[(m, k, n)] / 1e9 for m, k, n in shapes) * 1e3
 
 
+# ----------------------------------------------------------------------------- overhead
+def suite_overhead(ctx: Context) -> Report:
+    """What a call costs besides its kernel: each op on a tiny tensor (the kernel's own work is
+    a few hundred FLOPs), 1000 calls per timing, so ms per timing = microseconds per call."""
+    from fastattn.nn import Linear
+
+    calls = 1000
+    baselines = ["torch"]
+    rep = Report(
+        "Per-call overhead: fastattn vs torch on tiny tensors (float32, CPU, 1 thread)",
+        comparison_columns(["op", "pass"], None, None, baselines),
+        ceilings=ctx.ceilings,
+        notes=[
+            f"ms (median) is the time of {calls} calls: microseconds per call. Tensors: x [4, 8] "
+            "(attention q/k/v [1, 1, 4, 8], causal). fwd runs without autograd; fwd+bwd calls "
+            "backward on the sum. What it measures is the Python validation, dispatch, "
+            "autograd bookkeeping and the C++ op's own fixed cost (checks, allocations).",
+        ],
+    )
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        x, r, w, b = torch.randn(4, 8), torch.randn(4, 8), torch.randn(8), torch.randn(8)
+        q = torch.randn(1, 1, 4, 8)
+        ours_lin, torch_lin = Linear(8, 8), torch.nn.Linear(8, 8)
+        cases = {
+            "layer_norm": (
+                lambda t: fastattn.layer_norm(t, (8,), w, b),
+                lambda t: F.layer_norm(t, (8,), w, b),
+                x,
+            ),
+            "add_layer_norm": (
+                lambda t: fastattn.add_layer_norm(t, r, (8,), w, b)[0],
+                lambda t: F.layer_norm(t + r, (8,), w, b),
+                x,
+            ),
+            "bias_gelu": (lambda t: fastattn.bias_gelu(t, b), lambda t: F.gelu(t + b), x),
+            "attention": (
+                lambda t: fastattn.attention(t, t, t, causal=True),
+                lambda t: F.scaled_dot_product_attention(t, t, t, is_causal=True),
+                q,
+            ),
+            "Linear": (ours_lin, torch_lin, x),
+        }
+        for op, (ours, theirs, t) in cases.items():
+            tg = t.clone().requires_grad_()
+            for pas in ("fwd", "fwd+bwd"):
+
+                def loop(fn, pas=pas, t=t, tg=tg):
+                    if pas == "fwd":
+                        with torch.no_grad():
+                            for _ in range(calls):
+                                fn(t)
+                    else:
+                        for _ in range(calls):
+                            fn(tg).sum().backward()
+
+                fns = {"fastattn": lambda: loop(ours), "torch": lambda: loop(theirs)}
+                cmp = interleaved(fns, rounds=ctx.rounds_or(11), max_s=30.0)
+                rep.add_comparison([op, pas], cmp, baselines=baselines)
+    finally:
+        torch.set_num_threads(threads)
+    return rep
+
+
 @dataclass(frozen=True)
 class Suite:
     run: Callable[[Context], Report]
@@ -668,6 +733,7 @@ SUITES: dict[str, Suite] = {
     "gated": Suite(suite_gated, "swiglu / geglu (memory-bound), GatedFeedForward (compute-bound)"),
     "patch": Suite(suite_patch, "fastattn.patch on whole models, fwd+bwd"),
     "training": Suite(suite_training, "the demo GPT's training step and its budget"),
+    "overhead": Suite(suite_overhead, "per-call cost besides the kernel, tiny tensors"),
 }
 
 

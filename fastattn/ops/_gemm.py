@@ -6,7 +6,7 @@ speed. ``F.linear`` on float32 is MKL's sgemm; ``torch.ops.mkldnn._linear_pointw
 oneDNN's matmul (the path ``torch.compile`` takes on the CPU), which on AVX-512 machines often
 reaches more of the FMA peak at transformer shapes and can fuse a GELU epilogue. Which one wins
 depends on the CPU, the dtype and the shape, so :func:`linear` measures both the first time it
-sees a ``(dtype, M, K, N, bias, grad)`` key (interleaved rounds, forward + backward where a
+sees a ``(dtype, M, K, N, bias, grad)`` key (M rounded up to a power of two) (interleaved rounds, forward + backward where a
 gradient is needed, else the forward; outside ``torch.compile`` tracing) and keeps the winner;
 ``FASTATTN_GEMM=onednn`` / ``=torch`` forces a path and ``choices()`` shows what was picked. Anything oneDNN cannot take (non-CPU tensors, float64,
 float16, a missing op) goes to ``F.linear``.
@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 _ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
-_CHOICE: dict[tuple, str] = {}  # (dtype, M, K, N, has_bias, grad) -> "onednn" | "torch"
+_CHOICE: dict[tuple, str] = {}  # (dtype, M bucket, K, N, has_bias, grad) -> "onednn" | "torch"
 _PROBE_ROUNDS = 3
 
 
@@ -67,7 +67,7 @@ class _OneDNNLinear(torch.autograd.Function):
 
 
 def choices() -> dict[tuple, str]:
-    """The path picked per ``(dtype, M, K, N, has_bias, grad)`` so far."""
+    """The path picked per ``(dtype, M rounded up to a power of two, K, N, has_bias, grad)``."""
     return dict(_CHOICE)
 
 
@@ -125,7 +125,10 @@ def _path(x2: Tensor, w: Tensor, b: Tensor | None) -> str:
     if forced == "onednn":
         return "onednn"
     grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x2, w, b))
-    key = (x2.dtype, x2.shape[0], x2.shape[1], w.shape[0], b is not None, grad)
+    # Rows bucketed to a power of two: inference sees a new row count per prompt length, and
+    # the winner does not change between neighbouring counts (nor does a probe per length pay).
+    rows = 1 << max(0, x2.shape[0] - 1).bit_length()
+    key = (x2.dtype, rows, x2.shape[1], w.shape[0], b is not None, grad)
     choice = _CHOICE.get(key)
     if choice is None:
         choice = _CHOICE[key] = _probe(x2, w, b, grad)

@@ -373,6 +373,9 @@ def _patch_rms_norms(model: nn.Module, report: PatchReport) -> None:
         if why is not None:
             if rms_like:
                 report.add(name, "rms_norm", "left", cls.__name__, reason=why + "; left as it is")
+            elif "layernorm" in cls.__name__.lower():  # a model's own norm class (T5LayerNorm)
+                reason = "a model-specific norm class, not torch.nn.LayerNorm, and " + why
+                report.add(name, "layer_norm", "left", cls.__name__, reason=reason + "; left")
             continue
         new = frms.patched_class(cls, style.mixin)
         _swap_class(module, new)

@@ -391,6 +391,11 @@ def test_report_and_unpatch(name):
     linears = sum(type(m) is torch.nn.Linear for m in original.modules())
     assert linears > 0 and replaced.pop("linear") == linears  # every plain Linear
     assert dict(replaced) == FAMILIES[name].replaced
+    left = report.layers(action="left")
+    if name == "t5":  # T5LayerNorm (an RMSNorm with its own rounding): left, and said
+        assert left and {e.before for e in left} == {"T5LayerNorm"}
+    else:
+        assert not left, [str(e) for e in left]
     assert all(e.runtime for e in report.layers("attention", "replaced"))
     assert report.fallbacks, "the output_attentions path materialises weights: a fallback"
     assert all("output_attentions" in p or "falls back" in p for _, p in report.fallbacks)

@@ -21,6 +21,7 @@ from fastattn.ops.attention import (
     _draw_seed,
     attention_reference,
     dropout_keep_mask,
+    dropout_threshold,
     philox4x32,
 )
 from fastattn.triton import interpreting
@@ -274,6 +275,32 @@ def test_philox_known_answer():
     z = torch.zeros(1, dtype=torch.int64)
     got = [int(x) for x in philox4x32(z, z, z, z, 0)]
     assert got == [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]
+
+
+def test_dropout_mask_mapping_four_words_per_call():
+    """Pins the mapping: key j reads word j & 3 of the Philox call on counter (j >> 2, i,
+    b*Hq + h, offset), so keys 4k .. 4k+3 share one call (Tk = 10: a partial last group)."""
+    B, Hq, Tq, Tk, p, off = 2, 3, 5, 10, 0.5, 7
+    seed = 0x0123_4567_89AB_CDEF & (2**62 - 1)
+    got = dropout_keep_mask(seed, off, B, Hq, Tq, Tk, p)
+    thr = dropout_threshold(p)
+    for b in range(B):
+        for h in range(Hq):
+            for i in range(Tq):
+                for k in range((Tk + 3) // 4):
+                    c = [torch.tensor([v]) for v in (k, i, b * Hq + h, off)]
+                    words = [int(w) for w in philox4x32(*c, seed)]
+                    for j in range(4 * k, min(4 * k + 4, Tk)):
+                        want = (words[j & 3] >> 8) >= thr
+                        assert bool(got[b, h, i, j]) == want, (b, h, i, j)
+    # The old mapping (counter j, word 0) gives a different mask for this seed.
+    j = torch.arange(Tk).view(1, 1, 1, Tk)
+    i = torch.arange(Tq).view(1, 1, Tq, 1)
+    bh = torch.arange(B * Hq).view(B, Hq, 1, 1)
+    shape = (B, Hq, Tq, Tk)
+    c = [t.expand(shape) for t in (j, i, bh, torch.full((1, 1, 1, 1), off))]
+    old = (philox4x32(*c, seed)[0] >> 8) >= thr
+    assert not torch.equal(got, old)
 
 
 try:

@@ -44,8 +44,10 @@
 //   into `splits` parts of equal cost whose dK / dV partials are summed in split order at the
 //   end. No atomics; the result depends only on the thread count. One kernel does all five
 //   products per tile (S, dP, dV, dK, dQ), the minimum: 2.5x the forward's FLOPs.
-// - Dropout: counter-based Philox4x32-10, keyed by (seed) and counted by (j, i, b*Hq + h,
-//   offset), identical to the Triton and CUDA backends; regenerated in the backward.
+// - Dropout: counter-based Philox4x32-10, keyed by (seed) and counted by (j >> 2, i, b*Hq + h,
+//   offset); key j takes output word j & 3, so one call serves 4 adjacent keys (AVX-512: one
+//   16-lane call per 64 keys). Identical to the Triton and CUDA backends; regenerated in the
+//   backward.
 // - bfloat16 on a CPU with AVX512_BF16 (checked at run time; FASTATTN_CPU_BF16_DOT=0 opts
 //   out) runs every product on bf16 pairs with `vdpbf16ps` (csrc/cpu/bf16dot.h and the "bfloat16
 //   dot-product path" below: 2x the multiply rate of fp32 FMA), P and dS rounded to bf16 for
@@ -196,25 +198,25 @@ inline float hmax(const Vec& v) {
 }
 
 // ------------------------------------------------------------------ Philox dropout
-// Philox4x32-10 with key (k0, k1) and counter (c0, c1, c2, c3); returns the first output word.
+// Philox4x32-10 with key (k0, k1) and counter (c[0..3]); the four output words in c[0..3].
 inline uint32_t mulhi32(uint32_t a, uint32_t b) {
   return static_cast<uint32_t>((static_cast<uint64_t>(a) * b) >> 32);
 }
-inline uint32_t philox_c0(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, uint32_t k0,
-                          uint32_t k1) {
+inline void philox4(uint32_t c[4], uint32_t k0, uint32_t k1) {
   for (int r = 0; r < 10; ++r) {
-    const uint32_t a0 = c0, a2 = c2;
-    c0 = mulhi32(0xCD9E8D57u, a2) ^ c1 ^ k0;
-    c2 = mulhi32(0xD2511F53u, a0) ^ c3 ^ k1;
-    c1 = 0xCD9E8D57u * a2;
-    c3 = 0xD2511F53u * a0;
+    const uint32_t a0 = c[0], a2 = c[2];
+    c[0] = mulhi32(0xCD9E8D57u, a2) ^ c[1] ^ k0;
+    c[2] = mulhi32(0xD2511F53u, a0) ^ c[3] ^ k1;
+    c[1] = 0xCD9E8D57u * a2;
+    c[3] = 0xD2511F53u * a0;
     k0 += 0x9E3779B9u;
     k1 += 0xBB67AE85u;
   }
-  return c0;
 }
-// keep iff u = (c0 >> 8) * 2^-24 >= p, done as the exact integer compare (c0 >> 8) >= ceil(p 2^24):
-// identical on every backend whatever the rounding of p to float.
+// Element (b, h, i, j) reads word w = (j & 3) of the call with counter (j >> 2, i, b*Hq + h,
+// offset): one call serves the 4 keys 4k .. 4k+3. keep iff u = (w >> 8) * 2^-24 >= p, done as
+// the exact integer compare (w >> 8) >= ceil(p 2^24): identical on every backend whatever the
+// rounding of p to float.
 inline uint32_t keep_threshold(double p) { return static_cast<uint32_t>(std::ceil(p * 16777216.0)); }
 
 struct Dropout {
@@ -232,8 +234,20 @@ struct Dropout {
     k1 = static_cast<uint32_t>((s >> 32) & 0xFFFFFFFFu);
     c3 = static_cast<uint32_t>(static_cast<uint64_t>(offset) & 0xFFFFFFFFu);
   }
+  // The four output words of the call serving keys 4 * (j >> 2) .. + 3 of row (i, bh).
+  void words(uint32_t j, uint32_t i, uint32_t bh, uint32_t w[4]) const {
+    w[0] = j >> 2;
+    w[1] = i;
+    w[2] = bh;
+    w[3] = c3;
+    philox4(w, k0, k1);
+  }
+  bool keep_word(uint32_t w) const { return (w >> 8) >= thr; }
+  // One element (one Philox call; callers walking a row use words() once per 4 keys).
   bool keep(uint32_t j, uint32_t i, uint32_t bh) const {
-    return (philox_c0(j, i, bh, c3, k0, k1) >> 8) >= thr;
+    uint32_t w[4];
+    words(j, i, bh, w);
+    return keep_word(w[j & 3]);
   }
 };
 
@@ -243,10 +257,8 @@ inline __m512i mulhi_epu32(__m512i a, __m512i b) {
   const __m512i od = _mm512_mul_epu32(_mm512_srli_epi64(a, 32), _mm512_srli_epi64(b, 32));
   return _mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(ev, 32), od);
 }
-// Keep bits of the 16 elements (j0 .. j0 + 15, i) of row bh.
-inline __mmask16 keep16(const Dropout& dr, uint32_t j0, uint32_t i, uint32_t bh) {
-  __m512i c0 = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(j0)),
-                                _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+// 16 Philox calls, lane l on counter (c0[l], i, bh, offset); the four output words in w[0..3].
+inline void philox16(const Dropout& dr, __m512i c0, uint32_t i, uint32_t bh, __m512i w[4]) {
   __m512i c1 = _mm512_set1_epi32(static_cast<int>(i));
   __m512i c2 = _mm512_set1_epi32(static_cast<int>(bh));
   __m512i c3 = _mm512_set1_epi32(static_cast<int>(dr.c3));
@@ -265,27 +277,75 @@ inline __mmask16 keep16(const Dropout& dr, uint32_t j0, uint32_t i, uint32_t bh)
     k0 = _mm512_add_epi32(k0, w0);
     k1 = _mm512_add_epi32(k1, w1);
   }
-  return _mm512_cmpge_epu32_mask(_mm512_srli_epi32(c0, 8),
-                                 _mm512_set1_epi32(static_cast<int>(dr.thr)));
+  w[0] = c0;
+  w[1] = c1;
+  w[2] = c2;
+  w[3] = c3;
+}
+inline __mmask16 keep_mask16(const Dropout& dr, __m512i w) {
+  return _mm512_cmpge_epu32_mask(_mm512_srli_epi32(w, 8), _mm512_set1_epi32(static_cast<int>(dr.thr)));
+}
+// Keep bits of the 16 elements (j0 .. j0 + 15, i) of row bh, for any j0: lane l runs the call
+// (j0 + l) >> 2 and takes its word (j0 + l) & 3 (each call computed up to 4 times over; the
+// aligned keep64 below avoids that).
+inline __mmask16 keep16(const Dropout& dr, uint32_t j0, uint32_t i, uint32_t bh) {
+  const __m512i j = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(j0)),
+                                     _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+  __m512i w[4];
+  philox16(dr, _mm512_srli_epi32(j, 2), i, bh, w);
+  const __m512i sel = _mm512_and_si512(j, _mm512_set1_epi32(3));
+  __m512i x = w[0];
+  for (int k = 1; k < 4; ++k)
+    x = _mm512_mask_blend_epi32(_mm512_cmpeq_epi32_mask(sel, _mm512_set1_epi32(k)), x, w[k]);
+  return keep_mask16(dr, x);
+}
+// Keep bits of the 64 elements (j0 .. j0 + 63, i) of row bh, j0 % 4 == 0, from one 16-lane
+// Philox call (16 counters x 4 words): m[c] holds keys j0 + 16c .. j0 + 16c + 15. Lane 4q + r
+// runs counter j0/4 + 4r + q, so the 4x4 transpose inside each 128-bit lane (unpack 32 then
+// 64) leaves, in vector r, the words of counters j0/4 + 4r .. + 3 in key order.
+inline void keep64(const Dropout& dr, uint32_t j0, uint32_t i, uint32_t bh, __mmask16 m[4]) {
+  const __m512i c0 = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(j0 >> 2)),
+                                      _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15));
+  __m512i w[4];
+  philox16(dr, c0, i, bh, w);
+  const __m512i t0 = _mm512_unpacklo_epi32(w[0], w[1]);  // per 128-bit lane: w0[0] w1[0] w0[1] w1[1]
+  const __m512i t1 = _mm512_unpackhi_epi32(w[0], w[1]);  // w0[2] w1[2] w0[3] w1[3]
+  const __m512i t2 = _mm512_unpacklo_epi32(w[2], w[3]);
+  const __m512i t3 = _mm512_unpackhi_epi32(w[2], w[3]);
+  m[0] = keep_mask16(dr, _mm512_unpacklo_epi64(t0, t2));  // lane 4q + 0's four words
+  m[1] = keep_mask16(dr, _mm512_unpackhi_epi64(t0, t2));  // lane 4q + 1
+  m[2] = keep_mask16(dr, _mm512_unpacklo_epi64(t1, t3));  // lane 4q + 2
+  m[3] = keep_mask16(dr, _mm512_unpackhi_epi64(t1, t3));  // lane 4q + 3
 }
 #endif
 
 // x[jj] *= keep(j0 + jj, i) / (1 - p) for jj < n (n a multiple of the vector width); the same
-// for y when given. dst may alias x.
+// for y when given. dst may alias x. The callers' j0 is a key-block start (a multiple of kBK),
+// so AVX-512 draws 64 keys per 16-lane Philox call (keep64); keep16 covers any other j0.
 inline void dropout_row(const Dropout& dr, int64_t j0, int64_t i, int64_t bh, const float* x,
                         float* xd, float* y, int64_t n) {
 #if defined(CPU_CAPABILITY_AVX512)
   const __m512 s = _mm512_set1_ps(dr.inv_keep);
-  for (int64_t jj = 0; jj < n; jj += 16) {
-    const __mmask16 m = keep16(dr, static_cast<uint32_t>(j0 + jj), static_cast<uint32_t>(i),
-                               static_cast<uint32_t>(bh));
+  const auto apply = [&](int64_t jj, __mmask16 m) {
     _mm512_storeu_ps(xd + jj, _mm512_maskz_mul_ps(m, _mm512_loadu_ps(x + jj), s));
     if (y != nullptr) _mm512_storeu_ps(y + jj, _mm512_maskz_mul_ps(m, _mm512_loadu_ps(y + jj), s));
+  };
+  const uint32_t ui = static_cast<uint32_t>(i), ubh = static_cast<uint32_t>(bh);
+  if ((j0 & 3) == 0) {
+    for (int64_t jj = 0; jj < n; jj += 64) {
+      __mmask16 m[4];
+      keep64(dr, static_cast<uint32_t>(j0 + jj), ui, ubh, m);  // keys past n: drawn, unused
+      for (int c = 0; c < 4 && jj + 16 * c < n; ++c) apply(jj + 16 * c, m[c]);
+    }
+  } else {
+    for (int64_t jj = 0; jj < n; jj += 16) apply(jj, keep16(dr, static_cast<uint32_t>(j0 + jj), ui, ubh));
   }
 #else
+  uint32_t w[4];
   for (int64_t jj = 0; jj < n; ++jj) {
-    const bool k = dr.keep(static_cast<uint32_t>(j0 + jj), static_cast<uint32_t>(i),
-                           static_cast<uint32_t>(bh));
+    const uint32_t j = static_cast<uint32_t>(j0 + jj);
+    if (jj == 0 || (j & 3) == 0) dr.words(j, static_cast<uint32_t>(i), static_cast<uint32_t>(bh), w);
+    const bool k = dr.keep_word(w[j & 3]);
     xd[jj] = k ? x[jj] * dr.inv_keep : 0.f;
     if (y != nullptr) y[jj] = k ? y[jj] * dr.inv_keep : 0.f;
   }

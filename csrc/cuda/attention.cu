@@ -14,9 +14,10 @@
 //   dK/dV kernel: one block per (key block, b, hk) walks the query blocks of every query head
 //   of its group (GQA: dK, dV sum over the group without atomics); dQ kernel: one block per
 //   (query block, b, h) walks the key blocks. Both recompute P from Q, K and lse.
-// Dropout: keep(b, h, i, j) = philox4x32_10(counter = (j, i, b*Hq + h, offset mod 2^32),
-//   key = (seed mod 2^32, seed >> 32)), output word 0: u = (c0 >> 8) * 2^-24, keep iff u >= p.
-//   Every backend draws the same mask; the backward regenerates it.
+// Dropout: keep(b, h, i, j) from w = output word (j & 3) of philox4x32_10(counter = (j >> 2,
+//   i, b*Hq + h, offset mod 2^32), key = (seed mod 2^32, seed >> 32)): u = (w >> 8) * 2^-24,
+//   keep iff u >= p. One call serves keys 4k .. 4k+3. Every backend draws the same mask; the
+//   backward regenerates it.
 //
 // Two sets of kernels. attention_fwd / attention_bwd send fp16 / bf16 to the FA2 kernels and
 // fp32 to the simple ones; both sets stay callable (attention_*_simple / _fa2) so that the host
@@ -41,9 +42,13 @@
 //   [B, Hq, Tq, D] workspace with atomicAdd, a last kernel rounds it (the FA2 arrangement: one
 //   pass over the key blocks instead of a dQ kernel that recomputes S and dP; not bitwise
 //   reproducible). Head dims padded to 16, 32, 64, 128 (and 256 in the forward).
-// - Dropout draws one Philox call per element (word 0), the mapping every backend shares; using
-//   all four words per call would change the mask that the CPU / Triton / reference backends
-//   draw for the same seed.
+// - Dropout (the mapping every backend shares: key j takes word j & 3 of the call on counter
+//   j >> 2): in the forward a lane's S fragment holds columns 2t, 2t + 1 of rows g and g + 8,
+//   so one call per row serves both (words 0, 1 for even t, 2, 3 for odd t): 1 call per 2
+//   elements (was 1 per element; sharing the call with lane t ^ 1 by shuffles would reach 1
+//   per 4). The backward's S^T fragment pairs adjacent queries, not keys, so it draws one call
+//   per element and takes word j & 3; so do the simple kernels. (Variants that computed only
+//   the needed words in the last two rounds made ptxas spill in more kernels, not fewer.)
 //
 // Simple kernels (fp32; the first 16-bit implementation, kept as a reference):
 // 128 threads = 4 warps per block, everything staged in shared memory:
@@ -165,8 +170,9 @@ struct KvSmem {
 };
 
 // ------------------------------------------------------------------ dropout
-__device__ __forceinline__ uint32_t philox_word0(uint32_t c0, uint32_t c1, uint32_t c2,
-                                                 uint32_t c3, uint32_t k0, uint32_t k1) {
+// Philox4x32-10 on counter (c0, c1, c2, c3) with key (k0, k1): the four output words.
+__device__ __forceinline__ uint4 philox4(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3,
+                                         uint32_t k0, uint32_t k1) {
 #pragma unroll
   for (int round = 0; round < 10; ++round) {
     const uint32_t c0_old = c0, c2_old = c2;
@@ -177,18 +183,30 @@ __device__ __forceinline__ uint32_t philox_word0(uint32_t c0, uint32_t c1, uint3
     k0 += 0x9E3779B9u;
     k1 += 0xBB67AE85u;
   }
-  return c0;
+  return make_uint4(c0, c1, c2, c3);
 }
 
-// keep(b, h, i, j) with bh = b * Hq + h (h: the query head).
+// The call serving keys 4 * (j >> 2) .. + 3 of row (bh, i), bh = b * Hq + h (h: query head):
+// key 4 * (j >> 2) + w reads word w.
+__device__ __forceinline__ uint4 dropout_words(uint64_t seed, uint64_t offset, uint32_t bh, int i,
+                                               int j) {
+  return philox4(static_cast<uint32_t>(j) >> 2, static_cast<uint32_t>(i), bh,
+                 static_cast<uint32_t>(offset & 0xFFFFFFFFull),
+                 static_cast<uint32_t>(seed & 0xFFFFFFFFull),
+                 static_cast<uint32_t>((seed >> 32) & 0xFFFFFFFFull));
+}
+
+// keep iff u = (w >> 8) * 2^-24 >= p for the element's word w.
+__device__ __forceinline__ bool dropout_keep_word(uint32_t w, float p) {
+  return static_cast<float>(w >> 8) * 5.9604644775390625e-08f >= p;  // 2^-24
+}
+
+// keep(b, h, i, j): word j & 3 of the call with counter j >> 2 (one call for this element).
 __device__ __forceinline__ bool dropout_keep(uint64_t seed, uint64_t offset, uint32_t bh, int i,
                                              int j, float p) {
-  const uint32_t c0 = philox_word0(static_cast<uint32_t>(j), static_cast<uint32_t>(i), bh,
-                                   static_cast<uint32_t>(offset & 0xFFFFFFFFull),
-                                   static_cast<uint32_t>(seed & 0xFFFFFFFFull),
-                                   static_cast<uint32_t>((seed >> 32) & 0xFFFFFFFFull));
-  const float u = static_cast<float>(c0 >> 8) * 5.9604644775390625e-08f;  // 2^-24
-  return u >= p;
+  const uint4 w = dropout_words(seed, offset, bh, i, j);
+  const int k = j & 3;
+  return dropout_keep_word(k == 0 ? w.x : k == 1 ? w.y : k == 2 ? w.z : w.w, p);
 }
 
 __device__ __forceinline__ bool causal_ok(bool causal, int i, int j, int Tq, int Tk) {
@@ -887,10 +905,16 @@ __global__ void __launch_bounds__(tiles::Fa2Fwd<2, Dp>::kThreads)
 #pragma unroll
       for (int n = 0; n < NS; ++n)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int j = j0 + n * 8 + 2 * t + (e & 1), i = iw + g + 8 * (e >> 1);
-          s[n][e] = dropout_keep(a.seed, a.offset, bhq, i, j, a.dropout_p) ? s[n][e] * inv_keep
-                                                                          : 0.f;
+        for (int h2 = 0; h2 < 2; ++h2) {
+          // Columns 2t, 2t + 1 of row g + 8 h2: one call (counter (j0 + n*8 + 2t) >> 2, j0 a
+          // multiple of 4), its words 0, 1 (t even) or 2, 3 (t odd).
+          const int j = j0 + n * 8 + 2 * t, i = iw + g + 8 * h2;
+          const uint4 w = dropout_words(a.seed, a.offset, bhq, i, j);
+          const uint32_t wa = (t & 1) ? w.z : w.x, wb = (t & 1) ? w.w : w.y;
+          float& s0 = s[n][2 * h2];
+          float& s1 = s[n][2 * h2 + 1];
+          s0 = dropout_keep_word(wa, a.dropout_p) ? s0 * inv_keep : 0.f;
+          s1 = dropout_keep_word(wb, a.dropout_p) ? s1 * inv_keep : 0.f;
         }
     }
 

@@ -23,8 +23,9 @@ Backward (what every backend computes; Delta_i = sum_j P_ij dP_ij = rowsum(dO * 
     dQ = scale * dT K              dK = scale * dT^T Q            (dK, dV summed over the
                                                                    query heads of a group)
 
-Dropout mask: Philox4x32-10 keyed by (seed, offset) with counter (j, i, b*Hq + h, offset), so
-every backend draws the same mask for the same seed without storing it. The seed comes from
+Dropout mask: Philox4x32-10 keyed by (seed, offset) with counter (j >> 2, i, b*Hq + h, offset);
+element (b, h, i, j) reads output word j & 3, so one call serves 4 adjacent keys and every
+backend draws the same mask for the same seed without storing it. The seed comes from
 torch's default CPU generator (``torch.manual_seed`` makes a run repeatable).
 
 Layers, top to bottom:
@@ -97,9 +98,10 @@ def philox4x32(c0: Tensor, c1: Tensor, c2: Tensor, c3: Tensor, seed: int) -> tup
 
 
 def dropout_threshold(p: float) -> int:
-    """Keep an element iff its 24-bit uniform integer ``c0 >> 8`` is >= this.
+    """Keep an element iff its 24-bit uniform integer ``w >> 8`` is >= this (``w``: the
+    element's Philox output word).
 
-    ``u = (c0 >> 8) * 2^-24 >= p``  <=>  ``(c0 >> 8) >= ceil(p * 2^24)`` (exact: the product is
+    ``u = (w >> 8) * 2^-24 >= p``  <=>  ``(w >> 8) >= ceil(p * 2^24)`` (exact: the product is
     a power-of-two scaling). Comparing integers keeps every backend identical even where ``p``
     has no exact float32 form.
     """
@@ -111,19 +113,22 @@ def dropout_keep_mask(
 ) -> Tensor:
     """The dropout keep mask ``[B, Hq, Tq, Tk]`` (bool, True = kept) every backend uses.
 
-    Element (b, h, i, j) runs Philox4x32-10 with key ``(seed lo, seed hi)`` on the counter
-    ``(j, i, b*Hq + h, offset & 0xFFFFFFFF)``; ``u = (c0 >> 8) * 2^-24``; kept iff ``u >= p``.
+    Element (b, h, i, j) takes output word ``w = r[j & 3]`` of Philox4x32-10 with key
+    ``(seed lo, seed hi)`` on the counter ``(j >> 2, i, b*Hq + h, offset & 0xFFFFFFFF)`` (one
+    call serves keys 4k .. 4k+3); ``u = (w >> 8) * 2^-24``; kept iff ``u >= p``.
     """
     dev = torch.device("cpu") if device is None else torch.device(device)
     i64 = dict(dtype=torch.int64, device=dev)
-    c0 = torch.arange(Tk, **i64).view(1, 1, 1, Tk)
+    n4 = (Tk + 3) // 4  # Philox calls per row: call k serves keys 4k .. 4k+3
+    c0 = torch.arange(n4, **i64).view(1, 1, 1, n4)
     c1 = torch.arange(Tq, **i64).view(1, 1, Tq, 1)
     c2 = torch.arange(B * Hq, **i64).view(B, Hq, 1, 1)
     c3 = torch.full((1, 1, 1, 1), offset & _MASK32, **i64)
-    shape = (B, Hq, Tq, Tk)
+    shape = (B, Hq, Tq, n4)
     c0, c1, c2, c3 = (c.expand(shape) for c in (c0, c1, c2, c3))
-    r0 = philox4x32(c0, c1, c2, c3, int(seed))[0]
-    return (r0 >> 8) >= dropout_threshold(p)
+    words = torch.stack(philox4x32(c0, c1, c2, c3, int(seed)), dim=-1)  # [B, Hq, Tq, n4, 4]
+    w = words.reshape(B, Hq, Tq, 4 * n4)[..., :Tk]  # key j: word j & 3 of call j >> 2
+    return (w >> 8) >= dropout_threshold(p)
 
 
 # ----------------------------------------------------------------------------- the case

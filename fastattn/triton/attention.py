@@ -25,8 +25,9 @@ programs stop their key loop at the last visible block (and dK/dV programs start
 loop at the first query that can see them). The key padding mask (bool, True = padding) is read
 as uint8. Dropout draws the same Philox4x32-10 stream as
 ``fastattn.ops.attention.dropout_keep_mask`` via ``triton.language.random.philox_impl`` with
-uint32 counters (j, i, b*Hq + h, offset) and key (seed lo, seed hi); an element is kept iff
-``(c0 >> 8) >= ceil(p * 2^24)`` (integer compare: identical on every backend).
+uint32 counters (j >> 2, i, b*Hq + h, offset) and key (seed lo, seed hi); key j reads output
+word ``w = r[j & 3]`` (a ``tl.where`` chain; each element still evaluates its own call), and
+is kept iff ``(w >> 8) >= ceil(p * 2^24)`` (integer compare: identical on every backend).
 
 Launch rules: one pure function, :func:`plan` (kernel -> constexprs, autotune configs), which
 the launchers call and :func:`aot_launches` runs over every dtype, head dim 1..128 and flag, so
@@ -103,15 +104,18 @@ def _keep_mask(
     BLOCK_N: tl.constexpr,
 ):
     """Dropout keep mask [BLOCK_M, BLOCK_N] for query rows offs_m, keys offs_n, row bh=b*Hq+h."""
+    # Key j reads word j & 3 of the call with counter j >> 2 (one call per 4 adjacent keys).
     zero = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.uint32)
-    c0 = zero + offs_n[None, :].to(tl.uint32)
+    j = zero + offs_n[None, :].to(tl.uint32)
     c1 = zero + offs_m[:, None].to(tl.uint32)
     c2 = zero + bh.to(tl.uint32)
     c3 = zero + offset.to(tl.uint32)
     k0 = seed_lo.to(tl.uint32)
     k1 = seed_hi.to(tl.uint32)
-    r0, _, _, _ = philox_impl(c0, c1, c2, c3, k0, k1)
-    return (r0 >> 8).to(tl.int64) >= threshold
+    r0, r1, r2, r3 = philox_impl(j >> 2, c1, c2, c3, k0, k1)
+    w = j & 3
+    r = tl.where(w == 0, r0, tl.where(w == 1, r1, tl.where(w == 2, r2, r3)))
+    return (r >> 8).to(tl.int64) >= threshold
 
 
 @triton.jit

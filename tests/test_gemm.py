@@ -144,3 +144,24 @@ def test_patch_swaps_plain_linears_only():
     fastattn.unpatch(model)
     assert type(model[0]) is torch.nn.Linear and type(model[1][0]) is torch.nn.Linear
     assert not fastattn.patch(model, linear=False).layers("linear")
+
+
+def test_nn_linear_under_torch_func_transforms():
+    """Per-sample gradients (torch.func vmap over grad) work on fastattn.nn.Linear as on
+    torch.nn.Linear: inside a transform the call is F.linear."""
+    from torch.func import functional_call, grad, vmap
+
+    torch.manual_seed(0)
+    ours, ref = fastattn.nn.Linear(8, 4), torch.nn.Linear(8, 4)
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(5, 3, 8)
+
+    def per_sample(m):
+        params = {k: v.detach() for k, v in m.named_parameters()}
+        loss = lambda p, xi: functional_call(m, p, (xi,)).square().sum()  # noqa: E731
+        return vmap(grad(loss), in_dims=(None, 0))(params, x)
+
+    got, want = per_sample(ours), per_sample(ref)
+    assert got.keys() == want.keys()
+    for k in want:
+        torch.testing.assert_close(got[k], want[k])

@@ -9,7 +9,8 @@ depends on the CPU, the dtype and the shape, so :func:`linear` measures both the
 sees a ``(dtype, M, K, N, bias, grad)`` key (M rounded up to a power of two) (interleaved rounds, forward + backward where a
 gradient is needed, else the forward; outside ``torch.compile`` tracing) and keeps the winner;
 ``FASTATTN_GEMM=onednn`` / ``=torch`` forces a path and ``choices()`` shows what was picked. Anything oneDNN cannot take (non-CPU tensors, float64,
-float16, a missing op) goes to ``F.linear``.
+float16, a missing op) goes to ``F.linear``, as do calls inside ``torch.func`` transforms and
+on tensor subclasses.
 
 Backward (``_OneDNNLinear``): ``dx = dy @ W`` on oneDNN, ``dW = dy^T @ x`` as ``torch.mm``
 (faster there, measured: one core, CPU time, 2048 tokens at d=384: oneDNN forward 96-103 vs
@@ -115,6 +116,10 @@ def _path(x2: Tensor, w: Tensor, b: Tensor | None) -> str:
     if (
         forced == "torch"
         or torch.compiler.is_compiling()  # inductor picks (and packs) its own GEMMs
+        # torch.func transforms (vmap, grad, jacrev: per-sample gradients) and tensor subclasses
+        # need F.linear's own rules; the autograd.Function here has no vmap rule.
+        or torch._C._functorch.peek_interpreter_stack() is not None
+        or type(x2) is not Tensor
         or not _HAVE_ONEDNN
         or x2.device.type != "cpu"
         or x2.dtype not in _ONEDNN_DTYPES

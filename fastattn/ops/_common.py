@@ -84,6 +84,11 @@ def _tracing(args: tuple) -> bool:
     )
 
 
+def needs_grad(args: tuple) -> bool:
+    """Autograd is on and some tensor argument requires a gradient."""
+    return torch.is_grad_enabled() and any(isinstance(a, Tensor) and a.requires_grad for a in args)
+
+
 def eager_fast_path(
     op: Any, body: Callable[..., Any], setup_context: Callable, backward: Callable
 ) -> Callable[..., Any]:
@@ -112,7 +117,7 @@ def eager_fast_path(
     def call(*args: Any) -> Any:
         if _tracing(args):
             return op(*args)
-        if torch.is_grad_enabled() and any(isinstance(a, Tensor) and a.requires_grad for a in args):
+        if needs_grad(args):
             return _Eager.apply(*args)
         return body(*args)
 

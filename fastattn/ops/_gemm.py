@@ -6,11 +6,12 @@ speed. ``F.linear`` on float32 is MKL's sgemm; ``torch.ops.mkldnn._linear_pointw
 oneDNN's matmul (the path ``torch.compile`` takes on the CPU), which on AVX-512 machines often
 reaches more of the FMA peak at transformer shapes and can fuse a GELU epilogue. Which one wins
 depends on the CPU, the dtype and the shape, so :func:`linear` measures both the first time it
-sees a ``(dtype, M, K, N, bias, grad)`` key (M rounded up to a power of two) (interleaved rounds, forward + backward where a
-gradient is needed, else the forward; outside ``torch.compile`` tracing) and keeps the winner;
-``FASTATTN_GEMM=onednn`` / ``=torch`` forces a path and ``choices()`` shows what was picked. Anything oneDNN cannot take (non-CPU tensors, float64,
-float16, a missing op) goes to ``F.linear``, as do calls inside ``torch.func`` transforms and
-on tensor subclasses.
+sees a ``(dtype, M, K, N, bias, grad)`` key, M rounded up to a power of two (interleaved
+rounds, forward + backward where a gradient is needed, else the forward; outside
+``torch.compile`` tracing) and keeps the winner; ``FASTATTN_GEMM=onednn`` / ``=torch`` forces a
+path and ``choices()`` shows what was picked. Anything oneDNN cannot take (non-CPU tensors,
+float64, float16, a missing op) goes to ``F.linear``, as do calls inside ``torch.func``
+transforms and on tensor subclasses.
 
 Backward (``_OneDNNLinear``): ``dx = dy @ W`` on oneDNN, ``dW = dy^T @ x`` as ``torch.mm``
 (faster there, measured: one core, CPU time, 2048 tokens at d=384: oneDNN forward 96-103 vs
@@ -27,6 +28,8 @@ import time
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from fastattn.ops._common import _tracing, needs_grad
 
 _ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
 _CHOICE: dict[tuple, str] = {}  # (dtype, M bucket, K, N, has_bias, grad) -> "onednn" | "torch"
@@ -115,11 +118,11 @@ def _path(x2: Tensor, w: Tensor, b: Tensor | None) -> str:
         raise ValueError(f"FASTATTN_GEMM must be auto, onednn or torch, got {forced!r}")
     if (
         forced == "torch"
-        or torch.compiler.is_compiling()  # inductor picks (and packs) its own GEMMs
-        # torch.func transforms (vmap, grad, jacrev: per-sample gradients) and tensor subclasses
-        # need F.linear's own rules; the autograd.Function here has no vmap rule.
+        # Under torch.compile Inductor picks (and packs) its own GEMMs; tensor subclasses and
+        # torch.func transforms (vmap, grad, jacrev: per-sample gradients) need F.linear's own
+        # rules (the autograd.Function here has no vmap rule).
+        or _tracing((x2, w, b))
         or torch._C._functorch.peek_interpreter_stack() is not None
-        or type(x2) is not Tensor
         or not _HAVE_ONEDNN
         or x2.device.type != "cpu"
         or x2.dtype not in _ONEDNN_DTYPES
@@ -129,7 +132,7 @@ def _path(x2: Tensor, w: Tensor, b: Tensor | None) -> str:
         return "torch"
     if forced == "onednn":
         return "onednn"
-    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x2, w, b))
+    grad = needs_grad((x2, w, b))
     # Rows bucketed to a power of two: inference sees a new row count per prompt length, and
     # the winner does not change between neighbouring counts (nor does a probe per length pay).
     rows = 1 << max(0, x2.shape[0] - 1).bit_length()

@@ -26,8 +26,9 @@ transformers = pytest.importorskip("transformers")
 V = 64  # vocabulary
 
 
-def _close(actual: torch.Tensor, expected: torch.Tensor) -> None:
-    scale = expected.abs().max().item()
+def _close(actual: torch.Tensor, expected: torch.Tensor, scale: float | None = None) -> None:
+    """``scale``: what the absolute floor is relative to (default: this tensor's max)."""
+    scale = expected.abs().max().item() if scale is None else scale
     torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5 * max(scale, 1e-3))
 
 

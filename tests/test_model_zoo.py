@@ -33,9 +33,12 @@ import torch
 
 import fastattn
 
+# The families tests/test_hf.py already builds (same configs), and its tolerance; importing it
+# skips this module too where transformers is absent.
+from tests.test_hf import V, _bart, _bert, _close, _gemma, _gemma2, _llama, _mistral, _t5
+
 transformers = pytest.importorskip("transformers")
 
-V = 64  # vocabulary
 DEC = dict(
     hidden_size=32,
     intermediate_size=64,
@@ -48,22 +51,6 @@ DEC = dict(
 
 def _cfg(name: str, **kw):
     return getattr(transformers, name)(vocab_size=V, **kw)
-
-
-def _gemma2():
-    cfg = _cfg(
-        "Gemma2Config",
-        head_dim=8,
-        sliding_window=4,
-        attn_logit_softcapping=0.5,
-        final_logit_softcapping=None,
-        **DEC,
-    )
-    model = transformers.Gemma2ForCausalLM(cfg)
-    # Random init keeps scores tiny: a large scaling makes the softcap of 0.5 bend them.
-    for layer in model.model.layers:
-        layer.self_attn.scaling = 100.0
-    return model
 
 
 @dataclass(frozen=True)
@@ -92,22 +79,12 @@ FAMILIES: dict[str, Family] = {
         "decoder",
         _PLAIN,
     ),
-    "llama": Family(
-        lambda: transformers.LlamaForCausalLM(_cfg("LlamaConfig", **DEC)), "decoder", _GATED
-    ),
-    "mistral": Family(
-        lambda: transformers.MistralForCausalLM(_cfg("MistralConfig", sliding_window=4, **DEC)),
-        "decoder",
-        _GATED,
-    ),
+    "llama": Family(_llama, "decoder", _GATED),
+    "mistral": Family(_mistral, "decoder", _GATED),
     "qwen2": Family(
         lambda: transformers.Qwen2ForCausalLM(_cfg("Qwen2Config", **DEC)), "decoder", _GATED
     ),
-    "gemma": Family(
-        lambda: transformers.GemmaForCausalLM(_cfg("GemmaConfig", head_dim=8, **DEC)),
-        "decoder",
-        _GATED,
-    ),
+    "gemma": Family(_gemma, "decoder", _GATED),
     "gemma2": Family(_gemma2, "decoder", {"attention": 2, "rms_norm": 9, "gated_mlp": 2}),
     "phi": Family(
         lambda: transformers.PhiForCausalLM(
@@ -134,64 +111,17 @@ FAMILIES: dict[str, Family] = {
         "decoder",
         _PLAIN,
     ),
-    "bert": Family(
-        lambda: transformers.BertModel(
-            _cfg(
-                "BertConfig",
-                hidden_size=32,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                intermediate_size=64,
-                max_position_embeddings=64,
-                hidden_dropout_prob=0.0,
-                attention_probs_dropout_prob=0.0,
-            )
-        ),
-        "encoder",
-        _PLAIN,
-    ),
+    "bert": Family(_bert, "encoder", _PLAIN),
     "t5": Family(
-        lambda: transformers.T5ForConditionalGeneration(
-            _cfg(
-                "T5Config",
-                d_model=32,
-                d_kv=8,
-                d_ff=64,
-                num_layers=2,
-                num_heads=4,
-                relative_attention_num_buckets=8,
-                decoder_start_token_id=0,
-                pad_token_id=0,
-                dropout_rate=0.0,
-                # T5 v1.1's gated GELU: smooth, so bf16 rounding does not flip ReLU kinks (which
-                # makes the max gradient error of a ReLU model a coin toss at any tolerance).
-                feed_forward_proj="gated-gelu",
-            )
-        ),
+        # T5 v1.1's gated GELU: smooth, so bf16 rounding does not flip ReLU kinks (which makes
+        # the max gradient error of a ReLU model a coin toss at any tolerance).
+        lambda: _t5(dropout_rate=0.0, feed_forward_proj="gated-gelu"),
         "seq2seq",
         # encoder self, decoder self, decoder cross; the gated MLP's GELUs (T5's norms and its
         # gated MLP as a whole are not swapped)
         {"attention": 6, "gelu": 4},
     ),
-    "bart": Family(
-        lambda: transformers.BartForConditionalGeneration(
-            _cfg(
-                "BartConfig",
-                d_model=32,
-                encoder_layers=2,
-                decoder_layers=2,
-                encoder_attention_heads=4,
-                decoder_attention_heads=4,
-                encoder_ffn_dim=64,
-                decoder_ffn_dim=64,
-                max_position_embeddings=64,
-                dropout=0.0,
-                attention_dropout=0.0,
-            )
-        ),
-        "seq2seq",
-        {"attention": 6, "layer_norm": 12, "gelu": 4},
-    ),
+    "bart": Family(_bart, "seq2seq", {"attention": 6, "layer_norm": 12, "gelu": 4}),
     "vit": Family(
         lambda: transformers.ViTModel(
             transformers.ViTConfig(
@@ -211,12 +141,6 @@ FAMILIES: dict[str, Family] = {
 }
 GENERATORS = [n for n, f in FAMILIES.items() if f.kind in ("decoder", "seq2seq")]
 PADDED = [n for n, f in FAMILIES.items() if f.kind != "vision"]
-
-
-def _close(actual: torch.Tensor, expected: torch.Tensor, scale: float | None = None) -> None:
-    """``scale``: what the absolute floor is relative to (default: this tensor's max)."""
-    scale = expected.abs().max().item() if scale is None else scale
-    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5 * max(scale, 1e-3))
 
 
 def _build(name: str):

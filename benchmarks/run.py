@@ -556,6 +556,7 @@ def suite_patch(ctx: Context) -> Report:
     for label, make, inputs in models:
         torch.manual_seed(0)
         original = make().train()
+        shapes = None  # the projections' GEMM shapes, the same in both dtypes
         patched = copy.deepcopy(original)
         fastattn.patch(patched)
         args = inputs()
@@ -584,7 +585,8 @@ def suite_patch(ctx: Context) -> Report:
             cmp = interleaved(fns, rounds=ctx.rounds_or(11), max_s=90.0)
             rep.add_comparison([label, tag], cmp, baselines=baselines)
             dtype = torch.bfloat16 if tag == "bf16" else torch.float32
-            floor = _linear_floor_ms(original, args, dtype)
+            shapes = shapes or _projection_shapes(original, args)
+            floor = _gemm_floor_ms(shapes, dtype)
             orig, pat = (cmp.time(k).median * 1e3 for k in ("original eager", "patched eager"))
             budget_rows.append([label, tag, orig, pat, floor, orig / floor, pat / floor])
     rep.sections.append(
@@ -609,13 +611,11 @@ def suite_patch(ctx: Context) -> Report:
     return rep
 
 
-def _linear_floor_ms(model: torch.nn.Module, args: tuple, dtype: torch.dtype) -> float:
-    """Milliseconds of one forward+backward's projection GEMMs (forward, dx, dW) at the best
-    measured rate per shape: every ``nn.Linear`` (subclasses too), Hugging Face's ``Conv1D``
-    (GPT-2's projections, weight ``[in, out]``) and ``nn.MultiheadAttention``'s packed input and
-    output projections (it reads their weights without calling the modules)."""
-    from benchmarks.training import gemm_rate
-
+def _projection_shapes(model: torch.nn.Module, args: tuple) -> list[tuple[int, int, int]]:
+    """(M, K, N) of every projection GEMM one forward runs: every ``nn.Linear`` (subclasses
+    too), Hugging Face's ``Conv1D`` (GPT-2's projections, weight ``[in, out]``) and
+    ``nn.MultiheadAttention``'s packed input and output projections (it reads their weights
+    without calling the modules)."""
     shapes: list[tuple[int, int, int]] = []
 
     def rows(x: torch.Tensor) -> int:
@@ -645,6 +645,14 @@ def _linear_floor_ms(model: torch.nn.Module, args: tuple, dtype: torch.dtype) ->
     finally:
         for h in hooks:
             h.remove()
+    return shapes
+
+
+def _gemm_floor_ms(shapes: list[tuple[int, int, int]], dtype: torch.dtype) -> float:
+    """Milliseconds of these GEMMs forward + backward (forward, dx, dW products) at the best
+    rate measured per shape in ``dtype``."""
+    from benchmarks.training import gemm_rate
+
     rates = {s: gemm_rate(*s, dtype) for s in set(shapes)}
     return sum(3 * 2 * m * k * n / rates[(m, k, n)] / 1e9 for m, k, n in shapes) * 1e3
 

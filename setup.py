@@ -93,7 +93,7 @@ def extension():
     if os.environ.get("FASTATTN_ASAN") == "1":
         cxx += ["-fsanitize=address", "-fno-omit-frame-pointer", "-g"]
         link += ["-fsanitize=address"]
-    sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    sources = ["csrc/ops.cpp", "csrc/autograd.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     include = [os.path.join(HERE, "csrc")]
     if want_cuda():
         sources += sorted(glob.glob("csrc/cuda/*.cu")) + ["csrc/cuda/bindings.cpp"]

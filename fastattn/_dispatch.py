@@ -371,6 +371,26 @@ def resolve(op: str, device: torch.device, case: Any, backend: str | None = None
     return _load(OPS[op], chosen)
 
 
+_cpu_eager: dict[tuple, bool] = {}
+
+
+def cpu_serves(op: str, key: tuple, make_case: Callable[[], Any]) -> bool:
+    """Whether the backend in force resolves this CPU call of ``op`` to the ``cpu`` backend:
+    the test of the C++ eager path (``csrc/autograd.cpp``), which calls the CPU kernels itself.
+    ``key``: the call's case facts as a tuple, ``make_case`` builds the case on a miss; the
+    answer is cached per (op, backend in force, key), so a hit costs one dict lookup. A miss
+    raises :class:`BackendError` as :func:`plan` does. Records the call for
+    :func:`last_backend` when it answers True."""
+    chosen = get_backend()
+    k = (op, chosen, key)
+    hit = _cpu_eager.get(k)
+    if hit is None:
+        hit = _cpu_eager[k] = _plan(op, "cpu", make_case(), _check_name(chosen))[0] == "cpu"
+    if hit:
+        _last[op] = "cpu"
+    return hit
+
+
 def run(op: str, stage: str, device: torch.device, case: Any, backend: str, *args: Any) -> Any:
     """``resolve(...).<stage>(*args)``: the body of every custom op (``stage`` "fwd" / "bwd")."""
     return getattr(resolve(op, device, case, backend), stage)(*args)

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 
 def check_tensor(op: str, what: str, t: object, *, floating: bool = True) -> None:
@@ -84,6 +85,26 @@ def _tracing(args: tuple) -> bool:
     )
 
 
+def eager_cpu(t: Tensor, *others: Tensor | None) -> bool:
+    """The call may take the C++ eager path (``csrc/autograd.cpp``): plain CPU tensors, outside
+    ``torch.compile`` / export tracing and ``torch.func`` transforms (whose batched or wrapped
+    tensors need the custom ops' own rules), the extension built. Whether the backend in force
+    serves the call on ``cpu`` is the op's second question (:func:`fastattn._dispatch.cpu_serves`)."""
+    return (
+        t.device.type == "cpu"
+        and _HAVE_EAGER
+        and not _tracing((t, *others))
+        and torch._C._functorch.peek_interpreter_stack() is None
+    )
+
+
+def _have_eager() -> bool:
+    from fastattn import _dispatch
+
+    mod, _ = _dispatch._extension()
+    return mod is not None and hasattr(torch.ops.fastattn_C, "layer_norm_eager")
+
+
 def needs_grad(args: tuple) -> bool:
     """Autograd is on and some tensor argument requires a gradient."""
     return torch.is_grad_enabled() and any(isinstance(a, Tensor) and a.requires_grad for a in args)
@@ -101,6 +122,8 @@ def eager_fast_path(
     Python function) directly when no gradient is needed, else inside an
     ``autograd.Function`` whose forward and backward are the op's own ``setup_context`` and
     ``backward``. Both paths run the same code on the same backend, so they compute the same.
+    The kernels' backward is not differentiable: ``once_differentiable`` makes a second
+    derivative through it raise instead of silently being zero.
     """
 
     class _Eager(torch.autograd.Function):
@@ -111,6 +134,7 @@ def eager_fast_path(
             return out
 
         @staticmethod
+        @once_differentiable
         def backward(ctx, *grads):
             return backward(ctx, *grads)
 
@@ -145,3 +169,6 @@ def seed_int(seed: Tensor | None) -> int:
     """The Philox seed a kernel takes: the value of :func:`draw_seed`'s tensor, 0 without one.
     Read inside a custom op's body, where the tensor is real even under ``torch.compile``."""
     return int(seed.item()) if seed is not None else 0
+
+
+_HAVE_EAGER = _have_eager()

@@ -53,6 +53,7 @@ from fastattn.ops._common import (
     check_tensor,
     draw_seed,
     eager_call,
+    eager_cpu,
     eager_fast_path,
     fake_from,
     seed_int,
@@ -584,6 +585,22 @@ _fwd_call = eager_fast_path(attention_fwd, _attention_fwd, _setup_context, _back
 
 
 # ----------------------------------------------------------------------------- public API
+def _cpp_path(q, k, v, key_padding_mask, softcap, wl, wr, off, dropout_p) -> bool:
+    """The call takes the C++ eager path (``torch.ops.fastattn_C.attention_eager``: the same
+    kernels and autograd formula as the custom ops above, one C++ autograd node). Calls with
+    an additive bias stay on the custom ops (the bias gradient is theirs alone)."""
+    if not eager_cpu(q, k, v, key_padding_mask):
+        return False
+    Tq, Tk = q.shape[2], k.shape[2]
+    key = (q.dtype, q.shape[-1], wl, wr, off == Tk - Tq, softcap > 0, dropout_p > 0,
+           key_padding_mask is not None)  # fmt: skip
+    return _dispatch.cpu_serves(
+        "attention",
+        key,
+        lambda: _case(q, k, key_padding_mask, None, softcap, wl, wr, off, dropout_p, False),
+    )
+
+
 def _validate(
     q, k, v, key_padding_mask, scale, dropout_p, softcap, window, alignment, attn_bias, attn_mask
 ) -> None:
@@ -786,6 +803,12 @@ def attention(
         key_padding_mask = key_padding_mask.contiguous()
     bias = _kernel_bias(attn_bias, attn_mask, (B, Hq, Tq, Tk), q)
     dropout_p = float(dropout_p)
+    softcap = float(softcap or 0.0)
+    if bias is None and _cpp_path(q, k, v, key_padding_mask, softcap, wl, wr, off, dropout_p):
+        seed = seed_int(_draw_seed()) if dropout_p > 0 else 0
+        return torch.ops.fastattn_C.attention_eager(
+            q, k, v, key_padding_mask, scale, softcap, wl, wr, off, dropout_p, seed, 0
+        )
     seed = _draw_seed() if dropout_p > 0 else None
     out, _ = _fwd_call(
         q,
@@ -794,7 +817,7 @@ def attention(
         key_padding_mask,
         bias,
         scale,
-        float(softcap or 0.0),
+        softcap,
         wl,
         wr,
         off,

@@ -48,6 +48,7 @@ from fastattn.ops._common import (
     acc_dtype,
     check_same_device,
     check_tensor,
+    eager_cpu,
     fake_from,
 )
 from fastattn.ops.gelu import bias_gelu_grad_reference, bias_gelu_reference
@@ -209,6 +210,16 @@ def _check_activation(name: str, activation: object) -> str:
     return activation
 
 
+def _cpp_path(gate: Tensor, up: Tensor | None, h: int, activation: str) -> bool:
+    """The call takes the C++ eager path (``torch.ops.fastattn_C.gated_act_eager``: the same
+    kernels and autograd formula as the custom ops above, one C++ autograd node)."""
+    return eager_cpu(gate, up) and _dispatch.cpu_serves(
+        "gated_act",
+        (gate.dtype, h, activation, up is None),
+        lambda: GatedActCase(gate.device.type, gate.dtype, h, activation, up is None),
+    )
+
+
 def _rows(t: Tensor, h: int) -> Tensor:
     """``t`` as ``[rows, h]``: a view where the layout allows (chunked halves included)."""
     return t.reshape(-1, h)
@@ -238,6 +249,8 @@ def gated_act(gate: Tensor, up: Tensor | None = None, activation: str = "silu") 
         if gate.numel() == 0:
             g, u = _split(gate, None)
             return gated_act_reference(g, u, activation)
+        if _cpp_path(gate, None, h, activation):
+            return torch.ops.fastattn_C.gated_act_eager(gate, None, activation)
         return gated_act_fwd(_rows(gate, 2 * h), None, activation).view(out_shape)
     check_tensor(name, "up", up, floating=True)
     check_same_device(name, ("gate", gate), ("up", up))
@@ -253,6 +266,8 @@ def gated_act(gate: Tensor, up: Tensor | None = None, activation: str = "silu") 
     if gate.numel() == 0:
         return gated_act_reference(gate, up, activation)
     h = gate.shape[-1]
+    if _cpp_path(gate, up, h, activation):
+        return torch.ops.fastattn_C.gated_act_eager(gate, up, activation)
     return gated_act_fwd(_rows(gate, h), _rows(up, h), activation).view(gate.shape)
 
 

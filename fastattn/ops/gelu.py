@@ -42,6 +42,7 @@ from fastattn.ops._common import (
     check_same_device,
     check_tensor,
     eager_call,
+    eager_cpu,
     eager_fast_path,
     fake_from,
 )
@@ -219,6 +220,11 @@ def bias_gelu(x: Tensor, bias: Tensor | None = None, approximate: str = "none") 
     _validate_bias(name, "bias", x, bias, m)
     if x.numel() == 0:
         return bias_gelu_reference(x, bias, approximate).to(x.dtype)
+    if eager_cpu(x, bias) and _dispatch.cpu_serves(
+        "bias_gelu", (x.dtype, m, approximate), lambda: _case(x, approximate)
+    ):
+        # The C++ eager path: the same kernels and autograd formula, one C++ autograd node.
+        return torch.ops.fastattn_C.bias_gelu_eager(x, bias, approximate)
     return _fwd_call(x.reshape(-1, m), bias, approximate).view(x.shape)
 
 

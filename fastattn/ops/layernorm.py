@@ -34,6 +34,7 @@ from fastattn.ops._common import (
     check_tensor,
     draw_seed,
     eager_call,
+    eager_cpu,
     eager_fast_path,
     fake_from,
     seed_int,
@@ -180,6 +181,16 @@ DECL = _dispatch.declare(
         },
     )
 )
+
+
+def _cpp_path(x: Tensor, m: int, mixed: bool, dropout: bool, *others: Tensor | None) -> bool:
+    """The call takes the C++ eager path (``torch.ops.fastattn_C.layer_norm_eager``, the same
+    kernels and autograd formula as the custom ops below, one C++ autograd node)."""
+    return eager_cpu(x, *others) and _dispatch.cpu_serves(
+        "layer_norm",
+        (x.dtype, m, mixed, dropout),
+        lambda: LayerNormCase(x.device.type, x.dtype, m, mixed, dropout),
+    )
 
 
 def _case(x: Tensor, *others: torch.dtype | None, dropout: bool = False) -> LayerNormCase:
@@ -392,6 +403,10 @@ def layer_norm(
         y = layer_norm_reference(x, shape, weight, bias, eps)
         return y.to(out_dtype) if out_dtype is not None else y
     m = math.prod(shape)
+    if _cpp_path(x, m, out_dtype is not None, False, weight, bias):
+        return torch.ops.fastattn_C.layer_norm_eager(
+            x, weight, bias, None, m, float(eps), out_dtype, 0.0, 0
+        )[0]
     w = weight.reshape(m) if weight is not None else None
     b = bias.reshape(m) if bias is not None else None
     out = _fwd_call(x.reshape(-1, m), w, b, None, float(eps), out_dtype, 0.0, None)[0]
@@ -449,10 +464,17 @@ def add_layer_norm(
         y = layer_norm_reference(s, shape, weight, bias, eps)
         return (y.to(out_dtype) if out_dtype is not None else y), s
     m = math.prod(shape)
+    p = float(dropout_p)
+    mixed = out_dtype is not None or (residual is not None and residual.dtype != x.dtype)
+    if _cpp_path(x, m, mixed, p > 0, weight, bias, residual):
+        seed = seed_int(draw_seed()) if p > 0 else 0
+        out, s = torch.ops.fastattn_C.layer_norm_eager(
+            x, weight, bias, residual, m, float(eps), out_dtype, p, seed
+        )
+        return out, (x if residual is None and p == 0 else s)
     w = weight.reshape(m) if weight is not None else None
     b = bias.reshape(m) if bias is not None else None
     res = residual.reshape(-1, m) if residual is not None else None
-    p = float(dropout_p)
     seed = draw_seed() if p > 0 else None
     out, s, _, _ = _fwd_call(x.reshape(-1, m), w, b, res, float(eps), out_dtype, p, seed)
     if residual is None and p == 0:  # the kernel returns no sum: s is x itself

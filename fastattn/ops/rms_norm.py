@@ -39,6 +39,7 @@ from fastattn.ops._common import (
     acc_dtype,
     check_same_device,
     check_tensor,
+    eager_cpu,
     fake_from,
 )
 from fastattn.ops.layernorm import _SizeLike
@@ -220,6 +221,14 @@ rms_norm_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 # ----------------------------------------------------------------------------- public API
+def _cpp_path(x: Tensor, m: int, *others: Tensor | None) -> bool:
+    """The call takes the C++ eager path (``torch.ops.fastattn_C.rms_norm_eager``: the same
+    kernels and autograd formula as the custom ops above, one C++ autograd node)."""
+    return eager_cpu(x, *others) and _dispatch.cpu_serves(
+        "rms_norm", (x.dtype, m), lambda: RMSNormCase(x.device.type, x.dtype, m)
+    )
+
+
 def _validate(
     name: str,
     x: Tensor,
@@ -271,6 +280,11 @@ def rms_norm(
     if x.numel() == 0:
         return _empty_reference(x, shape, weight, eps, weight_offset, cast_before_weight)
     m = math.prod(shape)
+    if _cpp_path(x, m, weight):
+        w = _weight(weight, x)
+        return torch.ops.fastattn_C.rms_norm_eager(
+            x, w, None, m, eps, float(weight_offset), cast_before_weight
+        )[0]
     w = _weight(weight, x, m)
     out = rms_norm_fwd(x.reshape(-1, m), w, None, eps, float(weight_offset), cast_before_weight)[0]
     return out.view(x.shape)
@@ -306,6 +320,10 @@ def add_rms_norm(
         s = x + residual
         return _empty_reference(s, shape, weight, eps, weight_offset, cast_before_weight), s
     m = math.prod(shape)
+    if _cpp_path(x, m, weight, residual):
+        return torch.ops.fastattn_C.rms_norm_eager(
+            x, _weight(weight, x), residual, m, eps, float(weight_offset), cast_before_weight
+        )
     w = _weight(weight, x, m)
     out, s, _ = rms_norm_fwd(
         x.reshape(-1, m), w, residual.reshape(-1, m), eps, float(weight_offset), cast_before_weight

@@ -139,6 +139,15 @@ def budget(cfg: Config, dtype: torch.dtype, ceilings) -> dict[str, float]:
     return {"gemm": gemm_ms, "attention": attn_ms, "memory": mem_ms}
 
 
+def _eager(op: str, fn: str) -> tuple[str, str]:
+    """The C++ eager path's profiler names (csrc/autograd.cpp): the forward op and the backward
+    node (its self time is the backward kernel's)."""
+    return (
+        f"fastattn_C::{op}_eager",
+        f"torch::autograd::CppNode<fastattn::(anonymous namespace)::{fn}>",
+    )
+
+
 FAMILIES = {
     "GEMM": ("aten::mm", "aten::addmm", "mkldnn::_linear_pointwise", "aten::bmm"),
     "attention": (
@@ -146,9 +155,18 @@ FAMILIES = {
         "fastattn_C::attention_bwd",
         "fastattn_C::attention_fwd_features",
         "fastattn_C::attention_bwd_features",
+        *_eager("attention", "AttentionFn"),
     ),
-    "layer_norm": ("fastattn_C::layer_norm_fwd", "fastattn_C::layer_norm_bwd"),
-    "bias_gelu": ("fastattn_C::bias_gelu_fwd", "fastattn_C::bias_gelu_bwd"),
+    "layer_norm": (
+        "fastattn_C::layer_norm_fwd",
+        "fastattn_C::layer_norm_bwd",
+        *_eager("layer_norm", "LayerNormFn"),
+    ),
+    "bias_gelu": (
+        "fastattn_C::bias_gelu_fwd",
+        "fastattn_C::bias_gelu_bwd",
+        *_eager("bias_gelu", "BiasGeluFn"),
+    ),
     "AdamW": ("aten::_fused_adamw_",),
 }
 

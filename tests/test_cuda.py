@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from fastattn.ops.attention import dropout_threshold
 from tests.rule import assert_rule
 
 try:
@@ -269,8 +270,7 @@ def _philox_keep(seed, offset, B, Hq, Tq, Tk, p):
         k0 = (k0 + np.uint64(0x9E3779B9)) & M32
         k1 = (k1 + np.uint64(0xBB67AE85)) & M32
     word = np.choose(j & 3, [c0, c1, c2, c3])
-    u = (word >> np.uint64(8)).astype(np.float64) * 2.0**-24
-    return torch.from_numpy(u >= np.float32(p))
+    return torch.from_numpy((word >> np.uint64(8)) >= np.uint64(dropout_threshold(p)))
 
 
 def _attn_math(q, k, v, kpm, causal, scale, keep, p):

@@ -16,8 +16,9 @@
 //   (query block, b, h) walks the key blocks. Both recompute P from Q, K and lse.
 // Dropout: keep(b, h, i, j) from w = output word (j & 3) of philox4x32_10(counter = (j >> 2,
 //   i, b*Hq + h, offset mod 2^32), key = (seed mod 2^32, seed >> 32)): u = (w >> 8) * 2^-24,
-//   keep iff u >= p. One call serves keys 4k .. 4k+3. Every backend draws the same mask; the
-//   backward regenerates it.
+//   keep iff u >= p, compared as integers: (w >> 8) >= ceil(p * 2^24), the threshold taken on
+//   the host from the double p (dropout_threshold_of). One call serves keys 4k .. 4k+3. Every
+//   backend draws the same mask; the backward regenerates it.
 //
 // Two sets of kernels. attention_fwd / attention_bwd send fp16 / bf16 to the FA2 kernels and
 // fp32 to the simple ones; both sets stay callable (attention_*_simple / _fa2) so that the host
@@ -196,17 +197,18 @@ __device__ __forceinline__ uint4 dropout_words(uint64_t seed, uint64_t offset, u
                  static_cast<uint32_t>((seed >> 32) & 0xFFFFFFFFull));
 }
 
-// keep iff u = (w >> 8) * 2^-24 >= p for the element's word w.
-__device__ __forceinline__ bool dropout_keep_word(uint32_t w, float p) {
-  return static_cast<float>(w >> 8) * 5.9604644775390625e-08f >= p;  // 2^-24
+// keep iff u = (w >> 8) * 2^-24 >= p for the element's word w, i.e. (w >> 8) >= thr =
+// ceil(p * 2^24) (dropout_threshold_of: exact, the same integers as every backend).
+__device__ __forceinline__ bool dropout_keep_word(uint32_t w, uint32_t thr) {
+  return (w >> 8) >= thr;
 }
 
 // keep(b, h, i, j): word j & 3 of the call with counter j >> 2 (one call for this element).
 __device__ __forceinline__ bool dropout_keep(uint64_t seed, uint64_t offset, uint32_t bh, int i,
-                                             int j, float p) {
+                                             int j, uint32_t thr) {
   const uint4 w = dropout_words(seed, offset, bh, i, j);
   const int k = j & 3;
-  return dropout_keep_word(k == 0 ? w.x : k == 1 ? w.y : k == 2 ? w.z : w.w, p);
+  return dropout_keep_word(k == 0 ? w.x : k == 1 ? w.y : k == 2 ? w.z : w.w, thr);
 }
 
 __device__ __forceinline__ bool causal_ok(bool causal, int i, int j, int Tq, int Tk) {
@@ -384,7 +386,7 @@ __global__ void __launch_bounds__(kThreads)
         rowsum += p;
         float pd = p;
         if (dropout) {
-          pd = dropout_keep(a.seed, a.offset, static_cast<uint32_t>(bh), i, j0 + jj, a.dropout_p)
+          pd = dropout_keep(a.seed, a.offset, static_cast<uint32_t>(bh), i, j0 + jj, a.dropout_threshold)
                    ? p * inv_keep
                    : 0.f;
         }
@@ -455,7 +457,7 @@ __device__ __forceinline__ void softmax_grad_tile(const AttentionBwdArgs& a, con
     // sLse2 = lse * log2 e; +inf (row without keys, or past Tq) gives p = 0.
     const float p = ok ? exp2f(fmaf(sS[r * LDS + c], scale_log2, -sLse2[r])) : 0.f;
     float z = 1.f;
-    if (dropout) z = dropout_keep(a.seed, a.offset, bhq, i, j, a.dropout_p) ? inv_keep : 0.f;
+    if (dropout) z = dropout_keep(a.seed, a.offset, bhq, i, j, a.dropout_threshold) ? inv_keep : 0.f;
     const float ds = p * (sdP[r * LDS + c] * z - sDelta[r]);
     if (sPd != nullptr) sPd[r * LDP + c] = from_float<T>(p * z);
     sdS[r * LDP + c] = from_float<T>(ds * a.scale);
@@ -913,8 +915,8 @@ __global__ void __launch_bounds__(tiles::Fa2Fwd<2, Dp>::kThreads)
           const uint32_t wa = (t & 1) ? w.z : w.x, wb = (t & 1) ? w.w : w.y;
           float& s0 = s[n][2 * h2];
           float& s1 = s[n][2 * h2 + 1];
-          s0 = dropout_keep_word(wa, a.dropout_p) ? s0 * inv_keep : 0.f;
-          s1 = dropout_keep_word(wb, a.dropout_p) ? s1 * inv_keep : 0.f;
+          s0 = dropout_keep_word(wa, a.dropout_threshold) ? s0 * inv_keep : 0.f;
+          s1 = dropout_keep_word(wb, a.dropout_threshold) ? s1 * inv_keep : 0.f;
         }
     }
 
@@ -1122,7 +1124,7 @@ __global__ void __launch_bounds__(tiles::Fa2Bwd<2, Dp>::kThreads)
         if (!full) vis = j < Tk && sKeyOk[warp * 16 + r] && causal_ok(a.causal, i, j, Tq, Tk);
         const float p = vis ? exp2f(st[n][e] * scale_log2 - lse2[c]) : 0.f;
         float z = 1.f;
-        if (dropout) z = dropout_keep(a.seed, a.offset, bhq, i, j, a.dropout_p) ? inv_keep : 0.f;
+        if (dropout) z = dropout_keep(a.seed, a.offset, bhq, i, j, a.dropout_threshold) ? inv_keep : 0.f;
         st[n][e] = p * z;                          // P^T o Z (for dV)
         dpt[n][e] = p * (dpt[n][e] * z - delta[c]);  // dS^T
       }

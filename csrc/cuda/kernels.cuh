@@ -8,6 +8,7 @@
 
 #include <cuda_runtime.h>
 
+#include <cmath>
 #include <cstddef>
 #include <cstdint>
 
@@ -75,8 +76,15 @@ struct AttentionFwdArgs {
   bool causal;  // bottom-right aligned: query i sees key j iff j <= i + Tk - Tq
   float scale;
   float dropout_p;
+  uint32_t dropout_threshold;  // keep iff (word >> 8) >= this: dropout_threshold_of(p)
   uint64_t seed, offset;
 };
+
+// ceil(p * 2^24) from the double p: u = (word >> 8) 2^-24 >= p compared exactly as integers,
+// as every other backend does (a float32 p would round first and could keep one more value).
+inline uint32_t dropout_threshold_of(double p) {
+  return static_cast<uint32_t>(std::ceil(p * 16777216.0));
+}
 
 struct AttentionBwdArgs {
   const void* dout;  // [B, Hq, Tq, D]
@@ -97,6 +105,7 @@ struct AttentionBwdArgs {
   bool causal;
   float scale;
   float dropout_p;
+  uint32_t dropout_threshold;  // keep iff (word >> 8) >= this: dropout_threshold_of(p)
   uint64_t seed, offset;
 };
 

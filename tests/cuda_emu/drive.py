@@ -10,8 +10,11 @@ import math
 import os
 import sys
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+
+from fastattn.ops.attention import dropout_threshold, philox4x32
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 spec = importlib.util.spec_from_file_location("tc", os.path.join(ROOT, "tests", "test_cuda.py"))
@@ -269,7 +272,7 @@ def attn(dtype, case, p, layout, impl=0, backward=True, compare=None, bwd_impl=0
             sh,
             int(causal),
             C.c_float(scale),
-            C.c_float(p),
+            C.c_double(p),
             C.c_uint64(seed),
             C.c_uint64(offset),
         )
@@ -285,7 +288,7 @@ def attn(dtype, case, p, layout, impl=0, backward=True, compare=None, bwd_impl=0
         out2 = poison(B, Hq, Tq, D, dtype=dtype)
         lse2 = poison(B, Hq, Tq, dtype=torch.float32)
         args = (P(q), P(k), P(v), st(q, k, v), P(mk), I64(Tk), P(out2), P(lse2), sh, int(causal))
-        fa = (C.c_float(scale), C.c_float(p), C.c_uint64(seed), C.c_uint64(offset))
+        fa = (C.c_float(scale), C.c_double(p), C.c_uint64(seed), C.c_uint64(offset))
         assert lib.attn_fwd(compare, DT[dtype], *args, *fa) == 0
         rule(tag + f" out vs impl {compare}", out, out2, ref)
         if not torch.equal(torch.isfinite(lse), torch.isfinite(lse2)):
@@ -326,7 +329,7 @@ def attn(dtype, case, p, layout, impl=0, backward=True, compare=None, bwd_impl=0
             sh,
             int(causal),
             C.c_float(scale),
-            C.c_float(p),
+            C.c_double(p),
             C.c_uint64(seed),
             C.c_uint64(offset),
         )
@@ -340,7 +343,7 @@ def attn(dtype, case, p, layout, impl=0, backward=True, compare=None, bwd_impl=0
         g2 = [poison(*x.shape, dtype=dtype) for x in (dq, dk, dv)]
         d2 = poison(B, Hq, Tq, dtype=torch.float32)
         args = [P(dout), P(q), P(k), P(v), P(out), P(lse), st(dout, q, k, v, out), P(mk), I64(Tk)]
-        args += [P(x) for x in g2] + [P(d2), sh, int(causal), C.c_float(scale), C.c_float(p)]
+        args += [P(x) for x in g2] + [P(d2), sh, int(causal), C.c_float(scale), C.c_double(p)]
         assert (
             lib.attn_bwd(bwd_compare, DT[dtype], *args, C.c_uint64(seed), C.c_uint64(offset)) == 0
         )
@@ -413,6 +416,21 @@ def fa2(dtype, case, p, layout, bwd_compare=True):
     )
 
 
+def threshold_boundary():
+    """Dropout at p just above element (0, 0, 0, 0)'s 24-bit uniform v: the exact threshold
+    ceil(p 2^24) = v + 1 drops it, while float32(p) rounds to v 2^-24 and a float compare would
+    keep it. Query 0 sees only key 0 (causal), so the one element decides its whole output row."""
+    seed, offset = 0x1234_5678_9ABC, 7  # attn()'s
+    z = torch.zeros((), dtype=torch.int64)
+    v = philox4x32(z, z, z, z + offset, seed)[0].item() >> 8
+    p = (v + 0.01) / 2**24
+    assert float(np.float32(p)) * 2**24 <= v < dropout_threshold(p)
+    case = (1, 1, 1, 8, 8, 16, True, False)
+    attn(torch.float16, case, p, "contiguous", impl=2, bwd_impl=2)  # FA2
+    attn(torch.float32, case, p, "contiguous")  # the simple kernels
+    print("threshold boundary done", flush=True)
+
+
 if which == "fa2":  # every case x dropout x layout
     for dtype in (torch.float16, torch.bfloat16):
         for case in FA2_CASES:
@@ -432,6 +450,7 @@ if which == "quick":  # what `make test` runs (tests/test_cuda_emu.py): each cas
     for c, case in enumerate(tc.CASES[1:3]):  # fp32: the simple kernels, via attention_fwd/_bwd
         attn(torch.float32, case, *combos[c])
     print("attn fp32 done", flush=True)
+    threshold_boundary()
 if which == "f32":
     for s in range(6):
         torch.manual_seed(100 + s)

@@ -40,13 +40,13 @@ int gated_bwd(int dt, int act, const void* dh, int64_t ldd, const void* g, int64
 // impl: 0 = attention_fwd (what the bindings call), 1 = attention_fwd_simple, 2 = attention_fwd_fa2.
 int attn_fwd(int impl, int dt, const void* q, const void* k, const void* v, const int64_t* st,
              const uint8_t* mask, int64_t msb, void* out, float* lse, const int* sh, int causal,
-             float scale, float p, uint64_t seed, uint64_t offset) {
+             float scale, double p, uint64_t seed, uint64_t offset) {
   AttentionFwdArgs a{};
   a.q = q; a.k = k; a.v = v;
   a.q_stride = {st[0], st[1], st[2]}; a.k_stride = {st[3], st[4], st[5]}; a.v_stride = {st[6], st[7], st[8]};
   a.key_padding_mask = mask; a.mask_stride_b = msb; a.out = out; a.lse = lse;
   a.B = sh[0]; a.Hq = sh[1]; a.Hkv = sh[2]; a.Tq = sh[3]; a.Tk = sh[4]; a.D = sh[5];
-  a.causal = causal; a.scale = scale; a.dropout_p = p; a.seed = seed; a.offset = offset;
+  a.causal = causal; a.scale = scale; a.dropout_p = static_cast<float>(p); a.dropout_threshold = dropout_threshold_of(p); a.seed = seed; a.offset = offset;
   if (impl == 1) return attention_fwd_simple(DType(dt), a, nullptr);
   if (impl == 2) return attention_fwd_fa2(DType(dt), a, nullptr);
   return attention_fwd(DType(dt), a, nullptr);
@@ -54,7 +54,7 @@ int attn_fwd(int impl, int dt, const void* q, const void* k, const void* v, cons
 // impl: 0 = attention_bwd (what the bindings call), 1 = attention_bwd_simple, 2 = attention_bwd_fa2.
 int attn_bwd(int impl, int dt, const void* dout, const void* q, const void* k, const void* v, const void* out,
              const float* lse, const int64_t* st, const uint8_t* mask, int64_t msb, void* dq, void* dk,
-             void* dv, float* delta, const int* sh, int causal, float scale, float p, uint64_t seed,
+             void* dv, float* delta, const int* sh, int causal, float scale, double p, uint64_t seed,
              uint64_t offset) {
   AttentionBwdArgs a{};
   a.dout = dout; a.q = q; a.k = k; a.v = v; a.out = out; a.lse = lse;
@@ -63,7 +63,7 @@ int attn_bwd(int impl, int dt, const void* dout, const void* q, const void* k, c
   a.out_stride = {st[12], st[13], st[14]};
   a.key_padding_mask = mask; a.mask_stride_b = msb; a.dq = dq; a.dk = dk; a.dv = dv; a.delta = delta;
   a.B = sh[0]; a.Hq = sh[1]; a.Hkv = sh[2]; a.Tq = sh[3]; a.Tk = sh[4]; a.D = sh[5];
-  a.causal = causal; a.scale = scale; a.dropout_p = p; a.seed = seed; a.offset = offset;
+  a.causal = causal; a.scale = scale; a.dropout_p = static_cast<float>(p); a.dropout_threshold = dropout_threshold_of(p); a.seed = seed; a.offset = offset;
   std::vector<float> ws(attention_bwd_workspace(DType(dt), a.B, a.Hq, a.Tq, a.D), NAN);
   a.dq_accum = ws.empty() ? nullptr : ws.data();
   if (impl == 1) return attention_bwd_simple(DType(dt), a, nullptr);

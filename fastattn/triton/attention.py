@@ -26,9 +26,8 @@ loop at the first query that can see them). The key padding mask (bool, True = p
 as uint8. Dropout draws the same Philox4x32-10 stream as
 ``fastattn.ops.attention.dropout_keep_mask`` via ``triton.language.random.philox_impl`` with
 uint32 counters (j >> 2, i, b*Hq + h, offset) and key (seed lo, seed hi); key j reads output
-word ``w = r[j & 3]``: one call per 4 adjacent keys on a [BLOCK_M, BLOCK_N / 4] counter tile,
-its four words interleaved back into key order (``tl.join`` + ``tl.reshape``); kept iff
-``(w >> 8) >= ceil(p * 2^24)`` (integer compare: identical on every backend).
+word ``w = r[j & 3]`` (a ``tl.where`` chain; each element still evaluates its own call), and
+is kept iff ``(w >> 8) >= ceil(p * 2^24)`` (integer compare: identical on every backend).
 
 Launch rules: one pure function, :func:`plan` (kernel -> constexprs, autotune configs), which
 the launchers call and :func:`aot_launches` runs over every dtype, head dim 1..128 and flag, so
@@ -99,27 +98,23 @@ def _keep_mask(
     offset,
     bh,
     offs_m,
-    start_n,
+    offs_n,
     threshold,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    """Dropout keep mask [BLOCK_M, BLOCK_N] for query rows offs_m, keys start_n + [0, BLOCK_N),
-    row bh = b*Hq + h. Key j reads word j & 3 of the call with counter j >> 2: one Philox call
-    per 4 adjacent keys, its four words interleaved back into key order (start_n is a multiple
-    of BLOCK_N, so of 4)."""
-    tl.static_assert(BLOCK_N % 4 == 0)
-    zero = tl.zeros([BLOCK_M, BLOCK_N // 4], dtype=tl.uint32)
-    c0 = zero + (start_n // 4 + tl.arange(0, BLOCK_N // 4))[None, :].to(tl.uint32)
+    """Dropout keep mask [BLOCK_M, BLOCK_N] for query rows offs_m, keys offs_n, row bh=b*Hq+h."""
+    # Key j reads word j & 3 of the call with counter j >> 2 (one call per 4 adjacent keys).
+    zero = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.uint32)
+    j = zero + offs_n[None, :].to(tl.uint32)
     c1 = zero + offs_m[:, None].to(tl.uint32)
     c2 = zero + bh.to(tl.uint32)
     c3 = zero + offset.to(tl.uint32)
     k0 = seed_lo.to(tl.uint32)
     k1 = seed_hi.to(tl.uint32)
-    r0, r1, r2, r3 = philox_impl(c0, c1, c2, c3, k0, k1)
-    # join(join(r0, r2), join(r1, r3))[m, g, x, y] is word 2x + y of group g: row-major
-    # [BLOCK_M, BLOCK_N] puts it at key 4g + 2x + y.
-    r = tl.reshape(tl.join(tl.join(r0, r2), tl.join(r1, r3)), [BLOCK_M, BLOCK_N])
+    r0, r1, r2, r3 = philox_impl(j >> 2, c1, c2, c3, k0, k1)
+    w = j & 3
+    r = tl.where(w == 0, r0, tl.where(w == 1, r1, tl.where(w == 2, r2, r3)))
     return (r >> 8).to(tl.int64) >= threshold
 
 
@@ -212,7 +207,7 @@ def _attn_fwd(
         l_i = l_i * alpha + tl.sum(p, 1)
         if DROPOUT:
             keep = _keep_mask(
-                seed_lo, seed_hi, offset, bh, offs_m, start_n, threshold, BLOCK_M, BLOCK_N
+                seed_lo, seed_hi, offset, bh, offs_m, offs_n, threshold, BLOCK_M, BLOCK_N
             )
             p = tl.where(keep, p * rp_keep, 0.0)
         acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PRECISION)
@@ -354,15 +349,7 @@ def _attn_bwd_dkdv(
             dp = _dot(do, tl.trans(v), PRECISION)
             if DROPOUT:
                 keep = _keep_mask(
-                    seed_lo,
-                    seed_hi,
-                    offset,
-                    bh,
-                    offs_m,
-                    pid_n * BLOCK_N,
-                    threshold,
-                    BLOCK_M,
-                    BLOCK_N,
+                    seed_lo, seed_hi, offset, bh, offs_m, offs_n, threshold, BLOCK_M, BLOCK_N
                 )
                 pd = tl.where(keep, p * rp_keep, 0.0)
                 dp = tl.where(keep, dp * rp_keep, 0.0)
@@ -460,7 +447,7 @@ def _attn_bwd_dq(
         dp = _dot(do, tl.trans(v), PRECISION)
         if DROPOUT:
             keep = _keep_mask(
-                seed_lo, seed_hi, offset, bh, offs_m, start_n, threshold, BLOCK_M, BLOCK_N
+                seed_lo, seed_hi, offset, bh, offs_m, offs_n, threshold, BLOCK_M, BLOCK_N
             )
             dp = tl.where(keep, dp * rp_keep, 0.0)
         ds = p * (dp - delta[:, None])

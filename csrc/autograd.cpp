@@ -28,6 +28,8 @@
 //                  cast_before_weight) -> (out[..., M], sum[..., M] or [0] without residual)
 //   gated_act_eager(gate[..., H], up?[..., H], activation) -> h[..., H]  (no up: gate is
 //                   [..., 2H], [gate | up])
+//   linear_onednn_eager(x[..., K], w[N, K], b?[N]) -> y[..., N]  (fastattn/ops/_gemm.py's
+//                   oneDNN path; no kernel of fastattn's own)
 #include <torch/library.h>
 #include <torch/csrc/autograd/custom_function.h>
 
@@ -399,6 +401,62 @@ Tensor gated_act_eager(const Tensor& gate, const std::optional<Tensor>& up,
   return GatedActFn::apply(gate, up, activation)[0];
 }
 
+// ---------------------------------------------------------------- linear on oneDNN
+// fastattn/ops/_gemm.py's _OneDNNLinear (y = x @ w.T + b on oneDNN's matmul): dx = dy @ w on
+// oneDNN too (w.T as its weight, read strided), dW = dy.T @ x on torch.mm, db = dy.sum(0).
+// Operands come already in their autocast dtype; autocast is kept out of the inner calls.
+Tensor onednn_linear(const Tensor& x, const Tensor& w, const std::optional<Tensor>& b) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("mkldnn::_linear_pointwise", "")
+                       .typed<Tensor(const Tensor&, const Tensor&, const std::optional<Tensor>&,
+                                     c10::string_view, c10::List<std::optional<at::Scalar>>,
+                                     std::optional<c10::string_view>)>();
+  return op.call(x, w, b, "none", c10::List<std::optional<at::Scalar>>(), std::nullopt);
+}
+
+struct OneDNNLinearFn : public torch::autograd::Function<OneDNNLinearFn> {
+  static variable_list forward(AutogradContext* ctx, const Tensor& x, const Tensor& w,
+                               const std::optional<Tensor>& b) {
+    c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+    const Tensor x2 = rows(x, x.size(-1)).contiguous();
+    Tensor y = onednn_linear(x2, w, b);
+    auto y_shape = x.sizes().vec();
+    y_shape.back() = w.size(0);
+    ctx->saved_data["x_shape"] = x.sizes().vec();
+    ctx->saved_data["has_bias"] = b.has_value() && b->defined();
+    ctx->save_for_backward({x2, w});
+    return {at::_unsafe_view(y, y_shape)};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    variable_list out;
+    {
+      at::NoGradGuard no_grad;
+      c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+      out = input_grads(ctx, grads);
+    }
+    return once_differentiable("linear", grads, std::move(out));
+  }
+
+  static variable_list input_grads(AutogradContext* ctx, const variable_list& grads) {
+    const auto s = ctx->get_saved_variables();
+    const Tensor& x2 = s[0];
+    const Tensor& w = s[1];
+    const Tensor dy = rows(grads[0], w.size(0)).contiguous();
+    const bool has_bias = ctx->saved_data["has_bias"].toBool();
+    Tensor dx, dw, db;
+    if (ctx->needs_input_grad(0))
+      dx = onednn_linear(dy, w.t(), std::nullopt).view(ctx->saved_data["x_shape"].toIntVector());
+    if (ctx->needs_input_grad(1)) dw = at::mm(dy.t(), x2);
+    if (has_bias && ctx->needs_input_grad(2)) db = dy.sum(0);
+    return {dx, dw, db};
+  }
+};
+
+Tensor linear_onednn_eager(const Tensor& x, const Tensor& w, const std::optional<Tensor>& b) {
+  return OneDNNLinearFn::apply(x, w, b)[0];
+}
+
 }  // namespace
 }  // namespace fastattn
 
@@ -415,6 +473,7 @@ TORCH_LIBRARY_FRAGMENT(fastattn_C, m) {
       "rms_norm_eager(Tensor x, Tensor? weight, Tensor? residual, int cols, float eps, "
       "float weight_offset, bool cast_before_weight) -> (Tensor, Tensor)");
   m.def("gated_act_eager(Tensor gate, Tensor? up, str activation) -> Tensor");
+  m.def("linear_onednn_eager(Tensor x, Tensor w, Tensor? b) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(fastattn_C, CompositeImplicitAutograd, m) {
@@ -423,4 +482,5 @@ TORCH_LIBRARY_IMPL(fastattn_C, CompositeImplicitAutograd, m) {
   m.impl("bias_gelu_eager", &fastattn::bias_gelu_eager);
   m.impl("rms_norm_eager", &fastattn::rms_norm_eager);
   m.impl("gated_act_eager", &fastattn::gated_act_eager);
+  m.impl("linear_onednn_eager", &fastattn::linear_onednn_eager);
 }

@@ -18,6 +18,7 @@ import torch
 import fastattn
 import fastattn.ops._common as common
 from fastattn import _dispatch
+from fastattn.ops import _gemm
 from fastattn.ops.gated_act import gated_act
 
 pytestmark = pytest.mark.skipif(
@@ -268,3 +269,29 @@ def test_gated_act_same_bits(dtype, activation):
     _both(halves, (gu,), "GatedActFn")
     g, u = _rand(5, 31, dtype=dtype), _rand(5, 31, dtype=dtype, grad=False)
     _both(lambda g, u: gated_act(g, u, activation), (g, u), "GatedActFn")
+
+
+@pytest.mark.skipif(not _gemm._HAVE_ONEDNN, reason="torch without oneDNN")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias", [True, False])
+def test_onednn_linear_same_bits(dtype, bias, monkeypatch):
+    """fastattn/ops/_gemm.py's oneDNN path: the C++ node against the Python _OneDNNLinear."""
+    monkeypatch.setenv("FASTATTN_GEMM", "onednn")
+    x = _rand(3, 7, 40, dtype=dtype)[:, :, :33]  # strided rows
+    w, b = _rand(29, 33, dtype=dtype), (_rand(29, dtype=dtype) if bias else None)
+    inputs = (x, w, b) if bias else (x, w)
+    _both(lambda *t: _gemm.linear(*t), inputs, "OneDNNLinearFn")
+
+
+def test_onednn_linear_under_autocast(monkeypatch):
+    if not _gemm._HAVE_ONEDNN:
+        pytest.skip("torch without oneDNN")
+    monkeypatch.setenv("FASTATTN_GEMM", "onednn")
+    x, w, b = _rand(5, 16), _rand(8, 16), _rand(8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = _gemm.linear(x, w, b)
+        ref = torch.nn.functional.linear(x, w, b)
+    assert "OneDNNLinearFn" in _node(y) and y.dtype == ref.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert x.grad.dtype == w.grad.dtype == b.grad.dtype == torch.float32
+    torch.testing.assert_close(y.float(), ref.float(), rtol=2e-2, atol=2e-2)

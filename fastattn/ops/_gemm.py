@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fastattn.ops import _common
 from fastattn.ops._common import _tracing, needs_grad
 
 _ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
@@ -175,6 +176,8 @@ def linear(x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
     x2 = x.reshape(-1, x.shape[-1])
     if _path(x2, w, b) == "torch":
         return F.linear(x, w, b)
+    if _common._HAVE_EAGER:  # the same autograd formula as _OneDNNLinear, one C++ node
+        return torch.ops.fastattn_C.linear_onednn_eager(x, w, b)
     if not x2.is_contiguous():
         x2 = x2.contiguous()
     with torch.autocast(dev, enabled=False):

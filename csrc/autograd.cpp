@@ -94,11 +94,27 @@ variable_list once_differentiable(const char* op, const variable_list& upstream,
   return grads;
 }
 
+// The Functions below: T::forward, and T::input_grads (the gradients of T's inputs) which
+// backward runs without grad and without autocast, then through once_differentiable.
+template <typename T>
+struct EagerFunction : public torch::autograd::Function<T> {
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    variable_list out;
+    {
+      at::NoGradGuard no_grad;
+      c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+      out = T::input_grads(ctx, grads);
+    }
+    return once_differentiable(T::kName, grads, std::move(out));
+  }
+};
+
 // The [N, M] view (or copy) the kernels take, as the Python path's x.reshape(-1, m).
 Tensor rows(const Tensor& t, int64_t m) { return t.reshape({-1, m}); }
 
 // ---------------------------------------------------------------- layer_norm / add_layer_norm
-struct LayerNormFn : public torch::autograd::Function<LayerNormFn> {
+struct LayerNormFn : public EagerFunction<LayerNormFn> {
+  static constexpr const char* kName = "layer_norm";
   static variable_list forward(AutogradContext* ctx, const Tensor& x,
                                const std::optional<Tensor>& weight_,
                                const std::optional<Tensor>& bias_,
@@ -132,15 +148,6 @@ struct LayerNormFn : public torch::autograd::Function<LayerNormFn> {
     Tensor sum_out = has_sum ? at::_unsafe_view(s, x.sizes()) : s;
     ctx->save_for_backward({has_sum ? sum_out : rows(x, m), w, mean, rstd});
     return {at::_unsafe_view(out, x.sizes()), sum_out};
-  }
-
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    variable_list out;
-    {
-      at::NoGradGuard no_grad;
-      out = input_grads(ctx, grads);
-    }
-    return once_differentiable("layer_norm", grads, std::move(out));
   }
 
   static variable_list input_grads(AutogradContext* ctx, const variable_list& grads) {
@@ -185,7 +192,8 @@ std::tuple<Tensor, Tensor> layer_norm_eager(const Tensor& x, const std::optional
 }
 
 // ---------------------------------------------------------------- attention (no additive bias)
-struct AttentionFn : public torch::autograd::Function<AttentionFn> {
+struct AttentionFn : public EagerFunction<AttentionFn> {
+  static constexpr const char* kName = "attention";
   static variable_list forward(AutogradContext* ctx, const Tensor& q, const Tensor& k,
                                const Tensor& v, const std::optional<Tensor>& key_padding_mask_,
                                double scale,
@@ -207,15 +215,6 @@ struct AttentionFn : public torch::autograd::Function<AttentionFn> {
     ctx->saved_data["offset"] = offset;
     ctx->save_for_backward({q, k, v, out, lse.contiguous(), key_padding_mask});
     return {out};
-  }
-
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    variable_list out;
-    {
-      at::NoGradGuard no_grad;
-      out = input_grads(ctx, grads);
-    }
-    return once_differentiable("attention", grads, std::move(out));
   }
 
   static variable_list input_grads(AutogradContext* ctx, const variable_list& grads) {
@@ -243,7 +242,8 @@ Tensor attention_eager(const Tensor& q, const Tensor& k, const Tensor& v,
 }
 
 // ---------------------------------------------------------------- bias_gelu
-struct BiasGeluFn : public torch::autograd::Function<BiasGeluFn> {
+struct BiasGeluFn : public EagerFunction<BiasGeluFn> {
+  static constexpr const char* kName = "bias_gelu";
   static variable_list forward(AutogradContext* ctx, const Tensor& x,
                                const std::optional<Tensor>& bias_, const std::string& approximate) {
     const Tensor bias = or_undefined(bias_);
@@ -256,15 +256,6 @@ struct BiasGeluFn : public torch::autograd::Function<BiasGeluFn> {
     ctx->saved_data["x_shape"] = x.sizes().vec();
     ctx->save_for_backward({x2, bias});
     return {at::_unsafe_view(out, x.sizes())};
-  }
-
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    variable_list out;
-    {
-      at::NoGradGuard no_grad;
-      out = input_grads(ctx, grads);
-    }
-    return once_differentiable("bias_gelu", grads, std::move(out));
   }
 
   static variable_list input_grads(AutogradContext* ctx, const variable_list& grads) {
@@ -286,7 +277,8 @@ Tensor bias_gelu_eager(const Tensor& x, const std::optional<Tensor>& bias,
 }
 
 // ---------------------------------------------------------------- rms_norm / add_rms_norm
-struct RMSNormFn : public torch::autograd::Function<RMSNormFn> {
+struct RMSNormFn : public EagerFunction<RMSNormFn> {
+  static constexpr const char* kName = "rms_norm";
   static variable_list forward(AutogradContext* ctx, const Tensor& x,
                                const std::optional<Tensor>& weight_,
                                const std::optional<Tensor>& residual_, int64_t m, double eps,
@@ -307,15 +299,6 @@ struct RMSNormFn : public torch::autograd::Function<RMSNormFn> {
     Tensor sum_out = residual.defined() ? at::_unsafe_view(s, x.sizes()) : s;
     ctx->save_for_backward({residual.defined() ? sum_out : rows(x, m), w, rstd});
     return {at::_unsafe_view(out, x.sizes()), sum_out};
-  }
-
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    variable_list out;
-    {
-      at::NoGradGuard no_grad;
-      out = input_grads(ctx, grads);
-    }
-    return once_differentiable("rms_norm", grads, std::move(out));
   }
 
   static variable_list input_grads(AutogradContext* ctx, const variable_list& grads) {
@@ -348,7 +331,8 @@ std::tuple<Tensor, Tensor> rms_norm_eager(const Tensor& x, const std::optional<T
 }
 
 // ---------------------------------------------------------------- gated_act
-struct GatedActFn : public torch::autograd::Function<GatedActFn> {
+struct GatedActFn : public EagerFunction<GatedActFn> {
+  static constexpr const char* kName = "gated_act";
   static variable_list forward(AutogradContext* ctx, const Tensor& gate,
                                const std::optional<Tensor>& up_, const std::string& activation) {
     const Tensor up = or_undefined(up_);
@@ -366,15 +350,6 @@ struct GatedActFn : public torch::autograd::Function<GatedActFn> {
     ctx->saved_data["gate_shape"] = gate.sizes().vec();
     ctx->save_for_backward({g2, u2});
     return {at::_unsafe_view(out, out_shape)};
-  }
-
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    variable_list out;
-    {
-      at::NoGradGuard no_grad;
-      out = input_grads(ctx, grads);
-    }
-    return once_differentiable("gated_act", grads, std::move(out));
   }
 
   static variable_list input_grads(AutogradContext* ctx, const variable_list& grads) {
@@ -414,7 +389,8 @@ Tensor onednn_linear(const Tensor& x, const Tensor& w, const std::optional<Tenso
   return op.call(x, w, b, "none", c10::List<std::optional<at::Scalar>>(), std::nullopt);
 }
 
-struct OneDNNLinearFn : public torch::autograd::Function<OneDNNLinearFn> {
+struct OneDNNLinearFn : public EagerFunction<OneDNNLinearFn> {
+  static constexpr const char* kName = "linear";
   static variable_list forward(AutogradContext* ctx, const Tensor& x, const Tensor& w,
                                const std::optional<Tensor>& b) {
     c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
@@ -426,16 +402,6 @@ struct OneDNNLinearFn : public torch::autograd::Function<OneDNNLinearFn> {
     ctx->saved_data["has_bias"] = b.has_value() && b->defined();
     ctx->save_for_backward({x2, w});
     return {at::_unsafe_view(y, y_shape)};
-  }
-
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    variable_list out;
-    {
-      at::NoGradGuard no_grad;
-      c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
-      out = input_grads(ctx, grads);
-    }
-    return once_differentiable("linear", grads, std::move(out));
   }
 
   static variable_list input_grads(AutogradContext* ctx, const variable_list& grads) {

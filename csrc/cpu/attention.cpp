@@ -73,6 +73,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #if defined(CPU_CAPABILITY_AVX512)
@@ -193,8 +194,22 @@ inline Vec exp2v(const Vec& xin) {
 inline float hsum(const Vec& v) {
   return at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, v);
 }
+// Row maxima with plain vmaxps on AVX-512, not at::vec::maximum's NaN-propagating blend (a
+// third of the softmax's time at small head dims): a NaN score still reaches the output through
+// exp2 and the row sum, as on the bf16 path.
+inline Vec vmax(const Vec& a, const Vec& b) {
+#if defined(CPU_CAPABILITY_AVX512)
+  return Vec(_mm512_max_ps(__m512(a), __m512(b)));
+#else
+  return at::vec::maximum(a, b);
+#endif
+}
 inline float hmax(const Vec& v) {
+#if defined(CPU_CAPABILITY_AVX512)
+  return _mm512_reduce_max_ps(__m512(v));
+#else
   return at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, v);
+#endif
 }
 
 // ------------------------------------------------------------------ Philox dropout
@@ -392,10 +407,61 @@ struct Strides {
 };
 
 // KT[kb][d][jj] = k[kb*kBK + jj][d] (zero beyond Tk); optional row-major Kp[Tkp][Dp] too.
+#if defined(CPU_CAPABILITY_AVX512)
+// In-register transpose of a 16 x 16 float tile: r[i] (row i) becomes column i. Two rounds of
+// unpacks give, per 128-bit lane L of r[4a + c], column 4L + c of rows 4a .. 4a+3; two rounds of
+// 128-bit lane shuffles then gather each column's four lanes in row order.
+inline void transpose16(__m512 r[16]) {
+  __m512 t[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int a = 0; a < 4; ++a) {
+    const __m512d t0 = _mm512_castps_pd(t[4 * a]), t1 = _mm512_castps_pd(t[4 * a + 1]);
+    const __m512d t2 = _mm512_castps_pd(t[4 * a + 2]), t3 = _mm512_castps_pd(t[4 * a + 3]);
+    r[4 * a] = _mm512_castpd_ps(_mm512_unpacklo_pd(t0, t2));
+    r[4 * a + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(t0, t2));
+    r[4 * a + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(t1, t3));
+    r[4 * a + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(t1, t3));
+  }
+  __m512 out[16];
+  for (int c = 0; c < 4; ++c) {
+    const __m512 u0 = _mm512_shuffle_f32x4(r[c], r[4 + c], 0x88);   // lanes 0, 2
+    const __m512 u1 = _mm512_shuffle_f32x4(r[c], r[4 + c], 0xDD);   // lanes 1, 3
+    const __m512 u2 = _mm512_shuffle_f32x4(r[8 + c], r[12 + c], 0x88);
+    const __m512 u3 = _mm512_shuffle_f32x4(r[8 + c], r[12 + c], 0xDD);
+    out[c] = _mm512_shuffle_f32x4(u0, u2, 0x88);
+    out[4 + c] = _mm512_shuffle_f32x4(u1, u3, 0x88);
+    out[8 + c] = _mm512_shuffle_f32x4(u0, u2, 0xDD);
+    out[12 + c] = _mm512_shuffle_f32x4(u1, u3, 0xDD);
+  }
+  for (int i = 0; i < 16; ++i) r[i] = out[i];
+}
+#endif
+
 template <typename T>
 void pack_kt(const T* k, int64_t st, const Geom& g, float* kt, float* kp) {
   std::memset(kt, 0, sizeof(float) * g.Tkp * g.D);
-  for (int64_t j = 0; j < g.Tk; ++j) {
+  int64_t jv = 0;  // keys [0, jv) packed by whole 16 x 16 tiles of (key, dim)
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (!std::is_same_v<T, double>) {
+    const int64_t dv = g.D / 16 * 16;
+    jv = dv > 0 ? g.Tk / 16 * 16 : 0;  // kBK is a multiple of 16: a tile stays in one block
+    for (int64_t j0 = 0; j0 < jv; j0 += 16) {
+      float* blk = kt + (j0 / kBK) * g.D * kBK + (j0 % kBK);
+      for (int64_t d0 = 0; d0 < dv; d0 += 16) {
+        __m512 r[16];
+        for (int i = 0; i < 16; ++i) r[i] = __m512(load_f<T>(k + (j0 + i) * st + d0));
+        transpose16(r);
+        for (int c = 0; c < 16; ++c) _mm512_storeu_ps(blk + (d0 + c) * kBK, r[c]);
+      }
+      for (int64_t j = j0; j < j0 + 16; ++j)  // the dims past the last whole tile
+        for (int64_t d = dv; d < g.D; ++d) blk[d * kBK + (j - j0)] = static_cast<float>(k[j * st + d]);
+    }
+  }
+#endif
+  for (int64_t j = jv; j < g.Tk; ++j) {
     const T* row = k + j * st;
     float* dst = kt + (j / kBK) * g.D * kBK + (j % kBK);
     for (int64_t d = 0; d < g.D; ++d) dst[d * kBK] = static_cast<float>(row[d]);
@@ -418,6 +484,10 @@ void pack_rows(const T* src, int64_t st, int64_t rows, int64_t D, int64_t Dp, fl
     const T* s = src + r * st;
     float* o = dst + r * Dp;
     int64_t d = 0;
+    if constexpr (!std::is_same_v<T, double>) {  // whole vectors, then the tail (same rounding)
+      const Vec vm(mul);
+      for (; d + kVecSize <= D; d += kVecSize) (load_f<T>(s + d) * vm).store(o + d);
+    }
     for (; d < D; ++d) o[d] = static_cast<float>(s[d]) * mul;
     for (; d < Dp; ++d) o[d] = 0.f;
   }
@@ -536,7 +606,7 @@ void fwd_vec(const Geom& g, const T* q, Strides qs, const T* k, Strides ks, cons
             float* sr = s + r * kBK;
             if (edge || md.any()) modify_row(sr, n, j0, i0 + r, b, h, g, md, edge, nullptr);
             Vec mx(kNegInf);
-            for (int64_t jj = 0; jj < n; jj += kVecSize) mx = at::vec::maximum(mx, Vec::loadu(sr + jj));
+            for (int64_t jj = 0; jj < n; jj += kVecSize) mx = vmax(mx, Vec::loadu(sr + jj));
             const float m_new = std::max(mrow[r], hmax(mx));
             const float m_safe = m_new == kNegInf ? 0.f : m_new;
             const Vec vm(m_safe);

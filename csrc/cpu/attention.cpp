@@ -70,6 +70,7 @@
 #include "cpu/vec.h"
 #include "kernel_limits.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -514,8 +515,23 @@ std::vector<int64_t> balanced_bounds(int64_t n, int64_t parts, CostFn cost) {
 inline void mask_row(float* s, int64_t n, int64_t lo, int64_t hi, const float* kpm) {
   if (kpm != nullptr)
     for (int64_t jj = 0; jj < n; jj += kVecSize) (Vec::loadu(s + jj) + Vec::loadu(kpm + jj)).store(s + jj);
+#if defined(CPU_CAPABILITY_AVX512)
+  // Whole vectors with a lane mask (n is a multiple of 16): the scalar stores this replaces
+  // stalled the vector loads that read the row next (store forwarding), on every diagonal tile.
+  if (lo <= 0 && hi >= n) return;
+  const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512i vlo = _mm512_set1_epi32(static_cast<int>(std::clamp<int64_t>(lo, 0, n)));
+  const __m512i vhi = _mm512_set1_epi32(static_cast<int>(std::clamp<int64_t>(hi, 0, n)));
+  const __m512 ninf = _mm512_set1_ps(kNegInf);
+  for (int64_t jj = 0; jj < n; jj += kVecSize) {
+    const __m512i j = _mm512_add_epi32(iota, _mm512_set1_epi32(static_cast<int>(jj)));
+    const __mmask16 out = _mm512_cmplt_epi32_mask(j, vlo) | _mm512_cmpge_epi32_mask(j, vhi);
+    if (out) _mm512_storeu_ps(s + jj, _mm512_mask_mov_ps(_mm512_loadu_ps(s + jj), out, ninf));
+  }
+#else
   for (int64_t jj = 0; jj < std::min(lo, n); ++jj) s[jj] = kNegInf;
   for (int64_t jj = std::max<int64_t>(0, hi); jj < n; ++jj) s[jj] = kNegInf;
+#endif
 }
 
 // One row of scores in log2 units (keys j0 .. j0 + n of query i of head (b, h)), in place:

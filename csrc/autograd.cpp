@@ -400,14 +400,31 @@ struct OneDNNLinearFn : public EagerFunction<OneDNNLinearFn> {
     y_shape.back() = w.size(0);
     ctx->saved_data["x_shape"] = x.sizes().vec();
     ctx->saved_data["has_bias"] = b.has_value() && b->defined();
-    ctx->save_for_backward({x2, w});
+    ctx->save_for_backward({x, w});  // x itself: a double backward differentiates through it
     return {at::_unsafe_view(y, y_shape)};
+  }
+
+  // Overrides EagerFunction's: a Linear is differentiable twice (gradient penalties, Hessian-
+  // vector products), so with create_graph=True the same products run on differentiable ATen
+  // ops, as F.linear's backward does; otherwise on oneDNN, as the forward.
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+    if (!at::GradMode::is_enabled()) return input_grads(ctx, grads);
+    const auto s = ctx->get_saved_variables();
+    const Tensor& x = s[0];
+    const Tensor& w = s[1];
+    const Tensor dy = grads[0].reshape({-1, w.size(0)});
+    Tensor dx, dw, db;
+    if (ctx->needs_input_grad(0)) dx = at::mm(dy, w).reshape(x.sizes());
+    if (ctx->needs_input_grad(1)) dw = at::mm(dy.t(), x.reshape({-1, w.size(1)}));
+    if (ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(2)) db = dy.sum(0);
+    return {dx, dw, db};
   }
 
   static variable_list input_grads(AutogradContext* ctx, const variable_list& grads) {
     const auto s = ctx->get_saved_variables();
-    const Tensor& x2 = s[0];
     const Tensor& w = s[1];
+    const Tensor x2 = rows(s[0], w.size(1)).contiguous();
     const Tensor dy = rows(grads[0], w.size(0)).contiguous();
     const bool has_bias = ctx->saved_data["has_bias"].toBool();
     Tensor dx, dw, db;

@@ -7,7 +7,8 @@ agree bit for bit: outputs and every
 gradient, on odd shapes, strided inputs, mixed dtypes and dropout. Accuracy against float64 is
 the op tests' job (they run through this path); this file pins the equivalence, the routing
 (that the path is taken where it should be, and only there) and the autograd behaviour
-(in-place use of outputs, no-grad and inference mode, double backward refused).
+(in-place use of outputs, no-grad and inference mode, double backward: refused by the kernels,
+differentiable through the oneDNN linear).
 """
 
 from __future__ import annotations
@@ -295,3 +296,25 @@ def test_onednn_linear_under_autocast(monkeypatch):
     y.float().sum().backward()
     assert x.grad.dtype == w.grad.dtype == b.grad.dtype == torch.float32
     torch.testing.assert_close(y.float(), ref.float(), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("path", ["onednn", "torch"])
+def test_linear_double_backward_matches_f_linear(path, monkeypatch):
+    """A gradient of a gradient through fastattn.nn.Linear's GEMM path (a gradient penalty)
+    equals F.linear's: the oneDNN node's backward runs on differentiable ops under
+    create_graph=True."""
+    if path == "onednn" and not _gemm._HAVE_ONEDNN:
+        pytest.skip("torch without oneDNN")
+    monkeypatch.setenv("FASTATTN_GEMM", path)
+    results = []
+    for fn in (_gemm.linear, torch.nn.functional.linear):
+        torch.manual_seed(3)
+        x, w, b = (t.detach().requires_grad_() for t in (_rand(4, 5, 12), _rand(7, 12), _rand(7)))
+        y = fn(x, w, b)
+        if fn is _gemm.linear and path == "onednn":
+            assert "OneDNNLinearFn" in _node(y)
+        (gx,) = torch.autograd.grad((torch.tanh(y) ** 2).sum(), x, create_graph=True)
+        (gx.pow(2).sum() + gx.sum()).backward()
+        results.append((x.grad, w.grad, b.grad))
+    for a, c in zip(*results, strict=True):
+        torch.testing.assert_close(a, c, rtol=1e-4, atol=1e-5)

@@ -1,31 +1,29 @@
 """Where a patched HF Llama training step goes: torch.profiler self time per op, per step.
 
-``python -m benchmarks.profile_llama [fp32|bf16]``: the patch suite's Llama (4x384, GQA 6/2,
-SwiGLU 1024, B8, T256), original and patched, 3 warm-up steps then 3 profiled steps each.
-Prints the top ops by self CPU time (ms per step; the profiler adds a little per op).
+``python -m benchmarks.profile_llama [fp32|bf16]``: the patch suite's Llama (its
+``patch_models`` entry: 4x384, GQA 6/2, SwiGLU 1024, B8, T256), original and patched, 3 warm-up
+steps then 3 profiled steps each. Prints the top ops by self CPU time (ms per step; the profiler adds a little per op).
 """
 
 import copy
 import sys
 
 import torch
-import transformers
 from torch.profiler import profile
 
 import fastattn
+from benchmarks.run import patch_models
 
 
 def main() -> None:
     dtype = sys.argv[1] if len(sys.argv) > 1 else "fp32"
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(
-        num_hidden_layers=4, hidden_size=384, num_attention_heads=6, num_key_value_heads=2,
-        intermediate_size=1024, vocab_size=1024, max_position_embeddings=256,
-    )  # fmt: skip
-    orig = transformers.LlamaForCausalLM(cfg)
+    _, _, models = patch_models(quick=False)
+    _, make, inputs = next(m for m in models if m[0].startswith("HF Llama 4x384, 6 q"))
+    orig = make()
     pat = copy.deepcopy(orig)
     fastattn.patch(pat)
-    ids = torch.randint(0, 1024, (8, 256))
+    (ids,) = inputs()
 
     def step(m):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):

@@ -133,8 +133,6 @@ struct LayerNormFn : public EagerFunction<LayerNormFn> {
     const bool has_sum = residual.defined() || dropout_p > 0;
     // Unused outputs (often the sum) get undefined gradients instead of zeros.
     ctx->set_materialize_grads(false);
-    ctx->saved_data["has_residual"] = residual.defined();
-    ctx->saved_data["has_sum"] = has_sum;
     ctx->saved_data["x_dtype"] = x.scalar_type();
     ctx->saved_data["dropout_p"] = dropout_p;
     ctx->saved_data["seed"] = seed;
@@ -155,10 +153,11 @@ struct LayerNormFn : public EagerFunction<LayerNormFn> {
     const Tensor& w = saved[1];
     const int64_t m = ctx->saved_data["m"].toInt();
     const Tensor xs = rows(saved[0], m);
-    const bool has_residual = ctx->saved_data["has_residual"].toBool();
-    const bool has_sum = ctx->saved_data["has_sum"].toBool();
     const auto list = ctx->saved_data["present"].toBoolList();
     const std::vector<bool> present(list.begin(), list.end());
+    const double dropout_p = ctx->saved_data["dropout_p"].toDouble();
+    const bool has_residual = present[3];
+    const bool has_sum = has_residual || dropout_p > 0;
     const bool need_x = needs_grad(ctx, present, 0);
     const bool need_w = needs_grad(ctx, present, 1);
     const bool need_b = needs_grad(ctx, present, 2);
@@ -167,8 +166,7 @@ struct LayerNormFn : public EagerFunction<LayerNormFn> {
     const Tensor dsum = has_sum && grads[1].defined() ? rows(grads[1], m).contiguous() : Tensor();
     auto [ds, dx, dw, db] = cpu::layer_norm_bwd(
         dout, xs, opt(w), saved[2], saved[3], opt(dsum), need_w, need_b, need_ds,
-        ctx->saved_data["x_dtype"].toScalarType(), ctx->saved_data["dropout_p"].toDouble(),
-        ctx->saved_data["seed"].toInt());
+        ctx->saved_data["x_dtype"].toScalarType(), dropout_p, ctx->saved_data["seed"].toInt());
     if (need_ds && dx.numel() == 0 && ds.numel() != 0) dx = ds;  // no mask or cast between s and x
     // Back to the inputs' shapes (autograd checks them): x / residual [..., M], the parameters
     // normalized_shape.
@@ -389,8 +387,7 @@ Tensor onednn_linear(const Tensor& x, const Tensor& w, const std::optional<Tenso
   return op.call(x, w, b, "none", c10::List<std::optional<at::Scalar>>(), std::nullopt);
 }
 
-struct OneDNNLinearFn : public EagerFunction<OneDNNLinearFn> {
-  static constexpr const char* kName = "linear";
+struct OneDNNLinearFn : public torch::autograd::Function<OneDNNLinearFn> {
   static variable_list forward(AutogradContext* ctx, const Tensor& x, const Tensor& w,
                                const std::optional<Tensor>& b) {
     c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
@@ -398,13 +395,12 @@ struct OneDNNLinearFn : public EagerFunction<OneDNNLinearFn> {
     Tensor y = onednn_linear(x2, w, b);
     auto y_shape = x.sizes().vec();
     y_shape.back() = w.size(0);
-    ctx->saved_data["x_shape"] = x.sizes().vec();
     ctx->saved_data["has_bias"] = b.has_value() && b->defined();
     ctx->save_for_backward({x, w});  // x itself: a double backward differentiates through it
     return {at::_unsafe_view(y, y_shape)};
   }
 
-  // Overrides EagerFunction's: a Linear is differentiable twice (gradient penalties, Hessian-
+  // Not EagerFunction's backward: a Linear is differentiable twice (gradient penalties, Hessian-
   // vector products), so with create_graph=True the same products run on differentiable ATen
   // ops, as F.linear's backward does; otherwise on oneDNN, as the forward.
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
@@ -429,7 +425,7 @@ struct OneDNNLinearFn : public EagerFunction<OneDNNLinearFn> {
     const bool has_bias = ctx->saved_data["has_bias"].toBool();
     Tensor dx, dw, db;
     if (ctx->needs_input_grad(0))
-      dx = onednn_linear(dy, w.t(), std::nullopt).view(ctx->saved_data["x_shape"].toIntVector());
+      dx = onednn_linear(dy, w.t(), std::nullopt).view(s[0].sizes());
     if (ctx->needs_input_grad(1)) dw = at::mm(dy.t(), x2);
     if (has_bias && ctx->needs_input_grad(2)) db = dy.sum(0);
     return {dx, dw, db};

@@ -298,21 +298,23 @@ def test_onednn_linear_under_autocast(monkeypatch):
     torch.testing.assert_close(y.float(), ref.float(), rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.parametrize("eager", [True, False], ids=["cpp", "python"])
 @pytest.mark.parametrize("path", ["onednn", "torch"])
-def test_linear_double_backward_matches_f_linear(path, monkeypatch):
+def test_linear_double_backward_matches_f_linear(path, eager, monkeypatch):
     """A gradient of a gradient through fastattn.nn.Linear's GEMM path (a gradient penalty)
-    equals F.linear's: the oneDNN node's backward runs on differentiable ops under
-    create_graph=True."""
+    equals F.linear's: the oneDNN linear's backward (C++ node, or the Python _OneDNNLinear
+    without the extension) runs on differentiable ops under create_graph=True."""
     if path == "onednn" and not _gemm._HAVE_ONEDNN:
         pytest.skip("torch without oneDNN")
     monkeypatch.setenv("FASTATTN_GEMM", path)
+    monkeypatch.setattr(common, "_HAVE_EAGER", eager)
     results = []
     for fn in (_gemm.linear, torch.nn.functional.linear):
         torch.manual_seed(3)
         x, w, b = (t.detach().requires_grad_() for t in (_rand(4, 5, 12), _rand(7, 12), _rand(7)))
         y = fn(x, w, b)
         if fn is _gemm.linear and path == "onednn":
-            assert "OneDNNLinearFn" in _node(y)
+            assert ("OneDNNLinearFn" in _node(y)) == eager
         (gx,) = torch.autograd.grad((torch.tanh(y) ** 2).sum(), x, create_graph=True)
         (gx.pow(2).sum() + gx.sum()).backward()
         results.append((x.grad, w.grad, b.grad))

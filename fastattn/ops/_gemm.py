@@ -9,15 +9,18 @@ depends on the CPU, the dtype and the shape, so :func:`linear` measures both the
 sees a ``(dtype, M, K, N, bias, grad)`` key, M rounded up to a power of two (interleaved
 rounds, forward + backward where a gradient is needed, else the forward; outside
 ``torch.compile`` tracing) and keeps the winner (oneDNN only where it wins by 3% or more);
-``FASTATTN_GEMM=onednn`` / ``=torch`` forces a path and ``choices()`` shows what was picked. Anything oneDNN cannot take (non-CPU tensors,
-float64, float16, a missing op) goes to ``F.linear``, as do calls inside ``torch.func``
-transforms and on tensor subclasses.
+``FASTATTN_GEMM=onednn`` / ``=torch`` forces a path and ``choices()`` shows what was picked.
+Anything oneDNN cannot take (non-CPU tensors, float64, float16, a missing op) goes to
+``F.linear``, as do calls inside ``torch.func`` transforms and on tensor subclasses.
 
 Backward (``_OneDNNLinear``): ``dx = dy @ W`` on oneDNN, ``dW = dy^T @ x`` as ``torch.mm``
 (faster there, measured: one core, CPU time, 2048 tokens at d=384: oneDNN forward 96-103 vs
 MKL 88-95 GFLOP/s in float32, ~200 vs ~190 in bfloat16; dW 89-96 on ``mm`` vs 82-92 on
 oneDNN), ``db = dy.sum(0)``. Under autocast the inputs are cast to the autocast dtype
-first (as autocast does for ``F.linear``), so the backward's casts are autograd's.
+first (as autocast does for ``F.linear``), so the backward's casts are autograd's. With the
+extension built, the same formula runs as one C++ autograd node
+(``torch.ops.fastattn_C.linear_onednn_eager``, ``csrc/autograd.cpp``), whose backward under
+``create_graph=True`` runs on differentiable ops (a Linear is twice differentiable).
 """
 
 from __future__ import annotations
@@ -66,7 +69,12 @@ class _OneDNNLinear(torch.autograd.Function):
         # dx = dy @ W on oneDNN too (W.T as its [K, N] weight, read strided: no copy); dW on
         # torch.mm, which measured faster than oneDNN for the [N, M] x [M, K] product.
         dy = dy.contiguous()
-        dx = _onednn(dy, w.t(), None) if ctx.needs_input_grad[0] else None
+        if not ctx.needs_input_grad[0]:
+            dx = None
+        elif torch.is_grad_enabled():  # create_graph=True: torch.mm is differentiable, oneDNN not
+            dx = torch.mm(dy, w)
+        else:
+            dx = _onednn(dy, w.t(), None)
         dw = torch.mm(dy.t(), x) if ctx.needs_input_grad[1] else None
         db = dy.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return dx, dw, db
@@ -83,9 +91,10 @@ def _median(ts: list[float]) -> float:
 
 def _probe(x: Tensor, w: Tensor, b: Tensor | None, grad: bool) -> str:
     """Time both paths on these operands, interleaved, in process CPU time (robust to other
-    processes on a busy machine); returns the faster (oneDNN by a margin). ``grad``: time forward + backward (dx, dW,
-    db), the work of a training step: oneDNN's forward can win while its backward loses (at
-    768 x 128 -> 65 / 128 in float32, 2 threads: 6-17% slower fwd+bwd, 0-7% faster forward)."""
+    processes on a busy machine); returns the faster (oneDNN by a margin). ``grad``: time
+    forward + backward (dx, dW, db), the work of a training step: oneDNN's forward can win
+    while its backward loses (at 768 x 128 -> 65 / 128 in float32, 2 threads: 6-17% slower
+    fwd+bwd, 0-7% faster forward)."""
     x, w = x.detach(), w.detach()
     b = None if b is None else b.detach()
     if grad:

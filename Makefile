@@ -59,7 +59,7 @@ cuda-check:
 ifeq ($(NVCC),)
 	@echo "cuda-check: CUDA sources skipped (nvcc not found)"
 else
-	bash scripts/cuda_check.sh
+	PY=$(AOT_PY) bash scripts/cuda_check.sh
 endif
 	TRITON_CACHE_DIR=$(CURDIR)/build/triton_aot_cache $(AOT_PY) scripts/triton_aot.py $(TRITON_AOT_ARGS)
 
@@ -69,7 +69,7 @@ endif
 # `make cuda-check`.
 test: lint build
 ifneq ($(NVCC),)
-	bash scripts/cuda_check.sh
+	PY=$(PY) bash scripts/cuda_check.sh
 endif
 	TRITON_CACHE_DIR=$(CURDIR)/build/triton_aot_cache $(PY) scripts/triton_aot.py --quick --jobs 2
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -8,7 +8,9 @@
 #
 # Exit 1 on any compile error, if an FA2 attention kernel (fp16 / bf16) spills or exceeds the
 # shared memory of an arch, or if a simple attention kernel for head dim 64 or 128 spills.
-# Usage: bash scripts/cuda_check.sh   (env NVCC to pick the compiler, default: nvcc on PATH)
+# Also a syntax check of the torch binding (bindings.cpp) against torch's headers.
+# Usage: bash scripts/cuda_check.sh   (env NVCC to pick the compiler, default: nvcc on PATH;
+#   PY: the Python whose torch the binding is checked against, default python3)
 # Flags are those of the real build: setup.py's (-O3 --use_fast_math, C++17) plus the ones
 # torch.utils.cpp_extension always adds (no implicit half / bfloat16 conversions or operators).
 set -u -o pipefail
@@ -53,6 +55,29 @@ for src in "${sources[@]}"; do
   i=$((i + 1))
 done
 [ $status -eq 0 ] || exit 1
+
+# The torch binding (csrc/cuda/bindings.cpp, host C++ that setup.py builds only where torch has
+# CUDA): a syntax check against this torch's headers, so that a binding error shows here and not
+# first on a GPU machine. A CPU wheel lacks the CMake-generated c10/cuda/impl/cuda_cmake_macros.h
+# (it only defines build options): an empty stand-in is put after torch's include dirs.
+PY="${PY:-python3}"
+if torch_inc="$("$PY" -c 'from torch.utils.cpp_extension import include_paths; print(" ".join(include_paths()))' 2>/dev/null)"; then
+  mkdir -p "$OUT/stub/c10/cuda/impl" && : >"$OUT/stub/c10/cuda/impl/cuda_cmake_macros.h"
+  py_inc="$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["include"])')"
+  cuda_inc="$(dirname "$(dirname "$(command -v "$NVCC")")")/include"
+  [ -f "$cuda_inc/cuda_runtime.h" ] || cuda_inc=/usr/local/cuda/include
+  inc=()
+  for d in $torch_inc; do inc+=("-I$d"); done
+  if ! "${CXX:-c++}" -std=c++17 -fsyntax-only -DFASTATTN_WITH_CUDA -I"$ROOT/csrc" "${inc[@]}" \
+    -I"$OUT/stub" -I"$cuda_inc" -I"$py_inc" "$ROOT/csrc/cuda/bindings.cpp" >"$OUT/bindings.log" 2>&1; then
+    echo "cuda_check: FAILED to compile csrc/cuda/bindings.cpp against torch's headers:" >&2
+    grep -E "error|note: " "$OUT/bindings.log" | head -20 >&2
+    exit 1
+  fi
+  echo "cuda_check: csrc/cuda/bindings.cpp compiles against torch $("$PY" -c 'import torch; print(torch.__version__)')"
+else
+  echo "cuda_check: bindings.cpp not checked ($PY cannot import torch; set PY=...)"
+fi
 
 # Dynamic shared memory of the FA2 kernels per padded head dim, from the tile headers.
 "${CXX:-c++}" -std=c++17 -I"$ROOT/csrc" -x c++ -o "$OUT/fa2_tiles" - <<'CPP' || exit 1

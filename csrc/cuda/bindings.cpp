@@ -360,7 +360,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(
   a.causal = causal;
   a.scale = static_cast<float>(scale);
   a.dropout_p = static_cast<float>(dropout_p);
-  a.dropout_threshold = dropout_threshold_of(dropout_p);
+  a.dropout_threshold = k::dropout_threshold_of(dropout_p);
   a.seed = static_cast<uint64_t>(seed);
   a.offset = static_cast<uint64_t>(offset);
   check_launch(k::attention_fwd(kernel_dtype(q, op, "q"), a, c10::cuda::getCurrentCUDAStream()), op);
@@ -429,7 +429,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
   a.causal = causal;
   a.scale = static_cast<float>(scale);
   a.dropout_p = static_cast<float>(dropout_p);
-  a.dropout_threshold = dropout_threshold_of(dropout_p);
+  a.dropout_threshold = k::dropout_threshold_of(dropout_p);
   a.seed = static_cast<uint64_t>(seed);
   a.offset = static_cast<uint64_t>(offset);
   check_launch(k::attention_bwd(dt, a, c10::cuda::getCurrentCUDAStream()), op);

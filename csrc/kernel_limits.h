@@ -9,9 +9,11 @@ namespace fastattn {
 namespace limits {
 
 // Attention head dim: the CPU kernel keeps a query row's accumulator in registers / L1 up to 256;
-// the CUDA kernel's shared-memory tiles are sized for 128.
+// the CUDA FlashAttention-2 kernels (fp16 / bf16) pad head dims up to 256, the fp32 kernels'
+// shared-memory tiles are sized for 128.
 constexpr int kAttentionMaxHeadDimCpu = 256;
-constexpr int kAttentionMaxHeadDimCuda = 128;
+constexpr int kAttentionMaxHeadDimCuda = 256;
+constexpr int kAttentionMaxHeadDimCudaFp32 = 128;
 
 }  // namespace limits
 }  // namespace fastattn

@@ -156,6 +156,7 @@ PyMODINIT_FUNC PyInit__C(void) {
   const std::pair<const char*, long> entries[] = {
       {"attention_max_head_dim_cpu", fastattn::limits::kAttentionMaxHeadDimCpu},
       {"attention_max_head_dim_cuda", fastattn::limits::kAttentionMaxHeadDimCuda},
+      {"attention_max_head_dim_cuda_fp32", fastattn::limits::kAttentionMaxHeadDimCudaFp32},
   };
   for (const auto& [name, value] : entries) {
     PyObject* v = PyLong_FromLong(value);

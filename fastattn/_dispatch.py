@@ -175,19 +175,26 @@ def available_backends(device_type: str | None = None) -> list[str]:
 class Support:
     """What one backend's kernel for one op serves on one device type.
 
-    ``max_head_dim`` / ``max_cols`` bound the case's ``head_dim`` / ``cols``; ``features`` are the
-    optional features (the case's ``features()``) it serves. A limit given as a string is read
-    from the extension's ``limits`` (``csrc/kernel_limits.h``) when checked.
+    ``max_head_dim`` / ``max_cols`` bound the case's ``head_dim`` / ``cols``;
+    ``dtype_max_head_dim`` overrides ``max_head_dim`` for the dtypes it names (the CUDA
+    attention: fp16 / bf16 to 256, fp32 to 128); ``features`` are the optional features (the
+    case's ``features()``) it serves. A limit given as a string is read from the extension's
+    ``limits`` (``csrc/kernel_limits.h``) when checked.
     """
 
     dtypes: tuple[torch.dtype, ...]
     max_head_dim: int | str | None = None
     max_cols: int | str | None = None
     features: frozenset[str] | None = frozenset()  # None: every feature (the reference)
+    dtype_max_head_dim: tuple[tuple[torch.dtype, int | str], ...] = ()
 
     @staticmethod
     def _limit(value: int | str | None) -> int | None:
         return native_limit(value) if isinstance(value, str) else value
+
+    def head_dim_limit(self, dtype: torch.dtype) -> int | None:
+        """The largest head dim served in ``dtype`` (None: no limit)."""
+        return self._limit(dict(self.dtype_max_head_dim).get(dtype, self.max_head_dim))
 
     def unsupported(self, case: Any) -> str | None:
         """None if this covers ``case``, else a short reason naming what does not fit."""
@@ -195,11 +202,14 @@ class Support:
             names = ", ".join(str(d).removeprefix("torch.") for d in self.dtypes)
             return f"dtype {case.dtype} (takes {names})"
         for what, attr, limit in (
-            ("head dim", "head_dim", self._limit(self.max_head_dim)),
+            ("head dim", "head_dim", self.head_dim_limit(case.dtype)),
             ("row length", "cols", self._limit(self.max_cols)),
         ):
             if limit is not None and getattr(case, attr, 0) > limit:
-                return f"{what} {getattr(case, attr)} > {limit}"
+                in_dtype = (
+                    f" in {case.dtype}" if attr == "head_dim" and self.dtype_max_head_dim else ""
+                )
+                return f"{what} {getattr(case, attr)} > {limit}{in_dtype}"
         missing = []
         if self.features is not None and hasattr(case, "features"):
             missing = sorted(set(case.features()) - self.features)
@@ -214,6 +224,8 @@ class Support:
             limit = self._limit(value)
             if limit is not None:
                 parts.append(f"{what} <= {limit}")
+        for dtype, value in self.dtype_max_head_dim:
+            parts.append(f"({str(dtype).removeprefix('torch.')}: head dim <= {self._limit(value)})")
         if self.features:
             parts.append("+" + ",".join(sorted(self.features)))
         return " ".join(parts)

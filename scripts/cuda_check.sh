@@ -88,7 +88,7 @@ template <int Dp> void fwd() { std::printf("fwd %d %zu\n", Dp, Fa2Fwd<2, Dp>::by
 template <int Dp> void bwd() { std::printf("bwd %d %zu\n", Dp, Fa2Bwd<2, Dp>::bytes); }
 int main() {
   fwd<16>(); fwd<32>(); fwd<64>(); fwd<128>(); fwd<256>();
-  bwd<16>(); bwd<32>(); bwd<64>(); bwd<128>();
+  bwd<16>(); bwd<32>(); bwd<64>(); bwd<128>(); bwd<256>();
   std::printf("limit sm_80 %zu\nlimit sm_90 %zu\n", kSmemOptInSm80, kSmemOptInSm90);
 }
 CPP

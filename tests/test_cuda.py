@@ -317,10 +317,18 @@ CASES = [
     (1, 4, 2, 150, 200, 64, True, True),
     (1, 2, 2, 37, 45, 20, False, True),
 ]
+# Head dims above 128: fp16 / bf16 only (the FA2 kernels pad to 256; fp32 stops at 128).
+WIDE_CASES = [
+    (1, 2, 1, 70, 140, 256, True, False),
+    (2, 4, 2, 45, 67, 200, False, True),
+]
+WIDE_DTYPES = [d for d in DTYPES if d != torch.float32]
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize(
+    "dtype, case",
+    [(d, c) for d in DTYPES for c in CASES] + [(d, c) for d in WIDE_DTYPES for c in WIDE_CASES],
+)
 @pytest.mark.parametrize("dropout_p", [0.0, 0.3])
 @pytest.mark.parametrize("layout", ["contiguous", "bthd"])
 def test_attention(dtype, case, dropout_p, layout):
@@ -361,8 +369,11 @@ def test_attention(dtype, case, dropout_p, layout):
 
 
 def test_attention_rejects_bad_input():
-    q = torch.randn(1, 2, 8, 256, device="cuda", dtype=torch.float16)
-    with pytest.raises(RuntimeError, match="head dim 256"):
+    q = torch.randn(1, 2, 8, 257, device="cuda", dtype=torch.float16)
+    with pytest.raises(RuntimeError, match="head dim 257 not supported for Half"):
+        OPS.attention_fwd(q, q, q, None, False, 1.0, 0.0, 0, 0)
+    q = torch.randn(1, 2, 8, 136, device="cuda", dtype=torch.float32)  # fp32: up to 128
+    with pytest.raises(RuntimeError, match="head dim 136 not supported for Float"):
         OPS.attention_fwd(q, q, q, None, False, 1.0, 0.0, 0, 0)
     q = torch.randn(1, 3, 8, 64, device="cuda", dtype=torch.float16)
     k = torch.randn(1, 2, 8, 64, device="cuda", dtype=torch.float16)

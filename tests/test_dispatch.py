@@ -122,6 +122,28 @@ def test_limits_come_from_the_extension():
         fastattn.attention(q, q, q)
 
 
+@pytest.mark.skipif(not HAVE_CPU, reason="extension not built")
+def test_cuda_attention_head_dim_limit_depends_on_dtype():
+    # fp16 / bf16 run the FlashAttention-2 kernels (head dims up to 256), fp32 the simple
+    # kernels (up to 128): auto must not send an fp32 head dim 256 to the CUDA backend.
+    from fastattn.ops.attention import DECL
+
+    cuda = DECL.support[("cuda", "cuda")]
+    wide = _dispatch.native_limit("attention_max_head_dim_cuda")
+    fp32 = _dispatch.native_limit("attention_max_head_dim_cuda_fp32")
+    assert (wide, fp32) == (256, 128)
+    for dtype in (torch.float16, torch.bfloat16):
+        assert cuda.unsupported(_case(device_type="cuda", dtype=dtype, head_dim=256)) is None
+        assert cuda.unsupported(_case(device_type="cuda", dtype=dtype, head_dim=257)) == (
+            f"head dim 257 > 256 in {dtype}"
+        )
+    assert cuda.unsupported(_case(device_type="cuda", head_dim=128)) is None
+    assert cuda.unsupported(_case(device_type="cuda", head_dim=129)) == (
+        "head dim 129 > 128 in torch.float32"
+    )
+    assert "float32: head dim <= 128" in cuda.describe()
+
+
 def test_every_declared_op_has_every_implementation_it_claims():
     import importlib
 

@@ -42,7 +42,9 @@
 // - dQ: dS goes through shared memory (rounded to T), each block adds its dS K into an fp32
 //   [B, Hq, Tq, D] workspace with atomicAdd, a last kernel rounds it (the FA2 arrangement: one
 //   pass over the key blocks instead of a dQ kernel that recomputes S and dP; not bitwise
-//   reproducible). Head dims padded to 16, 32, 64, 128 (and 256 in the forward).
+//   reproducible). Head dims padded to 16, 32, 64, 128 or 256 (kAttentionFa2MaxHeadDim); at
+//   256 the backward runs 8 warps (attention_tiles.h: P and dS through shared memory, dK / dV
+//   split by head-dim half).
 // - Dropout (the mapping every backend shares: key j takes word j & 3 of the call on counter
 //   j >> 2): in the forward a lane's S fragment holds columns 2t, 2t + 1 of rows g and g + 8,
 //   so one call per row serves both (words 0, 1 for even t, 2, 3 for odd t): 1 call per 2
@@ -53,7 +55,8 @@
 //
 // Simple kernels (fp32; the first 16-bit implementation, kept as a reference):
 // 128 threads = 4 warps per block, everything staged in shared memory:
-// - Head dims are padded up to Dp in {16, 32, 64, 128} (template parameter); the padding
+// - Head dims are padded up to Dp in {16, 32, 64, 128} (template parameter; 128 is also their
+//   limit, kAttentionSimpleMaxHeadDim); the padding
 //   columns are loaded as zeros and never written back.
 // - Tiles (rows of Q x rows of K): forward 64 x 64 (fp32 with Dp = 128: 64 x 32), dQ 64 x 64
 //   (Dp = 128: 64 x 32; fp32 Dp = 128: 32 x 32), dK/dV 64 x 64 (Dp = 128 or fp32: 64 x 32;
@@ -972,35 +975,45 @@ __global__ void __launch_bounds__(tiles::Fa2Fwd<2, Dp>::kThreads)
 }
 
 // ------------------------------------------------------------------ FA2 backward
-// grid (B * Hkv, ceil(Tk / BN)); 4 warps, warp w owns keys j0 + 16 w .. + 15 of the block and
-// keeps their dK, dV rows in registers (fp32 fragments) over every query block of every query
-// head of the kv head's group (GQA sums without atomics). Per query block (Q, dO, lse, Delta
-// double-buffered: the next block's cp.async in flight while this one is computed):
-//   S^T = K Q^T, dP^T = V dO^T          16 keys x BM queries per warp, in registers
+// grid (B * Hkv, ceil(Tk / BN)); key warp kw = warp % 4 owns keys j0 + 16 kw .. + 15 of the
+// block; the block keeps dK, dV of its keys in registers (fp32 fragments) over every query
+// block of every query head of the kv head's group (GQA sums without atomics). Per query block
+// (Q, dO, lse, Delta double-buffered: the next block's cp.async in flight while this one is
+// computed):
+//   S^T = K Q^T, dP^T = V dO^T          16 keys x BM / kSplit queries per warp, in registers
 //   P^T = exp2(S^T scale log2 e - lse log2 e)  (masked only on cut tiles), Z: dropout
-//   dV += (P^T o Z) dO,  dS^T = P^T o (dP^T o Z - Delta),  dK += dS^T Q   (C -> A in place)
+//   dV += (P^T o Z) dO,  dS^T = P^T o (dP^T o Z - Delta),  dK += dS^T Q
+//     kSplit = 1 (Dp <= 128): C fragments -> A fragments in place, all Dp columns per warp;
+//     kSplit = 2 (Dp = 256): P^T o Z and dS^T through shared memory (a barrier), A fragments by
+//     ldmatrix.trans over all BM queries, warp w accumulating head-dim half w / 4
 //   dS -> shared memory (T), barrier, dQ += scale dS K: warps split the BM x Dp tile, fp32
 //   atomicAdd into a [B, Hq, Tq, D] workspace (the FA2 arrangement: dQ of a query row gets a
 //   contribution from every key block, so it is summed across blocks in L2 instead of a second
 //   kernel recomputing S and dP); a last kernel rounds it to T.
-// Two barriers per query block: staged tiles ready; dS written (which also ends every warp's
-// reads of the Q / dO buffer that the next prefetch overwrites).
+// Two barriers per query block: (1) this block's tiles staged, and every warp done with the
+// previous block (so the next prefetch, issued right after it, may overwrite that buffer, and dS
+// / P may be rewritten); (2) dS (and P) written.
 template <typename T, int Dp>
 __global__ void __launch_bounds__(tiles::Fa2Bwd<2, Dp>::kThreads)
     attention_bwd_fa2_kernel(const AttentionBwdArgs a, bool vec) {
   using L = tiles::Fa2Bwd<2, Dp>;
   constexpr int BM = L::BM, BN = L::BN, LD = L::LD, LDS = L::LDS, NT = L::kThreads;
-  constexpr int NQ = BM / 8;   // S^T / dP^T fragments per warp (n tiles of 8 queries)
-  constexpr int NO = Dp / 8;   // dK / dV fragments per warp
+  constexpr int SP = L::kSplit, NW = L::kWarps;
+  constexpr int QW = BM / SP;  // queries of S^T / dP^T per warp
+  constexpr int NQ = QW / 8;   // S^T / dP^T fragments per warp (n tiles of 8 queries)
+  constexpr int DW = Dp / SP;  // dK / dV columns per warp
+  constexpr int NO = DW / 8;   // dK / dV fragments per warp
   constexpr int KD = Dp / 16;  // k steps over the head dim
-  constexpr int RG = BM / 16, CG = 4 / RG, DQC = Dp / CG;  // dQ: row groups x column groups
-  static_assert(RG * CG == 4 && DQC % 16 == 0, "dQ tile split over the 4 warps");
+  constexpr int RG = BM / 16, CG = NW / RG, DQC = Dp / CG;  // dQ: row groups x column groups
+  static_assert(RG * CG == NW && DQC % 16 == 0 && NQ % 2 == 0, "tile split over the warps");
+  static_assert(BN == 16 * 4, "4 key warps of 16 keys");
   extern __shared__ __align__(128) unsigned char smem[];
   T* sK = at<T>(smem, L::k);
   T* sV = at<T>(smem, L::v);
   T* sQ = at<T>(smem, L::q);    // [2][BM][LD]
   T* sdO = at<T>(smem, L::dout);  // [2][BM][LD]
-  T* sdS = at<T>(smem, L::ds);  // [BM][LDS]
+  T* sdS = at<T>(smem, L::ds);  // [BM][LDS]: dS (query rows, key columns)
+  T* sP = at<T>(smem, L::p);    // [BM][LDS]: P o Z, kSplit = 2 only
   float* sLse = at<float>(smem, L::lse);      // [2][BM], times log2 e
   float* sDelta = at<float>(smem, L::delta);  // [2][BM]
   uint8_t* sKeyOk = at<uint8_t>(smem, L::key_ok);
@@ -1011,7 +1024,9 @@ __global__ void __launch_bounds__(tiles::Fa2Bwd<2, Dp>::kThreads)
   const int Tq = a.Tq, Tk = a.Tk, D = a.D;
   const int nk = min(BN, Tk - j0);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
-  const int jw = j0 + warp * 16;  // first key of this warp
+  // Key warp; query slice of S^T = head-dim slice of dK / dV (compile-time 0 when SP = 1).
+  const int kw = SP > 1 ? warp % 4 : warp, half = SP > 1 ? warp / 4 : 0;
+  const int jw = j0 + kw * 16;  // first key of this warp
   const T* k = static_cast<const T*>(a.k) + b * a.k_stride.b + hk * a.k_stride.h;
   const T* v = static_cast<const T*>(a.v) + b * a.v_stride.b + hk * a.v_stride.h;
   const uint8_t* mask_row =
@@ -1071,20 +1086,18 @@ __global__ void __launch_bounds__(tiles::Fa2Bwd<2, Dp>::kThreads)
   for (int step = 0; step < n_steps; ++step) {
     const int buf = step & 1;
     const int h = hk * group + step / nq, i0 = m_begin + (step % nq) * BM;
-    if (step + 1 < n_steps) {
+    cp_async_wait<0>();  // this step's Q, dO (and, at step 0, K, V): the only group in flight
+    __syncthreads();     // barrier 1: staged; every warp is done with the previous step
+    if (step + 1 < n_steps) {  // prefetch into the buffer the previous step used
       stage_q(step + 1, buf ^ 1);
       cp_async_commit();
-      cp_async_wait<1>();
-    } else {
-      cp_async_wait<0>();
     }
-    __syncthreads();  // barrier 1: this step's Q, dO, lse, Delta (and K, V) staged
     const T* Qb = sQ + buf * BM * LD;
     const T* dOb = sdO + buf * BM * LD;
     const float* lse2 = sLse + buf * BM;
     const float* delta = sDelta + buf * BM;
 
-    // S^T = K_w Q^T and dP^T = V_w dO^T.
+    // S^T = K_w Q^T and dP^T = V_w dO^T over this warp's queries half * QW ...
     float st[NQ][4], dpt[NQ][4];
 #pragma unroll
     for (int n = 0; n < NQ; ++n)
@@ -1092,13 +1105,14 @@ __global__ void __launch_bounds__(tiles::Fa2Bwd<2, Dp>::kThreads)
       for (int e = 0; e < 4; ++e) st[n][e] = dpt[n][e] = 0.f;
 #pragma unroll
     for (int kk = 0; kk < KD; ++kk) {
-      const int arow = (warp * 16 + (lane % 8) + 8 * ((lane / 8) % 2)) * LD + kk * 16 + 8 * (lane / 16);
+      const int arow = (kw * 16 + (lane % 8) + 8 * ((lane / 8) % 2)) * LD + kk * 16 + 8 * (lane / 16);
       uint32_t kf[4], vf[4];
       ldmatrix_x4(kf, sK + arow);
       ldmatrix_x4(vf, sV + arow);
 #pragma unroll
       for (int np = 0; np < NQ / 2; ++np) {
-        const int brow = (np * 16 + (lane % 8) + 8 * (lane / 16)) * LD + kk * 16 + 8 * ((lane / 8) % 2);
+        const int brow = (half * QW + np * 16 + (lane % 8) + 8 * (lane / 16)) * LD + kk * 16 +
+                         8 * ((lane / 8) % 2);
         uint32_t qf[4], of[4];
         ldmatrix_x4(qf, Qb + brow);
         ldmatrix_x4(of, dOb + brow);
@@ -1118,31 +1132,51 @@ __global__ void __launch_bounds__(tiles::Fa2Bwd<2, Dp>::kThreads)
     for (int n = 0; n < NQ; ++n)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        const int c = n * 8 + 2 * t + (e & 1), r = g + 8 * (e >> 1);
+        const int c = half * QW + n * 8 + 2 * t + (e & 1), r = g + 8 * (e >> 1);
         const int i = i0 + c, j = jw + r;
         bool vis = true;
-        if (!full) vis = j < Tk && sKeyOk[warp * 16 + r] && causal_ok(a.causal, i, j, Tq, Tk);
+        if (!full) vis = j < Tk && sKeyOk[kw * 16 + r] && causal_ok(a.causal, i, j, Tq, Tk);
         const float p = vis ? exp2f(st[n][e] * scale_log2 - lse2[c]) : 0.f;
         float z = 1.f;
         if (dropout) z = dropout_keep(a.seed, a.offset, bhq, i, j, a.dropout_threshold) ? inv_keep : 0.f;
         st[n][e] = p * z;                          // P^T o Z (for dV)
         dpt[n][e] = p * (dpt[n][e] * z - delta[c]);  // dS^T
       }
+    // dS^T -> sdS as dS (and P^T o Z -> sP as P o Z when the products read it from there).
+#pragma unroll
+    for (int n = 0; n < NQ; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int c = half * QW + n * 8 + 2 * t + (e & 1), r = g + 8 * (e >> 1);
+        sdS[c * LDS + kw * 16 + r] = from_float<T>(dpt[n][e]);
+        if constexpr (SP > 1) sP[c * LDS + kw * 16 + r] = from_float<T>(st[n][e]);
+      }
+    if constexpr (SP > 1) __syncthreads();  // barrier 2: P, dS of all BM queries written
 
-    // dV += (P^T o Z) dO, dK += dS^T Q (scale applied at the end); dS^T -> sdS as dS.
+    // dV += (P^T o Z) dO, dK += dS^T Q over the BM queries, head-dim columns half * DW ..
+    // (scale applied at the end).
 #pragma unroll
     for (int kk = 0; kk < BM / 16; ++kk) {
-      const uint32_t pf[4] = {pack2<T>(st[2 * kk][0], st[2 * kk][1]),
-                              pack2<T>(st[2 * kk][2], st[2 * kk][3]),
-                              pack2<T>(st[2 * kk + 1][0], st[2 * kk + 1][1]),
-                              pack2<T>(st[2 * kk + 1][2], st[2 * kk + 1][3])};
-      const uint32_t sf[4] = {pack2<T>(dpt[2 * kk][0], dpt[2 * kk][1]),
-                              pack2<T>(dpt[2 * kk][2], dpt[2 * kk][3]),
-                              pack2<T>(dpt[2 * kk + 1][0], dpt[2 * kk + 1][1]),
-                              pack2<T>(dpt[2 * kk + 1][2], dpt[2 * kk + 1][3])};
+      uint32_t pf[4], sf[4];
+      if constexpr (SP == 1) {  // this warp's accumulators hold all BM queries: A in place
+        pf[0] = pack2<T>(st[2 * kk][0], st[2 * kk][1]);
+        pf[1] = pack2<T>(st[2 * kk][2], st[2 * kk][3]);
+        pf[2] = pack2<T>(st[2 * kk + 1][0], st[2 * kk + 1][1]);
+        pf[3] = pack2<T>(st[2 * kk + 1][2], st[2 * kk + 1][3]);
+        sf[0] = pack2<T>(dpt[2 * kk][0], dpt[2 * kk][1]);
+        sf[1] = pack2<T>(dpt[2 * kk][2], dpt[2 * kk][3]);
+        sf[2] = pack2<T>(dpt[2 * kk + 1][0], dpt[2 * kk + 1][1]);
+        sf[3] = pack2<T>(dpt[2 * kk + 1][2], dpt[2 * kk + 1][3]);
+      } else {  // A = P^T (keys x queries) from P stored [query][key]: ldmatrix.trans, matrix
+                // m = lane / 8 at query rows + 8 (m >> 1), key columns + 8 (m & 1)
+        const int arow = (kk * 16 + (lane % 8) + 8 * (lane / 16)) * LDS + kw * 16 + 8 * ((lane / 8) % 2);
+        ldmatrix_x4_trans(pf, sP + arow);
+        ldmatrix_x4_trans(sf, sdS + arow);
+      }
 #pragma unroll
-      for (int dp = 0; dp < Dp / 16; ++dp) {
-        const int brow = (kk * 16 + (lane % 8) + 8 * ((lane / 8) % 2)) * LD + dp * 16 + 8 * (lane / 16);
+      for (int dp = 0; dp < DW / 16; ++dp) {
+        const int brow = (kk * 16 + (lane % 8) + 8 * ((lane / 8) % 2)) * LD + half * DW + dp * 16 +
+                         8 * (lane / 16);
         uint32_t of[4], qf[4];
         ldmatrix_x4_trans(of, dOb + brow);
         ldmatrix_x4_trans(qf, Qb + brow);
@@ -1152,14 +1186,7 @@ __global__ void __launch_bounds__(tiles::Fa2Bwd<2, Dp>::kThreads)
         mma_m16n8k16<T>(dk[2 * dp + 1], sf, qf[2], qf[3]);
       }
     }
-#pragma unroll
-    for (int n = 0; n < NQ; ++n)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int c = n * 8 + 2 * t + (e & 1), r = g + 8 * (e >> 1);
-        sdS[c * LDS + warp * 16 + r] = from_float<T>(dpt[n][e]);
-      }
-    __syncthreads();  // barrier 2: dS complete; every warp is done with Qb, dOb
+    if constexpr (SP == 1) __syncthreads();  // barrier 2: dS complete
 
     // dQ[i0 + 16 rg.., DQC cg..] += scale dS K: A = dS rows (queries), B = K via .trans.
     {
@@ -1200,9 +1227,9 @@ __global__ void __launch_bounds__(tiles::Fa2Bwd<2, Dp>::kThreads)
   __syncthreads();  // every warp is done reading sK, sV
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    const int row = warp * 16 + g + 8 * r;
-    uint32_t* krow = reinterpret_cast<uint32_t*>(sK + row * LD);
-    uint32_t* vrow = reinterpret_cast<uint32_t*>(sV + row * LD);
+    const int row = kw * 16 + g + 8 * r;
+    uint32_t* krow = reinterpret_cast<uint32_t*>(sK + row * LD + half * DW);
+    uint32_t* vrow = reinterpret_cast<uint32_t*>(sV + row * LD + half * DW);
 #pragma unroll
     for (int n = 0; n < NO; ++n) {
       krow[n * 4 + t] = pack2<T>(dk[n][2 * r] * a.scale, dk[n][2 * r + 1] * a.scale);
@@ -1382,21 +1409,29 @@ cudaError_t bwd_fa2_typed(const AttentionBwdArgs& a, cudaStream_t stream) {
   if (D <= 16) return bwd_fa2_dp<T, 16>(a, stream);
   if (D <= 32) return bwd_fa2_dp<T, 32>(a, stream);
   if (D <= 64) return bwd_fa2_dp<T, 64>(a, stream);
-  return bwd_fa2_dp<T, 128>(a, stream);
+  if (D <= 128) return bwd_fa2_dp<T, 128>(a, stream);
+  return bwd_fa2_dp<T, 256>(a, stream);
 }
 
+// max_d: kAttentionSimpleMaxHeadDim (the simple kernels) or kAttentionFa2MaxHeadDim.
 template <typename A>
-bool shapes_ok(const A& a) {
+bool shapes_ok(const A& a, int max_d) {
   return a.B >= 0 && a.Hq > 0 && a.Hkv > 0 && a.Hq % a.Hkv == 0 && a.Tq >= 0 && a.Tk >= 0 &&
-         attention_head_dim_supported(a.D) && a.dropout_p >= 0.f && a.dropout_p < 1.f;
+         a.D >= 1 && a.D <= max_d && a.dropout_p >= 0.f && a.dropout_p < 1.f;
 }
 
 }  // namespace
 
-bool attention_head_dim_supported(int D) { return D >= 1 && D <= kAttentionMaxHeadDim; }
+int attention_max_head_dim(DType dt) {
+  return dt == DType::kFloat32 ? kAttentionSimpleMaxHeadDim : kAttentionFa2MaxHeadDim;
+}
+
+bool attention_head_dim_supported(DType dt, int D) {
+  return D >= 1 && D <= attention_max_head_dim(dt);
+}
 
 cudaError_t attention_fwd_simple(DType dt, const AttentionFwdArgs& a, cudaStream_t stream) {
-  if (!shapes_ok(a)) return cudaErrorInvalidValue;
+  if (!shapes_ok(a, kAttentionSimpleMaxHeadDim)) return cudaErrorInvalidValue;
   if (a.B == 0 || a.Tq == 0) return cudaSuccess;
   switch (dt) {
     case DType::kFloat32: return fwd_simple_typed<float>(a, stream);
@@ -1407,10 +1442,7 @@ cudaError_t attention_fwd_simple(DType dt, const AttentionFwdArgs& a, cudaStream
 }
 
 cudaError_t attention_fwd_fa2(DType dt, const AttentionFwdArgs& a, cudaStream_t stream) {
-  const bool ok = a.B >= 0 && a.Hq > 0 && a.Hkv > 0 && a.Hq % a.Hkv == 0 && a.Tq >= 0 &&
-                  a.Tk >= 0 && a.D >= 1 && a.D <= kAttentionFa2MaxHeadDim &&
-                  a.dropout_p >= 0.f && a.dropout_p < 1.f;
-  if (!ok) return cudaErrorInvalidValue;
+  if (!shapes_ok(a, kAttentionFa2MaxHeadDim)) return cudaErrorInvalidValue;
   if (a.B == 0 || a.Tq == 0) return cudaSuccess;
   switch (dt) {
     case DType::kFloat16: return fwd_fa2_typed<__half>(a, stream);
@@ -1421,20 +1453,21 @@ cudaError_t attention_fwd_fa2(DType dt, const AttentionFwdArgs& a, cudaStream_t 
 
 // fp16 / bf16: the FA2 kernel; fp32: the simple kernel (FMAs from shared memory, no TF32).
 cudaError_t attention_fwd(DType dt, const AttentionFwdArgs& a, cudaStream_t stream) {
-  if (!shapes_ok(a)) return cudaErrorInvalidValue;
   return dt == DType::kFloat32 ? attention_fwd_simple(dt, a, stream)
                                : attention_fwd_fa2(dt, a, stream);
 }
 
+// No query: dq is empty, dk and dv are zero.
+static cudaError_t zero_dk_dv(DType dt, const AttentionBwdArgs& a, cudaStream_t stream) {
+  const size_t n = static_cast<size_t>(a.B) * a.Hkv * a.Tk * a.D * (dt == DType::kFloat32 ? 4 : 2);
+  cudaError_t err = cudaMemsetAsync(a.dk, 0, n, stream);
+  return err != cudaSuccess ? err : cudaMemsetAsync(a.dv, 0, n, stream);
+}
+
 cudaError_t attention_bwd_simple(DType dt, const AttentionBwdArgs& a, cudaStream_t stream) {
-  if (!shapes_ok(a)) return cudaErrorInvalidValue;
+  if (!shapes_ok(a, kAttentionSimpleMaxHeadDim)) return cudaErrorInvalidValue;
   if (a.B == 0) return cudaSuccess;
-  if (a.Tq == 0) {  // no query: dq is empty, dk and dv are zero
-    const size_t n = static_cast<size_t>(a.B) * a.Hkv * a.Tk * a.D *
-                     (dt == DType::kFloat32 ? 4 : 2);
-    cudaError_t err = cudaMemsetAsync(a.dk, 0, n, stream);
-    return err != cudaSuccess ? err : cudaMemsetAsync(a.dv, 0, n, stream);
-  }
+  if (a.Tq == 0) return zero_dk_dv(dt, a, stream);
   switch (dt) {
     case DType::kFloat32: return bwd_simple_typed<float>(a, stream);
     case DType::kFloat16: return bwd_simple_typed<__half>(a, stream);
@@ -1444,9 +1477,10 @@ cudaError_t attention_bwd_simple(DType dt, const AttentionBwdArgs& a, cudaStream
 }
 
 cudaError_t attention_bwd_fa2(DType dt, const AttentionBwdArgs& a, cudaStream_t stream) {
-  if (!shapes_ok(a) || dt == DType::kFloat32 || a.dq_accum == nullptr) return cudaErrorInvalidValue;
+  if (!shapes_ok(a, kAttentionFa2MaxHeadDim) || dt == DType::kFloat32 || a.dq_accum == nullptr)
+    return cudaErrorInvalidValue;
   if (a.B == 0) return cudaSuccess;
-  if (a.Tq == 0) return attention_bwd_simple(dt, a, stream);  // dk = dv = 0
+  if (a.Tq == 0) return zero_dk_dv(dt, a, stream);
   switch (dt) {
     case DType::kFloat16: return bwd_fa2_typed<__half>(a, stream);
     case DType::kBFloat16: return bwd_fa2_typed<__nv_bfloat16>(a, stream);

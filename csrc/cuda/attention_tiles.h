@@ -36,14 +36,22 @@ struct Fa2Fwd {
   static_assert(bytes <= kSmemOptInSm80, "FA2 forward tiles exceed sm_80's shared memory");
 };
 
-// Backward (dK / dV kernel), head dim up to 128: 4 warps x 16 keys = 64 keys per block; query
-// blocks of 64 (32 for Dp = 128, where dK and dV take Dp registers per lane). Shared: K, V
-// [BN][LD], Q and dO [2 stages][BM][LD], dS [BM][LDS], lse and Delta [2][BM] floats, key_ok.
+// Backward (dK / dV kernel): 64 keys per block, 16 per key warp; query blocks of 64 (32 from
+// Dp = 128, where dK and dV take Dp registers per lane). Up to Dp = 128: 4 warps, each keeps the
+// whole dK, dV rows of its 16 keys in registers and feeds S^T / dS^T to the dK / dV products in
+// place. Dp = 256 (dK + dV would be 256 registers per lane): 8 warps, kSplit = 2; warps w and
+// w + 4 share keys 16 (w % 4) ..: S^T / dP^T are split by query (16 each), P^T and dS^T go
+// through shared memory (p, ds) and the dK / dV accumulators are split by head-dim half (128
+// registers per lane), as FlashAttention-2 does at this head dim. Shared: K, V [BN][LD], Q and
+// dO [2 stages][BM][LD], dS (and P at kSplit = 2) [BM][LDS], lse and Delta [2][BM] floats,
+// key_ok.
 template <int E, int Dp>
 struct Fa2Bwd {
-  static_assert(Dp % 16 == 0 && Dp <= 128, "head dim padded to a multiple of 16, at most 128");
-  static constexpr int kWarps = 4, kThreads = 32 * kWarps;
-  static constexpr int BN = 16 * kWarps;
+  static_assert(Dp % 16 == 0 && (Dp <= 128 || Dp == 256),
+                "head dim padded to a multiple of 16 up to 128, or to 256");
+  static constexpr int kSplit = Dp <= 128 ? 1 : 2;
+  static constexpr int kWarps = 4 * kSplit, kThreads = 32 * kWarps;
+  static constexpr int BN = 64;
   static constexpr int BM = Dp <= 64 ? 64 : 32;
   static constexpr int LD = Dp + 16 / E;
   static constexpr int LDS = BN + 16 / E;
@@ -52,7 +60,8 @@ struct Fa2Bwd {
   static constexpr size_t q = v + align128(size_t(E) * BN * LD);
   static constexpr size_t dout = q + align128(size_t(2) * E * BM * LD);
   static constexpr size_t ds = dout + align128(size_t(2) * E * BM * LD);
-  static constexpr size_t lse = ds + align128(size_t(E) * BM * LDS);
+  static constexpr size_t p = ds + align128(size_t(E) * BM * LDS);
+  static constexpr size_t lse = p + (kSplit > 1 ? align128(size_t(E) * BM * LDS) : 0);
   static constexpr size_t delta = lse + align128(2 * 4 * BM);
   static constexpr size_t key_ok = delta + align128(2 * 4 * BM);
   static constexpr size_t bytes = key_ok + align128(BN);

@@ -19,12 +19,16 @@
 #include <utility>
 
 #include "cuda/kernels.cuh"
+#include "kernel_limits.h"
 
 namespace fastattn {
 namespace cuda_glue {
 namespace {
 
 namespace k = ::fastattn::cuda;
+static_assert(k::kAttentionFa2MaxHeadDim == ::fastattn::limits::kAttentionMaxHeadDimCuda &&
+                  k::kAttentionSimpleMaxHeadDim == ::fastattn::limits::kAttentionMaxHeadDimCudaFp32,
+              "csrc/kernel_limits.h and csrc/cuda/kernels.cuh disagree on the attention head dims");
 
 k::DType kernel_dtype(const at::Tensor& t, const char* op, const char* name) {
   switch (t.scalar_type()) {
@@ -285,7 +289,7 @@ AttnShape check_qkv(const at::Tensor& q, const at::Tensor& kt, const at::Tensor&
   check_bhtd(kt, op, "k");
   check_bhtd(v, op, "v");
   check_cuda(q, op, "q", q.device());
-  kernel_dtype(q, op, "q");
+  const k::DType dt = kernel_dtype(q, op, "q");
   check_cuda(kt, op, "k", q.device());
   check_cuda(v, op, "v", q.device());
   TORCH_CHECK(kt.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
@@ -301,9 +305,9 @@ AttnShape check_qkv(const at::Tensor& q, const at::Tensor& kt, const at::Tensor&
               " (cuda): query heads (", q.size(1), ") must be a multiple of key/value heads (",
               kt.size(1), ")");
   const int64_t D = q.size(3);
-  TORCH_CHECK(k::attention_head_dim_supported(static_cast<int>(std::min<int64_t>(D, 1 << 20))),
-              "fastattn_C.", op, " (cuda): head dim ", D, " not supported (expected 1 to ",
-              k::kAttentionMaxHeadDim, ")");
+  TORCH_CHECK(k::attention_head_dim_supported(dt, static_cast<int>(std::min<int64_t>(D, 1 << 20))),
+              "fastattn_C.", op, " (cuda): head dim ", D, " not supported for ", q.scalar_type(),
+              " (expected 1 to ", k::attention_max_head_dim(dt), ")");
   TORCH_CHECK(std::isfinite(scale), "fastattn_C.", op, " (cuda): scale must be finite, got ", scale);
   TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "fastattn_C.", op,
               " (cuda): dropout_p must be in [0, 1), got ", dropout_p);

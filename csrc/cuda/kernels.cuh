@@ -55,8 +55,11 @@ cudaError_t rms_norm_bwd(DType dt, const void* dout, const void* x, const float*
                          cudaStream_t stream);
 
 // attention.cu ----------------------------------------------------------------
-// Largest head dim the attention kernels take (head dims are padded up to 16, 32, 64 or 128).
-constexpr int kAttentionMaxHeadDim = 128;
+// Largest head dims the attention kernels take: the FlashAttention-2 kernels (fp16 / bf16;
+// head dims padded up to 16, 32, 64, 128 or 256) and the simple kernels (fp32, and the 16-bit
+// reference; padded up to 128). Equal to csrc/kernel_limits.h's (checked in bindings.cpp).
+constexpr int kAttentionFa2MaxHeadDim = 256;
+constexpr int kAttentionSimpleMaxHeadDim = 128;
 
 // Strides in elements of a [B, H, T, D] tensor whose D stride is 1.
 struct Strides3 {
@@ -109,8 +112,9 @@ struct AttentionBwdArgs {
   uint64_t seed, offset;
 };
 
-// Whether head dim D is supported (1 <= D <= kAttentionMaxHeadDim).
-bool attention_head_dim_supported(int D);
+// attention_fwd / attention_bwd's head-dim limit for dtype dt, and whether 1 <= D <= it.
+int attention_max_head_dim(DType dt);
+bool attention_head_dim_supported(DType dt, int D);
 
 cudaError_t attention_fwd(DType dt, const AttentionFwdArgs& args, cudaStream_t stream);
 cudaError_t attention_bwd(DType dt, const AttentionBwdArgs& args, cudaStream_t stream);
@@ -118,7 +122,6 @@ cudaError_t attention_bwd(DType dt, const AttentionBwdArgs& args, cudaStream_t s
 // The kernels behind attention_fwd / attention_bwd, callable one by one (the host emulation
 // checks each against float64 and against each other). attention_fwd: fp16 / bf16 on the
 // FlashAttention-2 kernels (_fa2), fp32 on the first kernels (_simple).
-constexpr int kAttentionFa2MaxHeadDim = 256;  // _fa2 (16-bit) takes head dims up to 256
 cudaError_t attention_fwd_simple(DType dt, const AttentionFwdArgs& args, cudaStream_t stream);
 cudaError_t attention_fwd_fa2(DType dt, const AttentionFwdArgs& args, cudaStream_t stream);
 cudaError_t attention_bwd_simple(DType dt, const AttentionBwdArgs& args, cudaStream_t stream);

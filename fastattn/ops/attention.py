@@ -450,8 +450,9 @@ DECL = _dispatch.declare(
             ),
             ("cuda", "cuda"): _dispatch.Support(
                 (torch.float16, torch.bfloat16, torch.float32),
-                max_head_dim="attention_max_head_dim_cuda",
+                max_head_dim="attention_max_head_dim_cuda",  # fp16 / bf16: the FA2 kernels
                 features=frozenset(),
+                dtype_max_head_dim=((torch.float32, "attention_max_head_dim_cuda_fp32"),),
             ),
             **{
                 ("triton", dev): _dispatch.Support(

@@ -392,16 +392,18 @@ if which in ("all", "attn"):
                 for layout in ("contiguous", "bthd"):
                     attn(dtype, case, p, layout)
         print("attn done", dtype, flush=True)
-# FA2 kernels (fp16 / bf16), beyond tc.CASES: head dim 256 (forward only: Q re-read from
-# shared memory, BN = 32), and MQA with Tq > Tk over several query blocks.
+# FA2 kernels (fp16 / bf16), beyond tc.CASES: head dim 256 (forward: Q re-read from shared
+# memory, BN = 32; backward: 8 warps, P and dS through shared memory), with GQA + padding and a
+# padded 256 (200), and MQA with Tq > Tk over several query blocks.
 FA2_CASES = tc.CASES + [
     (1, 2, 1, 70, 140, 256, True, False),
+    (2, 4, 2, 45, 67, 200, False, True),
     (2, 2, 1, 129, 64, 128, True, False),
 ]
 
 
 def fa2(dtype, case, p, layout, bwd_compare=True):
-    """FA2 forward and backward (D <= 128) against float64, and against the simple kernels."""
+    """FA2 forward and backward against float64, and against the simple kernels (D <= 128)."""
     old = 1 if case[5] <= 128 else None
     attn(
         dtype,
@@ -409,7 +411,6 @@ def fa2(dtype, case, p, layout, bwd_compare=True):
         p,
         layout,
         impl=2,
-        backward=old is not None,
         compare=old,
         bwd_impl=2,
         bwd_compare=old if bwd_compare else None,
@@ -445,7 +446,7 @@ if which == "quick":  # what `make test` runs (tests/test_cuda_emu.py): each cas
             if n == 0:  # fp16: also against the simple kernels' forward
                 fa2(dtype, case, *combos[c % 4], bwd_compare=False)
             else:
-                attn(dtype, case, *combos[(c + 2) % 4], impl=2, bwd_impl=2, backward=case[5] <= 128)
+                attn(dtype, case, *combos[(c + 2) % 4], impl=2, bwd_impl=2)
         print("fa2 done", dtype, flush=True)
     for c, case in enumerate(tc.CASES[1:3]):  # fp32: the simple kernels, via attention_fwd/_bwd
         attn(torch.float32, case, *combos[c])

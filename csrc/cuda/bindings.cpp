@@ -19,16 +19,12 @@
 #include <utility>
 
 #include "cuda/kernels.cuh"
-#include "kernel_limits.h"
 
 namespace fastattn {
 namespace cuda_glue {
 namespace {
 
 namespace k = ::fastattn::cuda;
-static_assert(k::kAttentionFa2MaxHeadDim == ::fastattn::limits::kAttentionMaxHeadDimCuda &&
-                  k::kAttentionSimpleMaxHeadDim == ::fastattn::limits::kAttentionMaxHeadDimCudaFp32,
-              "csrc/kernel_limits.h and csrc/cuda/kernels.cuh disagree on the attention head dims");
 
 k::DType kernel_dtype(const at::Tensor& t, const char* op, const char* name) {
   switch (t.scalar_type()) {
@@ -277,10 +273,11 @@ void check_bhtd(const at::Tensor& t, const char* op, const char* name) {
 }
 
 struct AttnShape {
+  k::DType dt;
   int B, Hq, Hkv, Tq, Tk, D;
 };
 
-// Checks q, k, v (and the key padding mask) and returns the shape; `mask` gets the contiguous
+// Checks q, k, v (and the key padding mask) and returns the dtype and shape; `mask` gets the contiguous
 // bool mask or stays undefined.
 AttnShape check_qkv(const at::Tensor& q, const at::Tensor& kt, const at::Tensor& v,
                     const std::optional<at::Tensor>& key_padding_mask, double scale,
@@ -312,6 +309,7 @@ AttnShape check_qkv(const at::Tensor& q, const at::Tensor& kt, const at::Tensor&
   TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "fastattn_C.", op,
               " (cuda): dropout_p must be in [0, 1), got ", dropout_p);
   AttnShape s;
+  s.dt = dt;
   s.B = to_int(q.size(0), op, "batch");
   s.Hq = to_int(q.size(1), op, "query heads");
   s.Hkv = to_int(kt.size(1), op, "key/value heads");
@@ -367,7 +365,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(
   a.dropout_threshold = k::dropout_threshold_of(dropout_p);
   a.seed = static_cast<uint64_t>(seed);
   a.offset = static_cast<uint64_t>(offset);
-  check_launch(k::attention_fwd(kernel_dtype(q, op, "q"), a, c10::cuda::getCurrentCUDAStream()), op);
+  check_launch(k::attention_fwd(s.dt, a, c10::cuda::getCurrentCUDAStream()), op);
   return {out, lse};
 }
 
@@ -401,7 +399,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
   }
   at::Tensor delta = at::empty({s.B, s.Hq, s.Tq}, q.options().dtype(at::kFloat));
   // fp16 / bf16: dq is accumulated in fp32 by atomics across key blocks, then rounded.
-  const k::DType dt = kernel_dtype(q, op, "q");
+  const k::DType dt = s.dt;
   const size_t ws_floats = k::attention_bwd_workspace(dt, s.B, s.Hq, s.Tq, s.D);
   at::Tensor dq_accum = at::empty({static_cast<int64_t>(ws_floats)}, q.options().dtype(at::kFloat));
 

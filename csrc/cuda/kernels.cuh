@@ -12,6 +12,8 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "kernel_limits.h"
+
 namespace fastattn {
 namespace cuda {
 
@@ -55,11 +57,11 @@ cudaError_t rms_norm_bwd(DType dt, const void* dout, const void* x, const float*
                          cudaStream_t stream);
 
 // attention.cu ----------------------------------------------------------------
-// Largest head dims the attention kernels take: the FlashAttention-2 kernels (fp16 / bf16;
-// head dims padded up to 16, 32, 64, 128 or 256) and the simple kernels (fp32, and the 16-bit
-// reference; padded up to 128). Equal to csrc/kernel_limits.h's (checked in bindings.cpp).
-constexpr int kAttentionFa2MaxHeadDim = 256;
-constexpr int kAttentionSimpleMaxHeadDim = 128;
+// Largest head dims the attention kernels take (csrc/kernel_limits.h, which Python reads too):
+// the FlashAttention-2 kernels (fp16 / bf16; head dims padded up to 16, 32, 64, 128 or 256) and
+// the simple kernels (fp32, and the 16-bit reference; padded up to 128).
+constexpr int kAttentionFa2MaxHeadDim = limits::kAttentionMaxHeadDimCuda;
+constexpr int kAttentionSimpleMaxHeadDim = limits::kAttentionMaxHeadDimCudaFp32;
 
 // Strides in elements of a [B, H, T, D] tensor whose D stride is 1.
 struct Strides3 {

@@ -30,7 +30,7 @@ done
 cp "$HERE/harness.cpp" "$BUILD/"
 CUDA_INC="${CUDA_INC:-$(dirname "$(dirname "$(command -v nvcc)")")/include}"
 [ -f "$CUDA_INC/cuda_fp16.h" ] || CUDA_INC=/usr/local/cuda/include
-g++ -std=c++20 -O1 -pthread -shared -fPIC -w -include "$HERE/shim.h" -I"$CUDA_INC" -I"$BUILD" \
+g++ -std=c++20 -O1 -pthread -shared -fPIC -w -include "$HERE/shim.h" -I"$CUDA_INC" -I"$BUILD" -I"$ROOT/csrc" \
   "$BUILD"/*.cpp \
   -o "$BUILD/libemu.so"
 "$PY" "$HERE/drive.py" "$BUILD/libemu.so" "${1:-all}" "${2:-0}"

@@ -46,12 +46,13 @@
 //   256 the backward runs 8 warps (attention_tiles.h: P and dS through shared memory, dK / dV
 //   split by head-dim half).
 // - Dropout (the mapping every backend shares: key j takes word j & 3 of the call on counter
-//   j >> 2): in the forward a lane's S fragment holds columns 2t, 2t + 1 of rows g and g + 8,
-//   so one call per row serves both (words 0, 1 for even t, 2, 3 for odd t): 1 call per 2
-//   elements (was 1 per element; sharing the call with lane t ^ 1 by shuffles would reach 1
-//   per 4). The backward's S^T fragment pairs adjacent queries, not keys, so it draws one call
-//   per element and takes word j & 3; so do the simple kernels. (Variants that computed only
-//   the needed words in the last two rounds made ptxas spill in more kernels, not fewer.)
+//   j >> 2), one call per 4 elements: each lane draws one call and the four keep bits reach
+//   the lanes that hold those elements by four __ballot_sync (dropout_ballots). Forward: lane
+//   (g, t) draws row g + 8 (t & 1), keys 4 (t >> 1) .. of each 8-key tile; its element (row
+//   g + 8 h2, key 2t + x) reads lane 4g + (t & 2) + h2's call. Backward (S^T pairs adjacent
+//   queries, not keys): bits drawn before the products, see the kernel (at Dp = 128 its dQ
+//   product runs in two column passes to leave the registers for it). (Was: 1 call per 2
+//   elements forward, 1 per element backward.)
 //
 // Simple kernels (fp32; the first 16-bit implementation, kept as a reference):
 // 128 threads = 4 warps per block, everything staged in shared memory:
@@ -69,6 +70,9 @@
 //   the row max and sum. Rows of shared-memory tiles are padded by 16 bytes (bank spread; wmma
 //   needs 32-byte aligned fragments and a leading dimension multiple of 16 bytes).
 // - Global loads are 16-byte vectors when D, the strides and the pointers allow it.
+// - Dropout: while a tile loads, the block draws its keep bits, one call per 4 keys, into a
+//   [BM][BN / 4] byte array (draw_keep_tile, noinline: inlined, it made ptxas spill in the
+//   16-bit instances); the softmax steps read a bit per element.
 //
 // Compile-check (registers, spills, shared memory): bash scripts/cuda_check.sh
 // Host emulation: pytest tests/test_cuda_emu.py (bash tests/cuda_emu/run.sh fa2: all cases)
@@ -127,7 +131,8 @@ struct FwdSmem {
   static constexpr size_t m = o + align128(sizeof(float) * BM * C::kLdF);
   static constexpr size_t l = m + align128(sizeof(float) * BM);
   static constexpr size_t key_ok = l + align128(sizeof(float) * BM);
-  static constexpr size_t bytes = key_ok + align128(BN);
+  static constexpr size_t keep = key_ok + align128(BN);  // [BM][BN / 4] dropout keep nibbles
+  static constexpr size_t bytes = keep + align128(BM * BN / 4);
   static_assert(bytes <= kMaxSmem, "forward tile does not fit in shared memory");
 };
 
@@ -147,7 +152,8 @@ struct DqSmem {
   static constexpr size_t lse = dq + align128(sizeof(float) * BM * C::kLdF);
   static constexpr size_t delta = lse + align128(sizeof(float) * BM);
   static constexpr size_t key_ok = delta + align128(sizeof(float) * BM);
-  static constexpr size_t bytes = key_ok + align128(BN);
+  static constexpr size_t keep = key_ok + align128(BN);  // [BM][BN / 4] dropout keep nibbles
+  static constexpr size_t bytes = keep + align128(BM * BN / 4);
   static_assert(bytes <= kMaxSmem, "dQ tile does not fit in shared memory");
 };
 
@@ -169,7 +175,8 @@ struct KvSmem {
   static constexpr size_t lse = dv + align128(sizeof(float) * BN * C::kLdF);
   static constexpr size_t delta = lse + align128(sizeof(float) * BM);
   static constexpr size_t key_ok = delta + align128(sizeof(float) * BM);
-  static constexpr size_t bytes = key_ok + align128(BN);
+  static constexpr size_t keep = key_ok + align128(BN);  // [BM][BN / 4] dropout keep nibbles
+  static constexpr size_t bytes = keep + align128(BM * BN / 4);
   static_assert(bytes <= kMaxSmem, "dK/dV tile does not fit in shared memory");
 };
 
@@ -206,12 +213,39 @@ __device__ __forceinline__ bool dropout_keep_word(uint32_t w, uint32_t thr) {
   return (w >> 8) >= thr;
 }
 
-// keep(b, h, i, j): word j & 3 of the call with counter j >> 2 (one call for this element).
-__device__ __forceinline__ bool dropout_keep(uint64_t seed, uint64_t offset, uint32_t bh, int i,
-                                             int j, uint32_t thr) {
-  const uint4 w = dropout_words(seed, offset, bh, i, j);
-  const int k = j & 3;
-  return dropout_keep_word(k == 0 ? w.x : k == 1 ? w.y : k == 2 ? w.z : w.w, thr);
+// The keep bits of a call's four words across the warp: bit l of .x / .y / .z / .w is the keep
+// of word 0 / 1 / 2 / 3 of lane l's call (every lane takes part). The FA2 kernels share calls
+// this way: each lane draws one call for four elements of the warp, four ballots hand the bits
+// to the lanes that hold those elements (a ballot is one vote; a call is 10 rounds of 2 mul.hi).
+__device__ __forceinline__ uint4 dropout_ballots(uint4 w, uint32_t thr) {
+  return make_uint4(__ballot_sync(0xffffffffu, dropout_keep_word(w.x, thr)),
+                    __ballot_sync(0xffffffffu, dropout_keep_word(w.y, thr)),
+                    __ballot_sync(0xffffffffu, dropout_keep_word(w.z, thr)),
+                    __ballot_sync(0xffffffffu, dropout_keep_word(w.w, thr)));
+}
+
+// The simple kernels' dropout keep bits of the tile (i0 .., j0 ..), by the whole block, one
+// call per 4 keys: bit w of sKeep[r * (BN / 4) + c / 4] keeps (i0 + r, j0 + 4 (c / 4) + w)
+// (j0 a multiple of 4). Drawn while the tiles load, read after the barrier that follows.
+template <int BM, int BN>
+__device__ __noinline__ void draw_keep_tile(const uint64_t seed, const uint64_t offset,
+                                            const uint32_t thr, const uint32_t bh, const int i0,
+                                            const int j0, uint8_t* __restrict__ sKeep) {
+  static_assert(BN % 4 == 0, "whole calls per row");
+  for (int e = threadIdx.x; e < BM * (BN / 4); e += kThreads) {
+    const int r = e / (BN / 4), c4 = e % (BN / 4);
+    const uint4 w = dropout_words(seed, offset, bh, i0 + r, j0 + 4 * c4);
+    sKeep[e] = static_cast<uint8_t>(
+        static_cast<unsigned>(dropout_keep_word(w.x, thr)) |
+        (static_cast<unsigned>(dropout_keep_word(w.y, thr)) << 1) |
+        (static_cast<unsigned>(dropout_keep_word(w.z, thr)) << 2) |
+        (static_cast<unsigned>(dropout_keep_word(w.w, thr)) << 3));
+  }
+}
+
+template <int BN>
+__device__ __forceinline__ bool keep_bit(const uint8_t* sKeep, int r, int c) {
+  return ((sKeep[r * (BN / 4) + (c >> 2)] >> (c & 3)) & 1u) != 0;
 }
 
 __device__ __forceinline__ bool causal_ok(bool causal, int i, int j, int Tq, int Tk) {
@@ -330,6 +364,7 @@ __global__ void __launch_bounds__(kThreads)
   float* sM = at<float>(smem, L::m);
   float* sL = at<float>(smem, L::l);
   uint8_t* sKeyOk = at<uint8_t>(smem, L::key_ok);
+  uint8_t* sKeep = at<uint8_t>(smem, L::keep);
 
   const int bh = blockIdx.x, b = bh / a.Hq, h = bh % a.Hq, hk = h / (a.Hq / a.Hkv);
   const int i0 = blockIdx.y * BM;
@@ -361,6 +396,9 @@ __global__ void __launch_bounds__(kThreads)
     load_tile<T, BN, Dp>(sK, k + static_cast<int64_t>(j0) * a.k_stride.t, a.k_stride.t, nk, D, vec);
     load_tile<T, BN, Dp>(sV, v + static_cast<int64_t>(j0) * a.v_stride.t, a.v_stride.t, nk, D, vec);
     load_key_ok<BN>(sKeyOk, mask_row, j0, Tk);
+    if (dropout)
+      draw_keep_tile<BM, BN>(a.seed, a.offset, a.dropout_threshold, static_cast<uint32_t>(bh), i0,
+                             j0, sKeep);
     __syncthreads();
     block_gemm<T, BM, BN, Dp, false, true, false>(sQ, LDT, sK, LDT, sS, LDS);  // S = Q K^T
     __syncthreads();
@@ -389,9 +427,7 @@ __global__ void __launch_bounds__(kThreads)
         rowsum += p;
         float pd = p;
         if (dropout) {
-          pd = dropout_keep(a.seed, a.offset, static_cast<uint32_t>(bh), i, j0 + jj, a.dropout_threshold)
-                   ? p * inv_keep
-                   : 0.f;
+          pd = keep_bit<BN>(sKeep, r, jj) ? p * inv_keep : 0.f;
         }
         sP[r * LDP + jj] = from_float<T>(pd);
       }
@@ -449,7 +485,8 @@ template <typename T, int BM, int BN, int LDS, int LDP>
 __device__ __forceinline__ void softmax_grad_tile(const AttentionBwdArgs& a, const float* sS,
                                                   const float* sdP, const float* sLse2,
                                                   const float* sDelta, const uint8_t* sKeyOk,
-                                                  T* sPd, T* sdS, int i0, int j0, uint32_t bhq) {
+                                                  const uint8_t* sKeep, T* sPd, T* sdS, int i0,
+                                                  int j0) {
   const bool dropout = a.dropout_p > 0.f;
   const float inv_keep = dropout ? 1.0f / (1.0f - a.dropout_p) : 1.0f;
   const float scale_log2 = a.scale * kLog2e;
@@ -460,7 +497,7 @@ __device__ __forceinline__ void softmax_grad_tile(const AttentionBwdArgs& a, con
     // sLse2 = lse * log2 e; +inf (row without keys, or past Tq) gives p = 0.
     const float p = ok ? exp2f(fmaf(sS[r * LDS + c], scale_log2, -sLse2[r])) : 0.f;
     float z = 1.f;
-    if (dropout) z = dropout_keep(a.seed, a.offset, bhq, i, j, a.dropout_threshold) ? inv_keep : 0.f;
+    if (dropout) z = keep_bit<BN>(sKeep, r, c) ? inv_keep : 0.f;
     const float ds = p * (sdP[r * LDS + c] * z - sDelta[r]);
     if (sPd != nullptr) sPd[r * LDP + c] = from_float<T>(p * z);
     sdS[r * LDP + c] = from_float<T>(ds * a.scale);
@@ -487,10 +524,12 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dq_simple_kernel(const
   float* sLse2 = at<float>(smem, L::lse);
   float* sDelta = at<float>(smem, L::delta);
   uint8_t* sKeyOk = at<uint8_t>(smem, L::key_ok);
+  uint8_t* sKeep = at<uint8_t>(smem, L::keep);
 
   const int bh = blockIdx.x, b = bh / a.Hq, h = bh % a.Hq, hk = h / (a.Hq / a.Hkv);
   const int i0 = blockIdx.y * BM;
   const int Tq = a.Tq, Tk = a.Tk, D = a.D;
+  const bool dropout = a.dropout_p > 0.f;
   const int rows = min(BM, Tq - i0);
   const T* q = static_cast<const T*>(a.q) + b * a.q_stride.b + h * a.q_stride.h;
   const T* dout = static_cast<const T*>(a.dout) + b * a.dout_stride.b + h * a.dout_stride.h;
@@ -517,12 +556,15 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dq_simple_kernel(const
     load_tile<T, BN, Dp>(sK, k + static_cast<int64_t>(j0) * a.k_stride.t, a.k_stride.t, nk, D, vec);
     load_tile<T, BN, Dp>(sV, v + static_cast<int64_t>(j0) * a.v_stride.t, a.v_stride.t, nk, D, vec);
     load_key_ok<BN>(sKeyOk, mask_row, j0, Tk);
+    if (dropout)
+      draw_keep_tile<BM, BN>(a.seed, a.offset, a.dropout_threshold, static_cast<uint32_t>(bh), i0,
+                             j0, sKeep);
     __syncthreads();
     block_gemm<T, BM, BN, Dp, false, true, false>(sQ, LDT, sK, LDT, sS, LDS);    // S = Q K^T
     block_gemm<T, BM, BN, Dp, false, true, false>(sdO, LDT, sV, LDT, sdP, LDS);  // dP = dO V^T
     __syncthreads();
-    softmax_grad_tile<T, BM, BN, LDS, LDP>(a, sS, sdP, sLse2, sDelta, sKeyOk, nullptr, sdS, i0,
-                                           j0, static_cast<uint32_t>(bh));
+    softmax_grad_tile<T, BM, BN, LDS, LDP>(a, sS, sdP, sLse2, sDelta, sKeyOk, sKeep, nullptr, sdS,
+                                           i0, j0);
     __syncthreads();
     block_gemm<T, BM, Dp, BN, false, false, true>(sdS, LDP, sK, LDT, sdQ, LDF);  // dQ += dS K
   }
@@ -556,11 +598,13 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dkdv_simple_kernel(con
   float* sLse2 = at<float>(smem, L::lse);
   float* sDelta = at<float>(smem, L::delta);
   uint8_t* sKeyOk = at<uint8_t>(smem, L::key_ok);
+  uint8_t* sKeep = at<uint8_t>(smem, L::keep);
 
   const int bhk = blockIdx.x, b = bhk / a.Hkv, hk = bhk % a.Hkv;
   const int group = a.Hq / a.Hkv;
   const int j0 = blockIdx.y * BN;
   const int Tq = a.Tq, Tk = a.Tk, D = a.D;
+  const bool dropout = a.dropout_p > 0.f;
   const int nk = min(BN, Tk - j0);
   const T* k = static_cast<const T*>(a.k) + b * a.k_stride.b + hk * a.k_stride.h;
   const T* v = static_cast<const T*>(a.v) + b * a.v_stride.b + hk * a.v_stride.h;
@@ -597,12 +641,15 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dkdv_simple_kernel(con
         sLse2[r] = r < rows ? a.lse[idx] * kLog2e : kInf;
         sDelta[r] = r < rows ? a.delta[idx] : 0.f;
       }
+      if (dropout)
+        draw_keep_tile<BM, BN>(a.seed, a.offset, a.dropout_threshold, static_cast<uint32_t>(bh),
+                               i0, j0, sKeep);
       __syncthreads();
       block_gemm<T, BM, BN, Dp, false, true, false>(sQ, LDT, sK, LDT, sS, LDS);    // S = Q K^T
       block_gemm<T, BM, BN, Dp, false, true, false>(sdO, LDT, sV, LDT, sdP, LDS);  // dP = dO V^T
       __syncthreads();
-      softmax_grad_tile<T, BM, BN, LDS, LDP>(a, sS, sdP, sLse2, sDelta, sKeyOk, sPd, sdS, i0, j0,
-                                             static_cast<uint32_t>(bh));
+      softmax_grad_tile<T, BM, BN, LDS, LDP>(a, sS, sdP, sLse2, sDelta, sKeyOk, sKeep, sPd, sdS, i0,
+                                             j0);
       __syncthreads();
       block_gemm<T, BN, Dp, BM, true, false, true>(sPd, LDP, sdO, LDT, sdV, LDF);  // dV += P~^T dO
       block_gemm<T, BN, Dp, BM, true, false, true>(sdS, LDP, sQ, LDT, sdK, LDF);   // dK += dS^T Q
@@ -906,21 +953,24 @@ __global__ void __launch_bounds__(tiles::Fa2Fwd<2, Dp>::kThreads)
       }
     }
     if (dropout) {
+      // One call per 4 elements: lane (g, t) draws the call of row g + 8 (t & 1) over keys
+      // j0 + 8n + 4 (t >> 1) .. + 3 (j0 a multiple of 4); the element (row g + 8 h2, key
+      // j0 + 8n + 2t + x) takes word 2 (t & 1) + x of lane 4g + (t & 2) + h2's call, by ballot.
       const uint32_t bhq = static_cast<uint32_t>(bh);
+      const int sh = 4 * g + (t & 2);
 #pragma unroll
-      for (int n = 0; n < NS; ++n)
+      for (int n = 0; n < NS; ++n) {
+        const uint4 w = dropout_words(a.seed, a.offset, bhq, iw + g + 8 * (t & 1), j0 + n * 8 + 2 * t);
+        const uint4 bal = dropout_ballots(w, a.dropout_threshold);
+        const uint32_t k0 = ((t & 1) ? bal.z : bal.x) >> sh, k1 = ((t & 1) ? bal.w : bal.y) >> sh;
 #pragma unroll
         for (int h2 = 0; h2 < 2; ++h2) {
-          // Columns 2t, 2t + 1 of row g + 8 h2: one call (counter (j0 + n*8 + 2t) >> 2, j0 a
-          // multiple of 4), its words 0, 1 (t even) or 2, 3 (t odd).
-          const int j = j0 + n * 8 + 2 * t, i = iw + g + 8 * h2;
-          const uint4 w = dropout_words(a.seed, a.offset, bhq, i, j);
-          const uint32_t wa = (t & 1) ? w.z : w.x, wb = (t & 1) ? w.w : w.y;
           float& s0 = s[n][2 * h2];
           float& s1 = s[n][2 * h2 + 1];
-          s0 = dropout_keep_word(wa, a.dropout_threshold) ? s0 * inv_keep : 0.f;
-          s1 = dropout_keep_word(wb, a.dropout_threshold) ? s1 * inv_keep : 0.f;
+          s0 = ((k0 >> h2) & 1u) ? s0 * inv_keep : 0.f;
+          s1 = ((k1 >> h2) & 1u) ? s1 * inv_keep : 0.f;
         }
+      }
     }
 
     // O += P V: A fragment of key step kk = S tiles 2kk (cols 0-7) and 2kk + 1 (cols 8-15).
@@ -1097,6 +1147,28 @@ __global__ void __launch_bounds__(tiles::Fa2Bwd<2, Dp>::kThreads)
     const float* lse2 = sLse + buf * BM;
     const float* delta = sDelta + buf * BM;
 
+    // Dropout keep bits of this warp's S^T elements, drawn before the products (while only dK,
+    // dV are live). Bit 4n + e: element e of n tile n (query 2t + (e & 1), key g + 8 (e >> 1) of
+    // the tile). One call per 4 elements: the element takes word g & 3 of the call on its query
+    // and keys 4 (g >> 2) + 8 (e >> 1) .. + 3, which lane 16 (g >> 2) + 4e + t draws (a lane's
+    // own u = g & 3 names the element it draws for); the bits come back by ballot u.
+    const uint32_t bhq = static_cast<uint32_t>(b * a.Hq + h);
+    static_assert(NQ * 4 <= 32, "one word of keep bits");
+    uint32_t keep = 0;
+    if (dropout) {
+      const int u = g & 3;
+#pragma unroll
+      for (int n = 0; n < NQ; ++n) {
+        const uint4 w = dropout_words(a.seed, a.offset, bhq,
+                                      i0 + half * QW + n * 8 + 2 * t + (u & 1),
+                                      jw + 8 * (u >> 1) + 4 * (g >> 2));
+        const uint4 bal = dropout_ballots(w, a.dropout_threshold);
+        const uint32_t bu = (u & 2) ? ((u & 1) ? bal.w : bal.z) : ((u & 1) ? bal.y : bal.x);
+        const uint32_t lb = bu >> (16 * (g >> 2) + t);
+        keep |= ((lb & 1u) | ((lb >> 3) & 2u) | ((lb >> 6) & 4u) | ((lb >> 9) & 8u)) << (4 * n);
+      }
+    }
+
     // S^T = K_w Q^T and dP^T = V_w dO^T over this warp's queries half * QW ...
     float st[NQ][4], dpt[NQ][4];
 #pragma unroll
@@ -1127,9 +1199,8 @@ __global__ void __launch_bounds__(tiles::Fa2Bwd<2, Dp>::kThreads)
     const bool full = jw + 16 <= Tk && !any_pad &&
                       (!a.causal || static_cast<long long>(jw) + 15 <=
                                         static_cast<long long>(i0) + Tk - Tq);
-    const uint32_t bhq = static_cast<uint32_t>(b * a.Hq + h);
 #pragma unroll
-    for (int n = 0; n < NQ; ++n)
+    for (int n = 0; n < NQ; ++n) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int c = half * QW + n * 8 + 2 * t + (e & 1), r = g + 8 * (e >> 1);
@@ -1137,11 +1208,11 @@ __global__ void __launch_bounds__(tiles::Fa2Bwd<2, Dp>::kThreads)
         bool vis = true;
         if (!full) vis = j < Tk && sKeyOk[kw * 16 + r] && causal_ok(a.causal, i, j, Tq, Tk);
         const float p = vis ? exp2f(st[n][e] * scale_log2 - lse2[c]) : 0.f;
-        float z = 1.f;
-        if (dropout) z = dropout_keep(a.seed, a.offset, bhq, i, j, a.dropout_threshold) ? inv_keep : 0.f;
+        const float z = dropout ? (((keep >> (4 * n + e)) & 1u) ? inv_keep : 0.f) : 1.f;
         st[n][e] = p * z;                          // P^T o Z (for dV)
         dpt[n][e] = p * (dpt[n][e] * z - delta[c]);  // dS^T
       }
+    }
     // dS^T -> sdS as dS (and P^T o Z -> sP as P o Z when the products read it from there).
 #pragma unroll
     for (int n = 0; n < NQ; ++n)
@@ -1191,33 +1262,40 @@ __global__ void __launch_bounds__(tiles::Fa2Bwd<2, Dp>::kThreads)
     // dQ[i0 + 16 rg.., DQC cg..] += scale dS K: A = dS rows (queries), B = K via .trans.
     {
       const int rg = warp % RG, cg = warp / RG;
-      float acc[DQC / 8][4];
+      // Columns per pass: at Dp = 128 two passes of 32 (16 accumulators live beside dK, dV
+      // instead of 32): the headroom that lets the dropout draw above fit without spills.
+      constexpr int DQK = Dp == 128 ? 32 : DQC;
 #pragma unroll
-      for (int n = 0; n < DQC / 8; ++n)
+      for (int c0 = 0; c0 < DQC; c0 += DQK) {
+        float acc[DQK / 8][4];
 #pragma unroll
-        for (int e = 0; e < 4; ++e) acc[n][e] = 0.f;
+        for (int n = 0; n < DQK / 8; ++n)
 #pragma unroll
-      for (int kk = 0; kk < BN / 16; ++kk) {
-        uint32_t af[4];
-        ldmatrix_x4(af, sdS + (rg * 16 + (lane % 8) + 8 * ((lane / 8) % 2)) * LDS + kk * 16 +
-                            8 * (lane / 16));
+          for (int e = 0; e < 4; ++e) acc[n][e] = 0.f;
 #pragma unroll
-        for (int dp = 0; dp < DQC / 16; ++dp) {
-          uint32_t kf[4];
-          ldmatrix_x4_trans(kf, sK + (kk * 16 + (lane % 8) + 8 * ((lane / 8) % 2)) * LD +
-                                    cg * DQC + dp * 16 + 8 * (lane / 16));
-          mma_m16n8k16<T>(acc[2 * dp], af, kf[0], kf[1]);
-          mma_m16n8k16<T>(acc[2 * dp + 1], af, kf[2], kf[3]);
+        for (int kk = 0; kk < BN / 16; ++kk) {
+          uint32_t af[4];
+          ldmatrix_x4(af, sdS + (rg * 16 + (lane % 8) + 8 * ((lane / 8) % 2)) * LDS + kk * 16 +
+                              8 * (lane / 16));
+#pragma unroll
+          for (int dp = 0; dp < DQK / 16; ++dp) {
+            uint32_t kf[4];
+            ldmatrix_x4_trans(kf, sK + (kk * 16 + (lane % 8) + 8 * ((lane / 8) % 2)) * LD +
+                                      cg * DQC + c0 + dp * 16 + 8 * (lane / 16));
+            mma_m16n8k16<T>(acc[2 * dp], af, kf[0], kf[1]);
+            mma_m16n8k16<T>(acc[2 * dp + 1], af, kf[2], kf[3]);
+          }
         }
+        float* dq = a.dq_accum + static_cast<int64_t>(b * a.Hq + h) * Tq * D;
+#pragma unroll
+        for (int n = 0; n < DQK / 8; ++n)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int i = i0 + rg * 16 + g + 8 * (e >> 1);
+            const int d = cg * DQC + c0 + n * 8 + 2 * t + (e & 1);
+            if (i < Tq && d < D) atomicAdd(dq + static_cast<int64_t>(i) * D + d, acc[n][e] * a.scale);
+          }
       }
-      float* dq = a.dq_accum + static_cast<int64_t>(b * a.Hq + h) * Tq * D;
-#pragma unroll
-      for (int n = 0; n < DQC / 8; ++n)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int i = i0 + rg * 16 + g + 8 * (e >> 1), d = cg * DQC + n * 8 + 2 * t + (e & 1);
-          if (i < Tq && d < D) atomicAdd(dq + static_cast<int64_t>(i) * D + d, acc[n][e] * a.scale);
-        }
     }
   }
   cp_async_wait<0>();  // (nothing in flight after the last step; n_steps = 0: K, V)

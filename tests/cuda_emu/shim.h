@@ -35,12 +35,14 @@
 #undef __global__
 #undef __device__
 #undef __forceinline__
+#undef __noinline__
 #undef __shared__
 #undef __launch_bounds__
 #undef __align__
 #define __global__
 #define __device__
 #define __forceinline__ inline
+#define __noinline__
 #define __shared__ static
 #define __launch_bounds__(...)
 #define __align__(n) alignas(n)
@@ -141,6 +143,23 @@ inline float __shfl_xor_sync(unsigned, float v, int o) {
   emu::xsync();
   float r;
   std::memcpy(&r, &X.w[ph][l ^ static_cast<unsigned>(o)][0], 4);
+  emu::xdone();
+  return r;
+}
+// Bit l of the result: lane l's predicate (every lane of the warp takes part, as the kernels'
+// full masks say).
+inline unsigned __ballot_sync(unsigned, int pred) {
+  auto& X = emu::warpx();
+  const unsigned ph = emu::xbegin(), l = emu::lane();
+  const unsigned v = pred != 0;
+  std::memcpy(&X.w[ph][l][0], &v, 4);
+  emu::xsync();
+  unsigned r = 0;
+  for (unsigned k = 0; k < 32; ++k) {
+    unsigned b;
+    std::memcpy(&b, &X.w[ph][k][0], 4);
+    r |= b << k;
+  }
   emu::xdone();
   return r;
 }

@@ -9,9 +9,10 @@ launcher cannot start a variant that is not in that set (``tests/test_triton_aot
 Specialisation is the common case: 16-byte aligned pointers and multiple-of-16 integer
 arguments, as Triton specialises at run time (other alignments compile the same tiles with
 narrower loads; an integer argument equal to 1 becomes a constant: the same tiles, fewer
-instructions). ``make cuda-check`` runs every variant (~3500 compiles); ``--quick`` only the
-variant with every optional flag on per tile, a smoke test: ptxas's allocation is not monotonic
-in the flags, some variants with fewer flags spill where the all-flags one does not.
+instructions). ``make test`` (so CI) and ``make cuda-check`` run every variant (1559 per target,
+~10 min cold on 2 cores); ``--quick`` only the variant with every optional flag on per tile, a
+smoke test: ptxas's allocation is not monotonic in the flags, some variants with fewer flags
+spill where the all-flags one does not.
 
 Numbers: registers and spill bytes from ptxas's own log (``-v``, Triton's bundled ptxas: no
 nvcc needed), shared memory from the kernel's metadata (Triton allocates it dynamically).

@@ -568,6 +568,7 @@ def _attention_runtime(model: nn.Module, module: nn.Module, cfg: Any) -> list[st
 # other swaps: a module is replaced (not re-classed: its class is the model's own), its three
 # Linear modules are shared, and unpatch() puts the original module back.
 _GATED_NAMES = ("gate_proj", "up_proj", "down_proj", "act_fn")
+_PACKED_GATED_NAMES = ("gate_up_proj", "down_proj")
 _GATED_FORWARDS = tuple(
     ast.dump(ast.parse(src, mode="eval").body)
     for src in (
@@ -663,11 +664,15 @@ def _patch_gated_mlps(model: nn.Module, report: PatchReport) -> None:
                 after = f"fastattn.nn.GatedFeedForward({module.activation!r})"
                 report.add(name, "gated_mlp", "unchanged", "GatedFeedForward", after)
             continue
-        if not all(isinstance(getattr(module, n, None), nn.Module) for n in _GATED_NAMES):
-            continue
         if not name:  # the model itself: nothing to put it into
             continue
         kind = type(module).__name__
+        if all(isinstance(getattr(module, n, None), nn.Module) for n in _PACKED_GATED_NAMES):
+            why = "a packed gate_up_proj (Phi-3's form) is not swapped; its Linear layers are"
+            report.add(name, "gated_mlp", "left", kind, reason=why)
+            continue
+        if not all(isinstance(getattr(module, n, None), nn.Module) for n in _GATED_NAMES):
+            continue
         why = _gated_mlp_unsupported(module)
         if why:
             report.add(name, "gated_mlp", "left", kind, reason=why)

@@ -86,6 +86,40 @@ FAMILIES: dict[str, Family] = {
     ),
     "gemma": Family(_gemma, "decoder", _GATED),
     "gemma2": Family(_gemma2, "decoder", {"attention": 2, "rms_norm": 9, "gated_mlp": 2}),
+    # Newer families beyond the issue's list: per-head q / k RMSNorms (Qwen3, Gemma3, Olmo2),
+    # Gemma3's sliding window (4 keys, shorter than the 11-token inputs) and four norms a layer,
+    # Phi3's packed gate_up_proj (its MLP is left, and said; the Linears are swapped).
+    "qwen3": Family(
+        lambda: transformers.Qwen3ForCausalLM(_cfg("Qwen3Config", **DEC, head_dim=8)),
+        "decoder",
+        {"attention": 2, "rms_norm": 9, "gated_mlp": 2},
+    ),
+    "gemma3": Family(
+        lambda: transformers.Gemma3ForCausalLM(
+            _cfg("Gemma3TextConfig", **DEC, head_dim=8, sliding_window=4, query_pre_attn_scalar=8)
+        ),
+        "decoder",
+        {"attention": 2, "rms_norm": 13, "gated_mlp": 2},
+    ),
+    "phi3": Family(
+        lambda: transformers.Phi3ForCausalLM(
+            _cfg(
+                "Phi3Config",
+                **DEC,
+                pad_token_id=0,
+                resid_pdrop=0.0,
+                embd_pdrop=0.0,
+                attention_dropout=0.0,
+            )
+        ),
+        "decoder",
+        {"attention": 2, "rms_norm": 5},
+    ),
+    "olmo2": Family(
+        lambda: transformers.Olmo2ForCausalLM(_cfg("Olmo2Config", **DEC)),
+        "decoder",
+        {"attention": 2, "gated_mlp": 2},  # its RMSNorms weight before the cast: left
+    ),
     "phi": Family(
         lambda: transformers.PhiForCausalLM(
             _cfg(
@@ -318,6 +352,10 @@ def test_report_and_unpatch(name):
     left = report.layers(action="left")
     if name == "t5":  # T5LayerNorm (an RMSNorm with its own rounding): left, and said
         assert left and {e.before for e in left} == {"T5LayerNorm"}
+    elif name == "olmo2":  # Olmo2RMSNorm: weight * x, then the cast (neither known form)
+        assert len(left) == 9 and {e.before for e in left} == {"Olmo2RMSNorm"}
+    elif name == "phi3":  # the packed gate_up_proj MLP: left, and said
+        assert len(left) == 2 and {e.before for e in left} == {"Phi3MLP"}
     else:
         assert not left, [str(e) for e in left]
     assert all(e.runtime for e in report.layers("attention", "replaced"))

@@ -28,7 +28,10 @@ What is replaced (each kind can be switched off):
   ``Gemma2MLP``, ... : any module with ``gate_proj`` / ``up_proj`` / ``down_proj`` Linears and an
   ``act_fn``) -> :class:`fastattn.nn.GatedFeedForward` sharing the three Linear modules, when the
   forward is exactly ``down_proj(act_fn(gate_proj(x)) * up_proj(x))`` and ``act_fn`` is SiLU or
-  GELU (erf / tanh); otherwise left, with the reason. See ``_patch_gated_mlps``.
+  GELU (erf / tanh); Phi-3's packed form (``gate_up_proj`` / ``down_proj`` / ``activation_fn``,
+  ``down_proj(up * act(gate))`` over ``gate_up_proj(x).chunk(2, -1)``) -> a GatedFeedForward
+  sharing those two (one GEMM for both halves); otherwise left, with the reason. See
+  ``_patch_gated_mlps``.
 
 The meaning never changes: a swapped module computes what the original computed (the fastattn
 classes send every argument they cannot run fused to torch's own implementation), and the
@@ -586,25 +589,35 @@ class _Rename(ast.NodeTransformer):
         return ast.copy_location(ast.Name(self.names.get(node.id, node.id), node.ctx), node)
 
 
+def _forward_body(cls: type) -> tuple[list[ast.stmt] | None, str]:
+    """The statements of ``cls.forward(self, x)`` (docstrings dropped, the two arguments renamed
+    ``self`` and ``x``), or None and why it cannot be read as such."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls.forward)))
+    except (OSError, TypeError, SyntaxError):
+        return None, f"the source of {cls.__name__}.forward is not readable"
+    fn = tree.body[0]
+    if not isinstance(fn, ast.FunctionDef) or fn.decorator_list:
+        return None, f"{cls.__name__}.forward is not a plain (undecorated) function"
+    a = fn.args
+    if len(a.args) != 2 or a.vararg or a.kwarg or a.kwonlyargs or a.posonlyargs or a.defaults:
+        return None, f"{cls.__name__}.forward takes other arguments than (self, x)"
+    rename = _Rename({a.args[0].arg: "self", a.args[1].arg: "x"})
+    body = [
+        rename.visit(st)
+        for st in fn.body
+        if not (isinstance(st, ast.Expr) and isinstance(st.value, ast.Constant))
+    ]
+    return body, ""
+
+
 @functools.cache
 def _standard_gated_forward(cls: type) -> str | None:
     """None if ``cls.forward`` is exactly ``return down_proj(act_fn(gate_proj(x)) * up_proj(x))``
     (directly or through one local), else why not."""
-    try:
-        tree = ast.parse(textwrap.dedent(inspect.getsource(cls.forward)))
-    except (OSError, TypeError, SyntaxError):
-        return f"the source of {cls.__name__}.forward is not readable"
-    fn = tree.body[0]
-    if not isinstance(fn, ast.FunctionDef) or fn.decorator_list:
-        return f"{cls.__name__}.forward is not a plain (undecorated) function"
-    a = fn.args
-    if len(a.args) != 2 or a.vararg or a.kwarg or a.kwonlyargs or a.posonlyargs or a.defaults:
-        return f"{cls.__name__}.forward takes other arguments than (self, x)"
-    body = [
-        st
-        for st in fn.body
-        if not (isinstance(st, ast.Expr) and isinstance(st.value, ast.Constant))
-    ]
+    body, why = _forward_body(cls)
+    if body is None:
+        return why
     single = len(body) == 1 and isinstance(body[0], ast.Return)
     via_local = (
         len(body) == 2
@@ -616,13 +629,68 @@ def _standard_gated_forward(cls: type) -> str | None:
         and body[1].value.id == body[0].targets[0].id
     )
     expr = body[0].value if single or via_local else None
-    if expr is not None:
-        expr = _Rename({a.args[0].arg: "self", a.args[1].arg: "x"}).visit(expr)
-        if ast.dump(expr) in _GATED_FORWARDS:
-            return None
+    if expr is not None and ast.dump(expr) in _GATED_FORWARDS:
+        return None
     return (
         f"{cls.__name__}.forward is not the standard down_proj(act_fn(gate_proj(x)) * up_proj(x))"
     )
+
+
+# Phi-3's packed gated MLP, statement for statement (arguments renamed self, x).
+_PACKED_GATED_FORWARD = ast.dump(
+    ast.Module(
+        body=ast.parse(
+            "up_states = self.gate_up_proj(x)\n"
+            "gate, up_states = up_states.chunk(2, dim=-1)\n"
+            "up_states = up_states * self.activation_fn(gate)\n"
+            "return self.down_proj(up_states)\n"
+        ).body,
+        type_ignores=[],
+    )
+)
+
+
+@functools.cache
+def _packed_gated_forward(cls: type) -> str | None:
+    """None if ``cls.forward`` is Phi-3's ``h = gate_up_proj(x); gate, up = h.chunk(2, -1);
+    return down_proj(up * activation_fn(gate))``, else why not."""
+    body, why = _forward_body(cls)
+    if body is None:
+        return why
+    if ast.dump(ast.Module(body=body, type_ignores=[])) == _PACKED_GATED_FORWARD:
+        return None
+    return (
+        f"{cls.__name__}.forward is not Phi-3's packed form "
+        "down_proj(up * activation_fn(gate)) over gate_up_proj(x).chunk(2, dim=-1)"
+    )
+
+
+def _packed_mlp_unsupported(module: nn.Module) -> str | None:
+    """None if ``module`` (with ``gate_up_proj`` / ``down_proj``) can become a packed
+    GatedFeedForward with the same meaning, else why not."""
+    from fastattn.nn.gated_act import activation_of
+
+    gu, d = module.gate_up_proj, module.down_proj
+    for n, m in (("gate_up_proj", gu), ("down_proj", d)):
+        if type(m) is not nn.Linear:
+            return f"{n} is a {type(m).__name__}, not a torch.nn.Linear (quantised or adapted?)"
+    act_fn = getattr(module, "activation_fn", None)
+    if not isinstance(act_fn, nn.Module):
+        return "no activation_fn module"
+    act, why = activation_of(act_fn)
+    if act is None:
+        return why
+    why = _packed_gated_forward(type(module))
+    if why:
+        return why
+    for n, m in (("the MLP", module), ("gate_up_proj", gu), ("down_proj", d)):
+        if m._forward_hooks or m._forward_pre_hooks or "forward" in m.__dict__:
+            return f"{n} has forward hooks or an overridden forward, which the fused MLP would skip"
+    if gu.out_features != 2 * d.in_features:
+        return "gate_up_proj.out_features is not twice down_proj.in_features"
+    if gu.weight.dtype != d.weight.dtype or gu.weight.device != d.weight.device:
+        return "the two projections differ in dtype or device"
+    return None
 
 
 def _gated_mlp_unsupported(module: nn.Module) -> str | None:
@@ -654,7 +722,8 @@ def _gated_mlp_unsupported(module: nn.Module) -> str | None:
 
 def _patch_gated_mlps(model: nn.Module, report: PatchReport) -> None:
     """Replace every standard gated MLP by a :class:`fastattn.nn.GatedFeedForward` sharing its
-    Linear modules; list the others (modules with the three projections and an ``act_fn`` that
+    Linear modules (and every Phi-3 style MLP, ``gate_up_proj`` / ``down_proj`` /
+    ``activation_fn``, by a packed one); list the others (modules with those projections that
     cannot be swapped with the same meaning) with the reason."""
     from fastattn.nn.gated_act import GatedFeedForward
 
@@ -668,8 +737,14 @@ def _patch_gated_mlps(model: nn.Module, report: PatchReport) -> None:
             continue
         kind = type(module).__name__
         if all(isinstance(getattr(module, n, None), nn.Module) for n in _PACKED_GATED_NAMES):
-            why = "a packed gate_up_proj (Phi-3's form) is not swapped; its Linear layers are"
-            report.add(name, "gated_mlp", "left", kind, reason=why)
+            why = _packed_mlp_unsupported(module)
+            if why:
+                report.add(name, "gated_mlp", "left", kind, reason=why)
+                continue
+            new = GatedFeedForward.from_packed(
+                module.gate_up_proj, module.down_proj, module.activation_fn
+            )
+            _put(model, name, module, new, report, kind)
             continue
         if not all(isinstance(getattr(module, n, None), nn.Module) for n in _GATED_NAMES):
             continue
@@ -680,17 +755,18 @@ def _patch_gated_mlps(model: nn.Module, report: PatchReport) -> None:
         new = GatedFeedForward.from_modules(
             module.gate_proj, module.up_proj, module.down_proj, module.act_fn
         )
-        new.train(module.training)
-        new.__dict__[_SAVED] = {"__module__": module, "kind": "gated_mlp"}
-        parent, attr = _parent(model, name)
-        setattr(parent, attr, new)
-        report.add(
-            name,
-            "gated_mlp",
-            "replaced",
-            kind,
-            f"fastattn.nn.GatedFeedForward({new.activation!r})",
-        )
+        _put(model, name, module, new, report, kind)
+
+
+def _put(model: nn.Module, name: str, old: nn.Module, new: nn.Module, report, kind: str) -> None:
+    """Put the GatedFeedForward ``new`` where ``old`` was (unpatch() puts ``old`` back)."""
+    new.train(old.training)
+    new.__dict__[_SAVED] = {"__module__": old, "kind": "gated_mlp"}
+    parent, attr = _parent(model, name)
+    setattr(parent, attr, new)
+    report.add(
+        name, "gated_mlp", "replaced", kind, f"fastattn.nn.GatedFeedForward({new.activation!r})"
+    )
 
 
 def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:

@@ -359,6 +359,11 @@ BAD = [
     (lambda: GatedFeedForward.from_modules(torch.nn.Linear(8, 16), torch.nn.Linear(8, 15), torch.nn.Linear(16, 8), "silu"), ValueError, "same shape"),
     (lambda: GatedFeedForward.from_modules(torch.nn.Linear(8, 16), torch.nn.Linear(8, 16), torch.nn.Linear(15, 8), "silu"), ValueError, "down_proj.in_features"),
     (lambda: GatedFeedForward.from_modules(torch.nn.Linear(8, 16), torch.nn.Identity(), torch.nn.Linear(16, 8), "silu"), TypeError, "up_proj must be a torch.nn.Linear"),
+    (lambda: GatedFeedForward.from_packed(torch.nn.Linear(8, 15), torch.nn.Linear(7, 8), "silu"), ValueError, r"gate_up_proj.out_features \(15\) must be twice"),
+    (lambda: GatedFeedForward.from_packed(torch.nn.Linear(8, 16), torch.nn.Linear(7, 8), "silu"), ValueError, r"down_proj.in_features \(7\)"),
+    (lambda: GatedFeedForward.from_packed(torch.nn.Linear(8, 16), torch.nn.Linear(8, 8).double(), "silu"), TypeError, "share a dtype"),
+    (lambda: GatedFeedForward.from_packed(torch.nn.Identity(), torch.nn.Linear(8, 8), "silu"), TypeError, "gate_up_proj must be a torch.nn.Linear"),
+    (lambda: GatedFeedForward.from_packed(torch.nn.Linear(8, 16), torch.nn.Linear(8, 8), torch.nn.ReLU()), TypeError, "ReLU is not SiLU or GELU"),
 ]  # fmt: skip
 
 
@@ -409,6 +414,32 @@ def test_from_modules_shares_parameters():
     torch.testing.assert_close(m(x), ref())
     assert GatedFeedForward.from_modules(g, u, d, torch.nn.SiLU()).activation == "silu"
     assert GatedFeedForward.from_modules(g, u, d, "gelu").activation == "gelu"
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_from_packed_is_phi3s_mlp(bias):
+    """Phi-3's packed MLP: h = gate_up_proj(x), gate / up its halves; the Linears are shared,
+    the state_dict keys are the model's, values and gradients are its formula's."""
+    gu, d = torch.nn.Linear(8, 2 * 13, bias=bias), torch.nn.Linear(13, 8, bias=bias)
+    m = GatedFeedForward.from_packed(gu, d, torch.nn.SiLU())
+    assert m.gate_up_proj is gu and m.down_proj is d and m.activation == "silu"
+    assert [k.split(".")[0] for k in m.state_dict()] == ["gate_up_proj"] * (1 + bias) + [
+        "down_proj"
+    ] * (1 + bias)
+    x = torch.randn(2, 7, 8, requires_grad=True)
+
+    def ref():
+        gate, up = gu(x).chunk(2, dim=-1)
+        return d(up * F.silu(gate))
+
+    out, expect = m(x), ref()
+    torch.testing.assert_close(out, expect)
+    dout = torch.randn_like(out)
+    params = [x, *gu.parameters(), *d.parameters()]
+    got = torch.autograd.grad(out, params, dout)
+    want = torch.autograd.grad(expect, params, dout)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b)
 
 
 def test_compile_fullgraph():
@@ -543,3 +574,42 @@ def test_hf_report_lists_what_is_left_and_why():
     # gated_mlp=False leaves the MLPs (the GELU activation inside may still be swapped).
     report = fastattn.patch(_tiny("gemma"), gated_mlp=False)
     assert not report.layers("gated_mlp")
+
+
+def test_hf_phi3_packed_mlp_swapped_or_left_and_why():
+    tr = _transformers()
+    cfg = tr.Phi3Config(
+        vocab_size=V,
+        hidden_size=16,
+        intermediate_size=24,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        pad_token_id=0,
+    )
+    model = tr.Phi3ForCausalLM(cfg).eval()
+    ids = torch.randint(3, V, (2, 9))
+    with torch.no_grad():
+        before = model(ids).logits
+    report = fastattn.patch(model)
+    entries = report.layers("gated_mlp", "replaced")
+    assert [e.before for e in entries] == ["Phi3MLP"] * 2
+    mlp = model.model.layers[0].mlp
+    assert isinstance(mlp, GatedFeedForward) and "gate_up_proj" in mlp._modules
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, before)
+    fastattn.unpatch(model)
+    assert type(model.model.layers[0].mlp).__name__ == "Phi3MLP"
+
+    class OddPhi3MLP(tr.models.phi3.modeling_phi3.Phi3MLP):
+        def forward(self, hidden_states):
+            gate, up = self.gate_up_proj(hidden_states).chunk(2, dim=-1)
+            return self.down_proj(gate * self.activation_fn(up))  # the halves swapped
+
+    odd = tr.Phi3ForCausalLM(cfg).eval()
+    odd.model.layers[0].mlp.__class__ = OddPhi3MLP
+    odd.model.layers[1].mlp.activation_fn = torch.nn.ReLU()
+    report = fastattn.patch(odd)
+    reasons = {e.name: e.reason for e in report.layers("gated_mlp", "left")}
+    assert "not Phi-3's packed form" in reasons["model.layers.0.mlp"]
+    assert "ReLU is not SiLU or GELU" in reasons["model.layers.1.mlp"]
+    assert type(odd.model.layers[0].mlp) is OddPhi3MLP

@@ -47,6 +47,22 @@ def activation_of(module: torch.nn.Module) -> tuple[str | None, str]:
     )
 
 
+def _activation_arg(name: str, activation: str | torch.nn.Module) -> str:
+    """The activation name of a from_* argument: a name, or a module :func:`activation_of`
+    recognises."""
+    if isinstance(activation, torch.nn.Module):
+        act, why = activation_of(activation)
+        if act is None:
+            raise TypeError(f"{name}: {why}")
+        return act
+    if activation in ACTIVATIONS:
+        return activation
+    raise ValueError(
+        f"{name}: activation must be one of {', '.join(map(repr, ACTIVATIONS))} or an "
+        f"activation module, got {activation!r}"
+    )
+
+
 class GatedFeedForward(torch.nn.Module):
     """The gated MLP ``down_proj(act(gate_proj(x)) * up_proj(x))`` (SwiGLU with
     ``activation="silu"``, GeGLU with ``"gelu"`` / ``"gelu_tanh"``).
@@ -87,6 +103,17 @@ class GatedFeedForward(torch.nn.Module):
         self.activation = activation
 
     def forward(self, x: Tensor) -> Tensor:
+        if "gate_up_proj" in self._modules:  # from_packed: one [gate; up] projection
+            return gated_feed_forward(
+                x,
+                self.gate_up_proj.weight,
+                None,
+                self.down_proj.weight,
+                self.gate_up_proj.bias,
+                None,
+                self.down_proj.bias,
+                self.activation,
+            )
         return gated_feed_forward(
             x,
             self.gate_proj.weight,
@@ -100,6 +127,39 @@ class GatedFeedForward(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return f"activation={self.activation!r}"
+
+    @classmethod
+    def from_packed(
+        cls,
+        gate_up_proj: torch.nn.Linear,
+        down_proj: torch.nn.Linear,
+        activation: str | torch.nn.Module,
+    ) -> GatedFeedForward:
+        """A GatedFeedForward over a packed projection (Phi-3's ``Phi3MLP``): ``h =
+        gate_up_proj(x)``, gate = its first half, up = its second, ``down_proj(act(gate) * up)``.
+        The Linear modules are shared (submodules ``gate_up_proj`` and ``down_proj``: the
+        ``state_dict`` keys stay the model's); one GEMM for both halves."""
+        name = "fastattn.nn.GatedFeedForward.from_packed"
+        for what, m in (("gate_up_proj", gate_up_proj), ("down_proj", down_proj)):
+            if type(m) is not torch.nn.Linear:
+                raise TypeError(f"{name}: {what} must be a torch.nn.Linear, got {type(m).__name__}")
+        act = _activation_arg(name, activation)
+        if gate_up_proj.out_features % 2 or down_proj.in_features * 2 != gate_up_proj.out_features:
+            raise ValueError(
+                f"{name}: gate_up_proj.out_features ({gate_up_proj.out_features}) must be twice "
+                f"down_proj.in_features ({down_proj.in_features})"
+            )
+        if gate_up_proj.weight.dtype != down_proj.weight.dtype:
+            raise TypeError(
+                f"{name}: the two weights must share a dtype, got {gate_up_proj.weight.dtype} and "
+                f"{down_proj.weight.dtype}"
+            )
+        new = cls.__new__(cls)
+        torch.nn.Module.__init__(new)
+        new.gate_up_proj = gate_up_proj
+        new.down_proj = down_proj
+        new.activation = act
+        return new
 
     @classmethod
     def from_modules(
@@ -117,17 +177,7 @@ class GatedFeedForward(torch.nn.Module):
         for what, m in (("gate_proj", gate_proj), ("up_proj", up_proj), ("down_proj", down_proj)):
             if type(m) is not torch.nn.Linear:
                 raise TypeError(f"{name}: {what} must be a torch.nn.Linear, got {type(m).__name__}")
-        if isinstance(activation, torch.nn.Module):
-            act, why = activation_of(activation)
-            if act is None:
-                raise TypeError(f"{name}: {why}")
-        elif activation in ACTIVATIONS:
-            act = activation
-        else:
-            raise ValueError(
-                f"{name}: activation must be one of {', '.join(map(repr, ACTIVATIONS))} or an "
-                f"activation module, got {activation!r}"
-            )
+        act = _activation_arg(name, activation)
         if (up_proj.in_features, up_proj.out_features) != (
             gate_proj.in_features,
             gate_proj.out_features,

@@ -154,12 +154,7 @@ class GatedFeedForward(torch.nn.Module):
                 f"{name}: the two weights must share a dtype, got {gate_up_proj.weight.dtype} and "
                 f"{down_proj.weight.dtype}"
             )
-        new = cls.__new__(cls)
-        torch.nn.Module.__init__(new)
-        new.gate_up_proj = gate_up_proj
-        new.down_proj = down_proj
-        new.activation = act
-        return new
+        return cls._sharing(act, gate_up_proj=gate_up_proj, down_proj=down_proj)
 
     @classmethod
     def from_modules(
@@ -196,10 +191,14 @@ class GatedFeedForward(torch.nn.Module):
             raise TypeError(
                 f"{name}: the three weights must share a dtype, got {sorted(map(str, dtypes))}"
             )
+        return cls._sharing(act, gate_proj=gate_proj, up_proj=up_proj, down_proj=down_proj)
+
+    @classmethod
+    def _sharing(cls, activation: str, **linears: torch.nn.Linear) -> GatedFeedForward:
+        """An instance holding the given Linear modules themselves (no copies, no init)."""
         new = cls.__new__(cls)
         torch.nn.Module.__init__(new)
-        new.gate_proj = gate_proj
-        new.up_proj = up_proj
-        new.down_proj = down_proj
-        new.activation = act
+        for name, m in linears.items():
+            setattr(new, name, m)
+        new.activation = activation
         return new

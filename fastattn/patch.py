@@ -474,6 +474,7 @@ def _patch_hf_attention(model: nn.Module, report: PatchReport) -> None:
             _set_impl(c, hf.NAME)
         if old[id(c)] != hf.NAME:
             saved.append((c, old[id(c)]))
+    recorded = _recorded_attention_classes(model)
     for name, module in layers:
         cfg = getattr(module, "config", None)
         impl = getattr(cfg, "_attn_implementation", None)
@@ -487,6 +488,7 @@ def _patch_hf_attention(model: nn.Module, report: PatchReport) -> None:
             )
             continue
         before = old.get(id(cfg), hf.NAME)
+        _hook_output_attentions(module, recorded)
         entry = report.add(
             name,
             "attention",
@@ -495,6 +497,33 @@ def _patch_hf_attention(model: nn.Module, report: PatchReport) -> None:
             f"{type(module).__name__}[{hf.NAME}]",
         )
         entry.runtime = _attention_runtime(model, module, cfg)
+
+
+def _recorded_attention_classes(model: nn.Module) -> set[type]:
+    """The attention classes whose weights transformers' output collector records in this
+    model (``_can_record_outputs["attentions"]`` of any module class in it)."""
+    out: set[type] = set()
+    for m in model.modules():
+        spec = (getattr(type(m), "_can_record_outputs", None) or {}).get("attentions")
+        for s in spec if isinstance(spec, list | tuple) else [spec]:
+            target = s if isinstance(s, type) else getattr(s, "target_class", None)
+            if isinstance(target, type):
+                out.add(target)
+    return out
+
+
+def _hook_output_attentions(module: nn.Module, recorded: set[type]) -> None:
+    """Record output_attentions for attention classes whose forward takes it itself (see
+    ``fastattn.integrations.transformers.hook_output_attentions``); unpatch() removes the hook."""
+    from fastattn.integrations import transformers as hf
+
+    if _SAVED in module.__dict__:
+        return
+    handle = hf.hook_output_attentions(module)
+    if handle is not None:
+        module.__dict__[_SAVED] = {"hook": handle}
+        if not any(issubclass(type(module), c) for c in recorded):
+            module.__dict__[hf.NOT_RECORDED] = True
 
 
 def _attention_runtime(model: nn.Module, module: nn.Module, cfg: Any) -> list[str]:
@@ -792,6 +821,14 @@ def unpatch(model: nn.Module) -> PatchReport:
                 type(module).__name__,
                 type(saved["__module__"]).__name__,
             )
+            continue
+        if "hook" in saved:  # the output_attentions recorder of an attention module
+            from fastattn.integrations.transformers import NOT_RECORDED, WANTS_WEIGHTS
+
+            saved["hook"].remove()
+            module.__dict__.pop(WANTS_WEIGHTS, None)
+            module.__dict__.pop(NOT_RECORDED, None)
+            report.add(name, "attention", "restored", "output_attentions hook", "none")
             continue
         if "__class__" in saved:
             report.add(

@@ -120,6 +120,90 @@ FAMILIES: dict[str, Family] = {
         "decoder",
         {"attention": 2, "gated_mlp": 2},  # its RMSNorms weight before the cast: left
     ),
+    # More families people run: the checks above find no difference from eager attention in
+    # any of them (MoE routers, Falcon's fused QKV, GPT-J's partial rotary, OPT's ReLU MLP,
+    # Cohere's own LayerNorm: left, and said).
+    "mixtral": Family(
+        lambda: transformers.MixtralForCausalLM(
+            _cfg("MixtralConfig", **DEC, num_local_experts=4, num_experts_per_tok=2)
+        ),
+        "decoder",
+        {"attention": 2, "rms_norm": 5},
+    ),
+    "qwen2_moe": Family(
+        lambda: transformers.Qwen2MoeForCausalLM(
+            _cfg(
+                "Qwen2MoeConfig",
+                **DEC,
+                num_experts=4,
+                num_experts_per_tok=2,
+                moe_intermediate_size=16,
+                shared_expert_intermediate_size=16,
+            )
+        ),
+        "decoder",
+        _GATED,  # the shared expert's MLP
+    ),
+    "granite": Family(
+        lambda: transformers.GraniteForCausalLM(_cfg("GraniteConfig", **DEC)), "decoder", _GATED
+    ),
+    "cohere": Family(
+        lambda: transformers.CohereForCausalLM(_cfg("CohereConfig", **DEC)),
+        "decoder",
+        {"attention": 2, "gated_mlp": 2},
+    ),
+    "stablelm": Family(
+        lambda: transformers.StableLmForCausalLM(_cfg("StableLmConfig", **DEC)),
+        "decoder",
+        {"attention": 2, "layer_norm": 5, "gated_mlp": 2},
+    ),
+    "starcoder2": Family(
+        lambda: transformers.Starcoder2ForCausalLM(
+            _cfg("Starcoder2Config", **DEC, residual_dropout=0.0, embedding_dropout=0.0)
+        ),
+        "decoder",
+        _PLAIN,
+    ),
+    "falcon": Family(
+        lambda: transformers.FalconForCausalLM(
+            _cfg("FalconConfig", hidden_size=32, num_hidden_layers=2, num_attention_heads=4)
+        ),
+        "decoder",
+        {"attention": 2, "layer_norm": 3, "gelu": 2},
+    ),
+    "gptj": Family(
+        lambda: transformers.GPTJForCausalLM(
+            _cfg(
+                "GPTJConfig",
+                n_embd=32,
+                n_layer=2,
+                n_head=4,
+                rotary_dim=4,
+                n_positions=64,
+                resid_pdrop=0.0,
+                embd_pdrop=0.0,
+                attn_pdrop=0.0,
+            )
+        ),
+        "decoder",
+        {"attention": 2, "layer_norm": 3, "gelu": 2},
+    ),
+    "opt": Family(
+        lambda: transformers.OPTForCausalLM(
+            _cfg(
+                "OPTConfig",
+                hidden_size=32,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                ffn_dim=64,
+                max_position_embeddings=64,
+                word_embed_proj_dim=32,
+                dropout=0.0,
+            )
+        ),
+        "decoder",
+        {"attention": 2, "layer_norm": 5},
+    ),
     "phi": Family(
         lambda: transformers.PhiForCausalLM(
             _cfg(
@@ -260,6 +344,8 @@ def test_bf16_autocast_within_the_rule(name):
 
     original, patched, _ = _build(name)
     ref64 = copy.deepcopy(original).double()
+    if name in ("mixtral", "qwen2_moe"):  # their grouped-mm experts take no float64
+        ref64.set_experts_implementation("eager")
     torch_paths = [original]
     try:
         sdpa = copy.deepcopy(original)
@@ -354,6 +440,8 @@ def test_report_and_unpatch(name):
         assert left and {e.before for e in left} == {"T5LayerNorm"}
     elif name == "olmo2":  # Olmo2RMSNorm: weight * x, then the cast (neither known form)
         assert len(left) == 9 and {e.before for e in left} == {"Olmo2RMSNorm"}
+    elif name == "cohere":  # CohereLayerNorm: mean-centred, no bias, its own rounding
+        assert len(left) == 3 and {e.before for e in left} == {"CohereLayerNorm"}
     else:
         assert not left, [str(e) for e in left]
     assert all(e.runtime for e in report.layers("attention", "replaced"))
@@ -396,3 +484,30 @@ def test_compile_adds_no_graph_break_or_recompile(name):
     scale = max(g.abs().max().item() for g in ref.values())
     for n, g in ref.items():
         _close(grads[n], g, scale)
+
+
+def test_output_attentions_taken_by_the_attention_module_itself():
+    """Falcon's attention takes output_attentions itself and does not pass it to the attention
+    function (eager computes the weights always): fastattn learns the flag per call from a
+    forward hook, through patch() or, with only register(), from the first call on."""
+    from fastattn.integrations import transformers as hf
+
+    hf.register()
+    original = FAMILIES["falcon"].make().eval()
+    original.set_attn_implementation("eager")
+    direct = copy.deepcopy(original)
+    direct.set_attn_implementation(hf.NAME)  # no patch(): register() only
+    kw, _ = _inputs("falcon", padded=False)
+    with torch.no_grad():
+        ref = original(**kw, output_attentions=True).attentions
+        for _ in range(2):  # the first call (hook installed during it) and the next
+            got = direct(**kw, output_attentions=True).attentions
+            assert len(got) == len(ref) and all(g is not None for g in got)
+            for a, b in zip(got, ref, strict=True):
+                _close(a, b)
+        assert direct(**kw).attentions is None
+    _, patched, _ = _build("falcon")
+    attn = patched.transformer.h[0].self_attention
+    assert attn._forward_pre_hooks
+    fastattn.unpatch(patched)
+    assert not attn._forward_pre_hooks and hf.WANTS_WEIGHTS not in attn.__dict__

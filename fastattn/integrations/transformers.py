@@ -47,6 +47,8 @@ values); dropout draws its mask from fastattn's Philox generator, not torch's.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import weakref
 from collections import Counter
 from typing import Any
@@ -249,9 +251,70 @@ def _segments(kwargs: dict[str, Any], batch: int, tq: int, tk: int, device) -> t
 
 
 # ----------------------------------------------------------------------------- the call
-def _weights_requested(kwargs: dict[str, Any]) -> bool:
+# Some attention classes (Falcon's, ...) take output_attentions as a parameter of their own
+# forward, do not pass it on to the attention function, and return what it returns as the
+# weights: eager attention always computes them, fastattn only when asked. A forward pre-hook
+# (hook_output_attentions: installed by patch(), or at a module's first call here) records the
+# flag of each call on the module under this name.
+WANTS_WEIGHTS = "_fastattn_wants_weights"
+# Set by patch() on such a module when no model class around it records its class's weights
+# through transformers' output collector (Falcon: the flag is the only way weights are asked
+# for). The collector's ContextVar is then not consulted: torch.compile cannot trace it there.
+NOT_RECORDED = "_fastattn_not_recorded"
+
+
+@functools.cache
+def _takes_output_attentions(cls: type) -> int | None:
+    """The positional index (after self) of ``output_attentions`` in ``cls.forward``, or None."""
+    try:
+        params = list(inspect.signature(cls.forward).parameters)
+    except (TypeError, ValueError):
+        return None
+    return params.index("output_attentions") - 1 if "output_attentions" in params else None
+
+
+def hook_output_attentions(module: torch.nn.Module):
+    """Install the output_attentions recorder on ``module`` if its forward takes the flag;
+    the hook's handle, or None (nothing to record, or already recording)."""
+    index = _takes_output_attentions(type(module))
+    if index is None or WANTS_WEIGHTS in module.__dict__:
+        return None
+
+    def record(mod: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        flag = kwargs.get("output_attentions", args[index] if len(args) > index else False)
+        setattr(mod, WANTS_WEIGHTS, bool(flag))
+
+    setattr(module, WANTS_WEIGHTS, False)
+    return module.register_forward_pre_hook(record, with_kwargs=True)
+
+
+def _caller_flag(module: torch.nn.Module) -> bool:
+    """output_attentions of the module's forward now running (the call before its hook was
+    installed): read from that frame's locals."""
+    frame = inspect.currentframe()
+    for _ in range(6):
+        frame = frame.f_back if frame is not None else None
+        if frame is None:
+            break
+        loc = frame.f_locals
+        if loc.get("self") is module and "output_attentions" in loc:
+            return bool(loc["output_attentions"])
+    return False
+
+
+def _weights_requested(module: torch.nn.Module, kwargs: dict[str, Any]) -> bool:
     if kwargs.get("output_attentions"):
         return True
+    if _takes_output_attentions(type(module)) is not None:
+        if WANTS_WEIGHTS in module.__dict__:
+            if module.__dict__[WANTS_WEIGHTS]:
+                return True
+            if module.__dict__.get(NOT_RECORDED):  # no collector asks for this class's weights
+                return False
+        elif not torch.compiler.is_compiling():  # first call without patch(): hook it now
+            hook_output_attentions(module)
+            if _caller_flag(module):
+                return True
     # transformers >= 5 records weights through hooks when the call or the config asks for them
     # (config.output_attentions=True reaches no attention kwarg): ask its collector.
     try:
@@ -399,7 +462,7 @@ def fastattn_attention_forward(
     if n < tk:
         key, value = key[:, :, :n], value[:, :, :n]
     weights = None
-    if _weights_requested(kwargs):
+    if _weights_requested(module, kwargs):
         _count("weights")
         out, weights = _with_weights(query, key, value, **args)
         if n < tk:  # the cropped keys had probability 0

@@ -49,6 +49,28 @@ DEC = dict(
 )
 
 
+ENC = dict(
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=64,
+    max_position_embeddings=64,
+    hidden_dropout_prob=0.0,
+    attention_probs_dropout_prob=0.0,
+)
+S2S = dict(
+    d_model=32,
+    encoder_layers=2,
+    decoder_layers=2,
+    encoder_attention_heads=4,
+    decoder_attention_heads=4,
+    encoder_ffn_dim=64,
+    decoder_ffn_dim=64,
+    max_position_embeddings=64,
+    dropout=0.0,
+)
+
+
 def _cfg(name: str, **kw):
     return getattr(transformers, name)(vocab_size=V, **kw)
 
@@ -204,6 +226,83 @@ FAMILIES: dict[str, Family] = {
         "decoder",
         {"attention": 2, "layer_norm": 5},
     ),
+    # Encoders and seq2seq models beyond BERT / T5 / Bart: ALBERT's shared layer, DistilBERT's
+    # own attention class, ModernBERT's local attention (8 keys: shorter than the inputs),
+    # CLIP's causal text encoder (QuickGELU: left, and said), Marian's and mBART's stacks.
+    "roberta": Family(
+        lambda: transformers.RobertaModel(_cfg("RobertaConfig", **ENC, pad_token_id=1)),
+        "encoder",
+        _PLAIN,
+    ),
+    "distilbert": Family(
+        lambda: transformers.DistilBertModel(
+            _cfg(
+                "DistilBertConfig",
+                dim=32,
+                n_layers=2,
+                n_heads=4,
+                hidden_dim=64,
+                dropout=0.0,
+                attention_dropout=0.0,
+                max_position_embeddings=64,
+            )
+        ),
+        "encoder",
+        _PLAIN,
+    ),
+    "albert": Family(
+        lambda: transformers.AlbertModel(_cfg("AlbertConfig", **ENC, embedding_size=16)),
+        "encoder",
+        {"attention": 1, "layer_norm": 3, "gelu": 1},  # one layer, shared by both
+    ),
+    "electra": Family(
+        lambda: transformers.ElectraModel(_cfg("ElectraConfig", **ENC, embedding_size=32)),
+        "encoder",
+        _PLAIN,
+    ),
+    "modernbert": Family(
+        lambda: transformers.ModernBertModel(
+            _cfg(
+                "ModernBertConfig",
+                hidden_size=32,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                intermediate_size=64,
+                max_position_embeddings=64,
+                local_attention=8,
+                global_attn_every_n_layers=2,
+                pad_token_id=0,
+            )
+        ),
+        "encoder",
+        _PLAIN,
+    ),
+    "clip_text": Family(
+        lambda: transformers.CLIPTextModel(
+            _cfg(
+                "CLIPTextConfig",
+                hidden_size=32,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                intermediate_size=64,
+                max_position_embeddings=64,
+            )
+        ),
+        "encoder",
+        {"attention": 2, "layer_norm": 5},
+    ),
+    "marian": Family(
+        lambda: transformers.MarianMTModel(
+            _cfg("MarianConfig", **S2S, pad_token_id=0, decoder_start_token_id=0)
+        ),
+        "seq2seq",
+        {"attention": 6, "layer_norm": 10, "gelu": 4},
+    ),
+    "mbart": Family(
+        lambda: transformers.MBartForConditionalGeneration(_cfg("MBartConfig", **S2S)),
+        "seq2seq",
+        {"attention": 6, "layer_norm": 14, "gelu": 4},
+    ),
     "phi": Family(
         lambda: transformers.PhiForCausalLM(
             _cfg(
@@ -355,7 +454,10 @@ def test_bf16_autocast_within_the_rule(name):
         pass  # the family has no SDPA path
     # Decoders unpadded: transformers' float64 eager turns left-padded rows into NaN (a row that
     # sees no key), and the fp32 tests above already cover left padding.
-    kw, valid = _inputs(name, padded=FAMILIES[name].kind in ("encoder", "seq2seq"))
+    # ModernBERT unpadded too: its float64 eager gives NaN gradients under padding (the
+    # embeddings and the first Wqkv) while fp32 and bf16 eager stay finite.
+    padded = FAMILIES[name].kind in ("encoder", "seq2seq") and name != "modernbert"
+    kw, valid = _inputs(name, padded=padded)
     kw64 = {k: v.double() if v.is_floating_point() else v for k, v in kw.items()}
 
     def run(model, autocast):
@@ -442,6 +544,8 @@ def test_report_and_unpatch(name):
         assert len(left) == 9 and {e.before for e in left} == {"Olmo2RMSNorm"}
     elif name == "cohere":  # CohereLayerNorm: mean-centred, no bias, its own rounding
         assert len(left) == 3 and {e.before for e in left} == {"CohereLayerNorm"}
+    elif name == "clip_text":  # x * sigmoid(1.702 x): not GELU
+        assert len(left) == 2 and {e.before for e in left} == {"QuickGELUActivation"}
     else:
         assert not left, [str(e) for e in left]
     assert all(e.runtime for e in report.layers("attention", "replaced"))

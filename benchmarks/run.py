@@ -165,6 +165,81 @@ def suite_rms_norm(ctx: Context) -> Report:
     return rep
 
 
+# ----------------------------------------------------------------------------- rotary
+def rotary_impls() -> dict[str, Callable]:
+    """fastattn.rotary, transformers' formula (``x * cos + rotate_half(x) * sin``: what
+    ``apply_rotary_pos_emb`` runs) eager, and torch.compile of that formula."""
+    from fastattn.ops.rotary import rotary_reference
+
+    return {
+        "fastattn": fastattn.rotary,
+        "torch eager": rotary_reference,
+        "torch.compile": _compiled(rotary_reference),
+    }
+
+
+def rotary_inputs(b: int, h: int, t: int, d: int, x_dtype, cos_dtype):
+    """q as transformers makes it (the transpose of a [B, T, H, D] projection output) and the
+    cos / sin of its rotary embedding ([B, T, D], cat(freqs, freqs))."""
+    x = torch.randn(b, t, h, d).to(x_dtype).transpose(1, 2)
+    ang = torch.randn(b, t, d // 2)
+    ang = torch.cat((ang, ang), -1)
+    return x, ang.cos().to(cos_dtype), ang.sin().to(cos_dtype)
+
+
+def suite_rotary(ctx: Context) -> Report:
+    shapes = [(8, 6, 256, 64), (2, 32, 1024, 128)] if not ctx.quick else [(2, 4, 64, 64)]
+    dtypes = [
+        ("fp32", torch.float32, torch.float32),
+        ("bf16 q, fp32 cos (autocast)", torch.bfloat16, torch.float32),
+        ("bf16", torch.bfloat16, torch.bfloat16),
+    ]
+    baselines = ["torch eager", "torch.compile"]
+    copy = ctx.ceilings.memory()
+    rep = Report(
+        "Rotary embedding (transformers' apply_rotary_pos_emb on one tensor, CPU)",
+        comparison_columns(["B,H,T,D", "dtypes", "pass"], "GB/s", "copy BW", baselines),
+        ceilings=ctx.ceilings,
+        notes=[
+            "x is q as transformers makes it: the transpose of a [B, T, H, D] projection output; "
+            "cos / sin are [B, T, D]. The output dtype is promote(x, cos), as the formula's.",
+            "Bytes counted: forward reads x and cos / sin and writes y; forward+backward adds "
+            "reading dy and cos / sin and writing dx.",
+            "torch eager = transformers' formula in torch ops; torch.compile = Inductor on it.",
+            fresh_output_note("Outputs (y; dx in fwd+bwd)"),
+            cache_note(),
+        ],
+    )
+    impls = rotary_impls()
+    for b, h, t, d in shapes:
+        for label, xd, cd in dtypes:
+            x, cos, sin = rotary_inputs(b, h, t, d, xd, cd)
+            od = torch.promote_types(xd, cd)
+            xb, ob, cb = (torch.finfo(dt).bits // 8 for dt in (xd, od, cd))
+            n, nc = x.numel(), cos.numel()
+            fwd_bytes = n * (xb + ob) + 2 * nc * cb
+            xg = x.detach().clone().requires_grad_()
+            dy = torch.randn(x.shape).to(od)
+            for pas, nbytes in (("fwd", fwd_bytes), ("fwd+bwd", 2 * fwd_bytes)):
+                if pas == "fwd":
+                    fns = {k: (lambda fn=fn: fn(x, cos, sin)) for k, fn in impls.items()}
+                else:
+                    fns = {
+                        k: (lambda fn=fn: torch.autograd.grad(fn(xg, cos, sin), xg, dy))
+                        for k, fn in impls.items()
+                    }
+                with torch.set_grad_enabled(pas != "fwd"):
+                    cmp = interleaved(fns, rounds=ctx.rounds_or(MEMORY_ROUNDS), max_s=MEMORY_MAX_S)
+                rep.add_comparison(
+                    [f"{b},{h},{t},{d}", label, pas],
+                    cmp,
+                    work=nbytes,
+                    ceiling=copy,
+                    baselines=baselines,
+                )
+    return rep
+
+
 # ----------------------------------------------------------------------------- attention
 def attention_impls() -> dict[str, Callable]:
     """fastattn, PyTorch's fused SDPA (its CPU flash path), the reference eager and compiled."""
@@ -733,6 +808,7 @@ class Suite:
 SUITES: dict[str, Suite] = {
     "layernorm": Suite(suite_layernorm, "LayerNorm fwd, fwd+bwd vs F.layer_norm (memory-bound)"),
     "rms_norm": Suite(suite_rms_norm, "RMSNorm fwd, fwd+bwd vs F.rms_norm (memory-bound)"),
+    "rotary": Suite(suite_rotary, "rotary embedding fwd, fwd+bwd vs transformers' formula"),
     "attention": Suite(suite_attention, "causal attention fwd, fwd+bwd vs SDPA (compute-bound)"),
     "attention_bf16": Suite(
         suite_attention_bf16, "bf16 causal attention: AVX512_BF16 path vs fp32 path vs SDPA"

@@ -62,6 +62,15 @@
 // gated_act_bwd(dh[N,H], gate, up?, activation)
 //     -> (dgate[N,H], dup[N,H]); packed (no up): (dgu[N,2H] = [dgate | dup], [0])
 //     dgate = dh * up * act'(gate), dup = dh * act(gate) (act recomputed, nothing saved).
+// rotary_fwd(x[B,H,T,D], cos[Bc,T,R], sin[Bc,T,R], out_dtype) -> y like x (empty_like) in out_dtype
+// rotary_bwd(dy[B,H,T,D], cos, sin, out_dtype) -> dx like dy in out_dtype
+//     x: any strides, unit last stride; cos / sin: one shape and dtype, Bc = 1 or B (a batch
+//     stride of 0 allowed), unit last stride; R even, 2 <= R <= D. h = R/2; per row and j < h,
+//     a = x[j], b = x[j+h]: forward y[j] = a cos[j] - b sin[j], y[j+h] = b cos[j+h] + a sin[j+h];
+//     backward (the transpose) y[j] = a cos[j] + b sin[j+h], y[j+h] = b cos[j+h] - a sin[j];
+//     y[j] = x[j] for j >= R. x, cos and out each float32 or the call's one 16-bit dtype
+//     (bfloat16; float16 on the GPU), or all float64 (CPU); math in float32 (float64), one
+//     rounding.
 
 #include <torch/library.h>
 #include <Python.h>
@@ -123,6 +132,8 @@ TORCH_LIBRARY(fastattn_C, m) {
       " bool need_bias_grad) -> (Tensor, Tensor)");
   m.def("gated_act_fwd(Tensor gate, Tensor? up, str activation) -> Tensor");
   m.def("gated_act_bwd(Tensor dh, Tensor gate, Tensor? up, str activation) -> (Tensor, Tensor)");
+  m.def("rotary_fwd(Tensor x, Tensor cos, Tensor sin, ScalarType out_dtype) -> Tensor");
+  m.def("rotary_bwd(Tensor dy, Tensor cos, Tensor sin, ScalarType out_dtype) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(fastattn_C, CPU, m) {
@@ -138,6 +149,8 @@ TORCH_LIBRARY_IMPL(fastattn_C, CPU, m) {
   m.impl("bias_gelu_bwd", &fastattn::cpu::bias_gelu_bwd);
   m.impl("gated_act_fwd", &fastattn::cpu::gated_act_fwd);
   m.impl("gated_act_bwd", &fastattn::cpu::gated_act_bwd);
+  m.impl("rotary_fwd", &fastattn::cpu::rotary_fwd);
+  m.impl("rotary_bwd", &fastattn::cpu::rotary_bwd);
 }
 
 // A plain Python module so `import fastattn._C` loads the library (and runs the

@@ -383,3 +383,185 @@ def test_attention_rejects_bad_input():
         OPS.attention_fwd(
             q.transpose(2, 3), q.transpose(2, 3), q.transpose(2, 3), None, False, 1.0, 0.0, 0, 0
         )
+
+
+# ---------------------------------------------------------------- rotary
+def _rotate_half(x):
+    h = x.shape[-1] // 2
+    return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
+
+
+def _rotate_half_t(x):
+    """The transpose of rotate_half: cat(x[..., h:], -x[..., :h])."""
+    h = x.shape[-1] // 2
+    return torch.cat((x[..., h:], -x[..., :h]), dim=-1)
+
+
+def _rotary_math(x, cos, sin, backward):
+    """The contract's formulas with plain torch ops, in the promoted dtype of x and cos (float64
+    inputs: the reference): forward x c + rotate_half(x) s on the first R columns, backward
+    dy c + rotate_half^T(dy s); columns R.. pass through. cos, sin: [Bc, T, R]."""
+    R = cos.shape[-1]
+    c, s = cos.unsqueeze(1), sin.unsqueeze(1)
+    xr = x[..., :R]
+    yr = xr * c + (_rotate_half_t(xr * s) if backward else _rotate_half(xr) * s)
+    return torch.cat((yr, x[..., R:].to(yr.dtype)), dim=-1)
+
+
+# B, H, T, D, R, Bc: head dims 2 to 256, R = D and partial rotary (R < D), T = 1 and primes,
+# h = R / 2 odd / not a multiple of the vector width, D - R not a multiple of it.
+ROTARY_SHAPES = [
+    (1, 1, 1, 2, 2, 1),
+    (2, 3, 7, 6, 6, 2),
+    (2, 3, 7, 6, 4, 1),
+    (2, 2, 13, 64, 64, 1),
+    (2, 3, 5, 64, 32, 2),
+    (2, 2, 1, 66, 66, 2),
+    (2, 2, 11, 66, 64, 1),
+    (1, 4, 17, 128, 128, 1),
+    (2, 2, 13, 128, 32, 2),
+    (2, 2, 7, 256, 256, 2),
+    (2, 1, 3, 256, 128, 1),
+]
+# (x layout, cos / sin layout). x: contiguous, "bthd" (the transpose of a [B, T, H, D] tensor,
+# as q after the projection: the output keeps those strides), "sliced" (the first D columns of
+# a wider tensor: not dense, so the output is contiguous). cos / sin: contiguous, "expanded"
+# (batch stride 0), "strided" (cos: the first R columns and T rows of a wider, longer cache; sin
+# contiguous, so the two have different strides).
+ROTARY_LAYOUTS = [
+    ("contiguous", "contiguous"),
+    ("bthd", "contiguous"),
+    ("bthd", "strided"),
+    ("sliced", "expanded"),
+]
+F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
+# (x, cos / sin, out) dtypes: the uniform ones and the mixes autocast produces (forward: 16-bit
+# q, float32 cos, float32 out; backward: float32 dy and cos, 16-bit dx).
+ROTARY_MIXES = {
+    False: [
+        (F32, F32, F32),
+        (BF16, BF16, BF16),
+        (BF16, F32, F32),
+        (F16, F16, F16),
+        (F16, F32, F32),
+    ],
+    True: [(F32, F32, F32), (BF16, BF16, BF16), (F32, F32, BF16), (F16, F16, F16), (F32, F32, F16)],
+}
+# Every mix of float32 with one 16-bit type (the full matrix of the host emulation).
+ROTARY_ALL_MIXES = sorted(
+    {(a, b, c) for h in (BF16, F16) for a in (F32, h) for b in (F32, h) for c in (F32, h)},
+    key=str,
+)
+
+
+def rotary_inputs(shape, layout, x_dtype, cs_dtype, dev):
+    """x [B, H, T, D] and cos, sin [Bc, T, R] in the given layouts (random cos / sin: the halves
+    c[:h], c[h:] differ, so an index mix-up between them shows)."""
+    B, H, T, D, R, Bc = shape
+    x_layout, cs_layout = layout
+    if x_layout == "bthd":
+        x = torch.randn(B, T, H, D, dtype=torch.float64).to(dev, x_dtype).transpose(1, 2)
+    elif x_layout == "sliced":
+        x = torch.randn(B, H, T, D + 3, dtype=torch.float64).to(dev, x_dtype)[..., :D]
+    else:
+        x = torch.randn(B, H, T, D, dtype=torch.float64).to(dev, x_dtype)
+    if cs_layout == "strided":
+        cos = torch.randn(Bc, T + 2, R + 2, dtype=torch.float64).to(dev, cs_dtype)[:, :T, :R]
+        sin = torch.randn(Bc, T, R, dtype=torch.float64).to(dev, cs_dtype)
+    elif cs_layout == "expanded":  # batch stride 0 (Bc == 1: a size-1 dim of stride 0)
+        cos, sin = (
+            torch.randn(1, T, R, dtype=torch.float64).to(dev, cs_dtype).expand(Bc, T, R)
+            for _ in range(2)
+        )
+        if Bc == 1:
+            cos, sin = (t.as_strided((1, T, R), (0, R, 1)) for t in (cos, sin))
+    else:
+        cos, sin = (torch.randn(Bc, T, R, dtype=torch.float64).to(dev, cs_dtype) for _ in range(2))
+    return x, cos, sin
+
+
+def rotary_case(shape, layout, mix, backward, op, dev):
+    """One rotary case through ``op(x, cos, sin, out_dtype)`` (the kernel op rotary_fwd /
+    rotary_bwd here, the host emulation in tests/cuda_emu/drive.py), checked against the
+    contract's formulas in float64 with the error rule; pass-through columns exactly."""
+    x_dtype, cs_dtype, out_dtype = mix
+    R = shape[4]
+    x, cos, sin = rotary_inputs(shape, layout, x_dtype, cs_dtype, dev)
+    y = op(x, cos, sin, out_dtype)
+    tag = f"rotary {'bwd' if backward else 'fwd'} {shape} {layout} {mix}"
+    assert y.dtype == out_dtype and y.shape == x.shape, f"{tag}: {y.dtype} {tuple(y.shape)}"
+    like = torch.empty_like(x, dtype=out_dtype)
+    assert y.stride() == like.stride(), f"{tag}: strides {y.stride()} != {like.stride()}"
+    x64, c64, s64 = (t.double() for t in (x, cos, sin))
+    ref = _rotary_math(x64, c64, s64, backward)
+    if backward:  # the formula is the transpose of the forward: check the reference itself
+        xg = torch.randn_like(x64).requires_grad_(True)
+        (g,) = torch.autograd.grad(_rotary_math(xg, c64, s64, False), xg, x64)
+        torch.testing.assert_close(ref, g, rtol=1e-12, atol=1e-12)
+    tx = _rotary_math(x, cos, sin, backward).to(out_dtype)
+    assert_rule(tag, y, tx, ref)
+    pass_ok = torch.equal(y[..., R:], x[..., R:].to(out_dtype))
+    assert pass_ok, f"{tag}: pass-through columns differ from x"
+
+
+@pytest.mark.parametrize("shape", ROTARY_SHAPES)
+@pytest.mark.parametrize("layout", ROTARY_LAYOUTS)
+@pytest.mark.parametrize("backward, mix", [(b, m) for b in (False, True) for m in ROTARY_MIXES[b]])
+def test_rotary(shape, layout, backward, mix):
+    op = OPS.rotary_bwd if backward else OPS.rotary_fwd
+    rotary_case(shape, layout, mix, backward, op, "cuda")
+
+
+@pytest.mark.parametrize("mix", ROTARY_ALL_MIXES)
+@pytest.mark.parametrize("backward", [False, True])
+def test_rotary_all_mixes(mix, backward):
+    op = OPS.rotary_bwd if backward else OPS.rotary_fwd
+    rotary_case((2, 3, 13, 128, 96, 2), ("bthd", "contiguous"), mix, backward, op, "cuda")
+
+
+def test_rotary_many_rows():
+    """More rows than one grid of the capped launch covers (4096 blocks of 128 rows at D = 2):
+    the grid-stride loop."""
+    rotary_case((1, 8, 65537, 2, 2, 1), ("contiguous", "contiguous"), (F32,) * 3, False,
+                OPS.rotary_fwd, "cuda")  # fmt: skip
+
+
+def test_rotary_empty():
+    for shape in [(0, 2, 3, 8), (2, 0, 3, 8), (2, 2, 0, 8)]:
+        x = torch.randn(*shape, device="cuda")
+        cs = torch.randn(1, shape[2], 8, device="cuda")
+        y = OPS.rotary_fwd(x, cs, cs, torch.bfloat16)
+        assert y.shape == x.shape and y.dtype == torch.bfloat16
+
+
+def test_rotary_rejects_bad_input():
+    x = torch.randn(2, 3, 5, 8, device="cuda")
+    cs = torch.randn(1, 5, 8, device="cuda")
+    with pytest.raises(RuntimeError, match="float32, float16 or bfloat16"):
+        OPS.rotary_fwd(x.double(), cs.double(), cs.double(), torch.float64)
+    with pytest.raises(RuntimeError, match="one 16-bit dtype"):
+        OPS.rotary_fwd(x.half(), cs.bfloat16(), cs.bfloat16(), torch.float32)
+    with pytest.raises(RuntimeError, match="one 16-bit dtype"):
+        OPS.rotary_bwd(x.half(), cs, cs, torch.bfloat16)
+    with pytest.raises(RuntimeError, match="must be even"):
+        OPS.rotary_fwd(x, cs[..., :5], cs[..., :5], torch.float32)
+    with pytest.raises(RuntimeError, match="must be even"):
+        OPS.rotary_fwd(x[..., :6], cs, cs, torch.float32)  # R = 8 > D = 6
+    with pytest.raises(RuntimeError, match="must be T"):
+        OPS.rotary_fwd(x, cs[:, :4], cs[:, :4], torch.float32)
+    with pytest.raises(RuntimeError, match="1 or B"):
+        OPS.rotary_fwd(x, cs.expand(3, 5, 8), cs.expand(3, 5, 8), torch.float32)
+    with pytest.raises(RuntimeError, match="one shape"):
+        OPS.rotary_fwd(x, cs, cs[..., :6], torch.float32)
+    with pytest.raises(RuntimeError, match="one dtype"):
+        OPS.rotary_fwd(x, cs, cs.bfloat16(), torch.float32)
+    with pytest.raises(RuntimeError, match="stride 1 along D"):
+        xt = torch.randn(2, 3, 8, 5, device="cuda").transpose(2, 3)  # [2, 3, 5, 8], stride 5
+        OPS.rotary_fwd(xt, cs, cs, torch.float32)
+    with pytest.raises(RuntimeError, match="stride 1 along R"):
+        bad = torch.randn(1, 8, 5, device="cuda").transpose(1, 2)
+        OPS.rotary_fwd(x, bad, bad, torch.float32)
+    with pytest.raises(RuntimeError, match="CUDA"):
+        OPS.rotary_fwd(x, cs.cpu(), cs.cpu(), torch.float32)
+    with pytest.raises(RuntimeError, match="4-D"):
+        OPS.rotary_fwd(x[0], cs, cs, torch.float32)

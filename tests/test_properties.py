@@ -22,6 +22,7 @@ _settings = settings(
     deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture]
 )
 dtypes = st.sampled_from([torch.float32, torch.bfloat16])
+F32, BF16 = torch.float32, torch.bfloat16
 
 
 def _maybe_strided(x: torch.Tensor, how: int) -> torch.Tensor:
@@ -284,6 +285,52 @@ def check_gated_act(backend, rows, m, dtype, activation, layout, strided, scale)
         assert_rule("grad", grads[0][..., sl], t_grads[0][..., sl], r_grads[0][..., sl], scale)
 
 
+@_settings
+@given(
+    b=st.integers(1, 3),
+    h=st.integers(1, 4),
+    t=st.integers(1, 17),
+    half=st.integers(1, 70),
+    extra=st.integers(0, 5),
+    dtypes=st.sampled_from([(F32, F32), (BF16, BF16), (BF16, F32)]),
+    layout=st.sampled_from(["contiguous", "projection", "heads_last"]),
+    batch_cos=st.booleans(),
+    scale=st.sampled_from([1e-2, 1.0, 30.0]),
+)
+def test_rotary_property(b, h, t, half, extra, dtypes, layout, batch_cos, scale):
+    check_rotary(BACKEND, b, h, t, half, extra, dtypes, layout, batch_cos, scale)
+
+
+def check_rotary(backend, b, h, t, half, extra, dtypes, layout, batch_cos, scale):
+    """R = 2 half rotary columns of D = R + extra; x in one of transformers' layouts."""
+    from fastattn.ops.rotary import rotary, rotary_reference
+
+    xd, cd = dtypes
+    r, d = 2 * half, 2 * half + extra
+    if layout == "contiguous":
+        x = torch.randn(b, h, t, d)
+    else:
+        x = torch.randn(b, t, h, d)
+        x = x.transpose(1, 2) if layout == "projection" else x
+    x = (x * scale).to(xd)
+    ud = 2 if layout == "heads_last" else 1
+    ang = torch.randn(b if batch_cos else 1, t, r, dtype=torch.float64) * 3
+    cos, sin = ang.cos(), ang.sin()
+    dy = torch.randn(x.shape).to(torch.promote_types(xd, cd))
+
+    def run(fn, x_dt, c_dt):
+        leaf = x.to(x_dt).detach().requires_grad_()
+        out = fn(leaf, cos.to(c_dt), sin.to(c_dt), ud)
+        return out.detach(), torch.autograd.grad(out, [leaf], dy.to(out.dtype))[0]
+
+    with fastattn.use_backend(backend):
+        out, grad = run(rotary, xd, cd)
+    t_out, t_grad = run(rotary_reference, xd, cd)
+    r_out, r_grad = run(rotary_reference, torch.float64, torch.float64)
+    assert_rule("out", out, t_out, r_out)
+    assert_rule("grad", grad, t_grad, r_grad)
+
+
 # ----------------------------------------------------------------------------- Triton
 # A smaller set through the Triton interpreter (slow): float32, small shapes.
 TRITON = "triton" in fastattn.available_backends("cpu")
@@ -347,3 +394,15 @@ def test_rms_norm_property_triton(rows, m, affine, offset, residual):
 )
 def test_gated_act_property_triton(rows, m, activation, layout):
     check_gated_act("triton", [rows], m, torch.float32, activation, layout, 0, 1.0)
+
+
+@needs_triton
+@_few
+@given(
+    t=st.integers(1, 9),
+    half=st.integers(1, 40),
+    extra=st.integers(0, 3),
+    layout=st.sampled_from(["contiguous", "projection", "heads_last"]),
+)
+def test_rotary_property_triton(t, half, extra, layout):
+    check_rotary("triton", 2, 3, t, half, extra, (F32, F32), layout, True, 1.0)

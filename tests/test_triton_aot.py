@@ -15,6 +15,7 @@ Run: pytest tests/test_triton_aot.py
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import os
 import sys
 
@@ -28,6 +29,7 @@ from fastattn.triton import TL_TYPES, Launch  # noqa: E402
 from fastattn.triton import attention as A  # noqa: E402
 from fastattn.triton import gelu as G  # noqa: E402
 from fastattn.triton import layernorm as L  # noqa: E402
+from fastattn.triton import rotary as RT  # noqa: E402
 
 pytestmark = pytest.mark.triton
 
@@ -139,7 +141,7 @@ def test_attention_launches_are_compiled(attention_launches, monkeypatch, tf32):
 @pytest.fixture
 def recorded(monkeypatch):
     seen: list[Launch] = []
-    for mod, module in ((L, "layernorm"), (G, "gelu")):
+    for mod, module in ((L, "layernorm"), (G, "gelu"), (RT, "rotary")):
         for name in dir(mod):
             fn = getattr(mod, name)
             if name.startswith("_") and hasattr(fn, "arg_names"):
@@ -172,8 +174,32 @@ def test_gelu_launches_are_compiled(recorded):
     _covered(recorded, G.aot_launches())
 
 
+def test_rotary_launches_are_compiled(recorded):
+    dts = (torch.float32, torch.bfloat16, torch.float16)
+    for xd, cd, od in itertools.product(dts, dts, dts):
+        if len({d for d in (xd, cd, od) if d != torch.float32}) > 1:
+            continue  # one 16-bit type per call
+        for d, r in (
+            (2, 2),
+            (7, 4),
+            (8, 8),
+            (64, 64),
+            (66, 32),
+            (128, 128),
+            (256, 256),
+            (600, 260),
+        ):
+            contiguous = torch.zeros(2, 3, 5, d, dtype=xd)
+            projection = torch.zeros(2, 5, 3, d, dtype=xd).transpose(1, 2)  # heads fastest
+            for x in (contiguous, projection):
+                cos = torch.zeros(1, 5, r, dtype=cd)
+                RT.TRITON.fwd(x, cos, cos, od)
+                RT.TRITON.bwd(x, cos, cos, od)
+    _covered(recorded, RT.aot_launches())
+
+
 def test_quick_set_is_a_subset():
-    for mod in (A, L, G):
+    for mod in (A, L, G, RT):
         assert set(mod.aot_launches(False)) <= set(mod.aot_launches(True))
 
 

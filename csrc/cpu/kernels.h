@@ -83,5 +83,11 @@ std::tuple<at::Tensor, at::Tensor> gated_act_bwd(const at::Tensor& dh, const at:
                                                  const std::optional<at::Tensor>& up,
                                                  const std::string& activation);
 
+// rotary.cpp ------------------------------------------------------------------
+at::Tensor rotary_fwd(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
+                      at::ScalarType out_dtype);
+at::Tensor rotary_bwd(const at::Tensor& dy, const at::Tensor& cos, const at::Tensor& sin,
+                      at::ScalarType out_dtype);
+
 }  // namespace cpu
 }  // namespace fastattn

@@ -596,6 +596,97 @@ std::tuple<at::Tensor, at::Tensor> gated_act_bwd(const at::Tensor& dh_in, const 
   return {out1, out2};
 }
 
+// ------------------------------------------------------------------ rotary
+k::DType rotary_dtype(at::ScalarType t, const char* op, const char* name) {
+  switch (t) {
+    case at::kFloat: return k::DType::kFloat32;
+    case at::kHalf: return k::DType::kFloat16;
+    case at::kBFloat16: return k::DType::kBFloat16;
+    default:
+      TORCH_CHECK(false, "fastattn_C.", op, " (cuda): ", name,
+                  " must be float32, float16 or bfloat16, got ", t,
+                  " (float64 runs on the cpu and reference backends)");
+  }
+  return k::DType::kFloat32;  // unreachable
+}
+
+// y = rotary(x) (backward: dx = rotary^T(dy)) per the contract of csrc/ops.cpp; x is dy there.
+at::Tensor rotary(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
+                  at::ScalarType out_dtype, bool backward) {
+  const char* op = backward ? "rotary_bwd" : "rotary_fwd";
+  const char* what = backward ? "dy" : "x";
+  TORCH_CHECK(x.dim() == 4, "fastattn_C.", op, " (cuda): ", what,
+              " must be 4-D [B, H, T, D], got ", x.dim(), "-D");
+  TORCH_CHECK(cos.dim() == 3 && sin.sizes() == cos.sizes(), "fastattn_C.", op,
+              " (cuda): cos and sin must be 3-D [Bc, T, R] of one shape, got ", cos.sizes(),
+              " and ", sin.sizes());
+  check_cuda(x, op, what, x.device());
+  check_cuda(cos, op, "cos", x.device());
+  check_cuda(sin, op, "sin", x.device());
+  TORCH_CHECK(cos.scalar_type() == sin.scalar_type(), "fastattn_C.", op,
+              " (cuda): cos and sin must have one dtype, got ", cos.scalar_type(), " and ",
+              sin.scalar_type());
+  const k::DType xdt = rotary_dtype(x.scalar_type(), op, what);
+  const k::DType cdt = rotary_dtype(cos.scalar_type(), op, "cos / sin");
+  const k::DType odt = rotary_dtype(out_dtype, op, "out_dtype");
+  TORCH_CHECK(k::rotary_dtypes_supported(xdt, cdt, odt), "fastattn_C.", op, " (cuda): ", what,
+              ", cos / sin and out_dtype may mix float32 with one 16-bit dtype only, got ",
+              x.scalar_type(), ", ", cos.scalar_type(), " and ", out_dtype);
+  const int64_t B = x.size(0), H = x.size(1), T = x.size(2), D = x.size(3), R = cos.size(2);
+  TORCH_CHECK(cos.size(0) == 1 || cos.size(0) == B, "fastattn_C.", op,
+              " (cuda): cos.size(0) must be 1 or B (", B, "), got ", cos.size(0));
+  TORCH_CHECK(cos.size(1) == T, "fastattn_C.", op, " (cuda): cos.size(1) must be T (", T,
+              "), got ", cos.size(1));
+  TORCH_CHECK(R % 2 == 0 && R >= 2 && R <= D, "fastattn_C.", op,
+              " (cuda): the rotary dim R = cos.size(2) must be even, >= 2 and <= D (", D,
+              "), got ", R);
+  TORCH_CHECK(x.stride(3) == 1, "fastattn_C.", op, " (cuda): ", what,
+              " must have stride 1 along D, got strides ", x.strides());
+  TORCH_CHECK(cos.stride(2) == 1 && sin.stride(2) == 1, "fastattn_C.", op,
+              " (cuda): cos and sin must have stride 1 along R, got strides ", cos.strides(),
+              " and ", sin.strides());
+  const c10::cuda::CUDAGuard guard(x.device());
+  // x's own strides when x is dense (the transposed q), contiguous otherwise.
+  at::Tensor y = at::empty_like(x, x.options().dtype(out_dtype));
+  if (y.stride(3) != 1 && D > 1) {  // not seen in practice: the kernel writes unit columns
+    y = at::empty(x.sizes(),
+                  x.options().dtype(out_dtype).memory_format(at::MemoryFormat::Contiguous));
+  }
+  if (y.numel() == 0) return y;
+  k::RotaryArgs a{};
+  a.x = x.data_ptr();
+  a.x_stride = strides3(x);
+  a.cos = cos.data_ptr();
+  a.sin = sin.data_ptr();
+  const bool bcast = cos.size(0) == 1;  // one cos row per t for every batch row
+  a.cos_stride_b = bcast ? 0 : cos.stride(0);
+  a.cos_stride_t = cos.stride(1);
+  a.sin_stride_b = bcast ? 0 : sin.stride(0);
+  a.sin_stride_t = sin.stride(1);
+  a.out = y.data_ptr();
+  a.out_stride = strides3(y);
+  a.B = B;
+  a.H = H;
+  a.T = T;
+  a.D = D;
+  a.R = R;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  check_launch(backward ? k::rotary_bwd(xdt, cdt, odt, a, stream)
+                        : k::rotary_fwd(xdt, cdt, odt, a, stream),
+               op);
+  return y;
+}
+
+at::Tensor rotary_fwd(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
+                      at::ScalarType out_dtype) {
+  return rotary(x, cos, sin, out_dtype, false);
+}
+
+at::Tensor rotary_bwd(const at::Tensor& dy, const at::Tensor& cos, const at::Tensor& sin,
+                      at::ScalarType out_dtype) {
+  return rotary(dy, cos, sin, out_dtype, true);
+}
+
 }  // namespace
 }  // namespace cuda_glue
 }  // namespace fastattn
@@ -611,4 +702,6 @@ TORCH_LIBRARY_IMPL(fastattn_C, CUDA, m) {
   m.impl("bias_gelu_bwd", &fastattn::cuda_glue::bias_gelu_bwd);
   m.impl("gated_act_fwd", &fastattn::cuda_glue::gated_act_fwd);
   m.impl("gated_act_bwd", &fastattn::cuda_glue::gated_act_bwd);
+  m.impl("rotary_fwd", &fastattn::cuda_glue::rotary_fwd);
+  m.impl("rotary_bwd", &fastattn::cuda_glue::rotary_bwd);
 }

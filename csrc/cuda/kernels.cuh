@@ -177,5 +177,32 @@ cudaError_t gated_act_fwd(DType dt, GatedAct act, const GatedActFwdArgs& args,
 cudaError_t gated_act_bwd(DType dt, GatedAct act, const GatedActBwdArgs& args,
                           cudaStream_t stream);
 
+// rotary.cu -------------------------------------------------------------------
+// Rotary position embedding (transformers' apply_rotary_pos_emb), forward or its transpose.
+// x (dy) and out: [B, H, T, D] with the given (b, head, t) strides and unit column stride;
+// cos, sin: [Bc, T, R] with their own (batch, time) strides and unit column stride, batch
+// stride 0 when Bc == 1. R even, 2 <= R <= D; columns R..D are copied (converted) to out.
+// Every operand's dtype is float32 or the call's one 16-bit type (rotary_dtypes_supported);
+// otherwise, or for a bad R, the launchers return cudaErrorInvalidValue. Empty: no launch.
+struct RotaryArgs {
+  const void* x;
+  Strides3 x_stride;
+  const void* cos;
+  const void* sin;
+  int64_t cos_stride_b, cos_stride_t, sin_stride_b, sin_stride_t;
+  void* out;
+  Strides3 out_stride;
+  int64_t B, H, T, D, R;
+};
+
+// At most one 16-bit type among the three, and no other type than float32 / fp16 / bf16.
+bool rotary_dtypes_supported(DType x, DType cs, DType out);
+
+cudaError_t rotary_fwd(DType x_dt, DType cs_dt, DType out_dt, const RotaryArgs& args,
+                       cudaStream_t stream);
+// The backward: args.x is dy, args.out is dx.
+cudaError_t rotary_bwd(DType dy_dt, DType cs_dt, DType out_dt, const RotaryArgs& args,
+                       cudaStream_t stream);
+
 }  // namespace cuda
 }  // namespace fastattn

@@ -1,6 +1,6 @@
 """Run the host-emulated CUDA kernels (see run.sh) on CPU tensors against float64 references.
 
-Usage: python drive.py LIB [ln|rms|gelu|gated|attn|f32|fa2|quick|all] [SEED]. Same cases and error rule as
+Usage: python drive.py LIB [ln|rms|gelu|gated|rotary|attn|f32|fa2|quick|all] [SEED]. Same cases and error rule as
 tests/test_cuda.py (whose helpers it imports).
 """
 
@@ -231,6 +231,53 @@ def gated(dtype, shape, activation, layout):
         print("FAIL", fails[-1])
 
 
+def rotary_op(backward):
+    """rotary_fwd / rotary_bwd as the binding calls the launcher: the output allocated like x
+    (poisoned with NaN, so an element never written shows), cos / sin batch stride 0 when
+    Bc == 1."""
+
+    def op(x, cos, sin, out_dtype):
+        B, H, T, D = x.shape
+        y = torch.empty_like(x, dtype=out_dtype).fill_(float("nan"))
+        bc = cos.shape[0] == 1
+        cs = (I64 * 4)(0 if bc else cos.stride(0), cos.stride(1), 0 if bc else sin.stride(0),
+                       sin.stride(1))  # fmt: skip
+        rc = lib.rotary_run(
+            int(backward), DT[x.dtype], DT[cos.dtype], DT[out_dtype], P(x),
+            (I64 * 3)(*x.stride()[:3]), P(cos), P(sin), cs, P(y), (I64 * 3)(*y.stride()[:3]),
+            (I64 * 5)(B, H, T, D, cos.shape[2]),
+        )  # fmt: skip
+        assert rc == 0, f"rotary_run returned {rc}"
+        return y
+
+    return op
+
+
+def rotary(shape, layout, mix, backward):
+    """tests/test_cuda.py's rotary_case with the emulated launcher standing in for the op."""
+    try:
+        tc.rotary_case(shape, layout, mix, backward, rotary_op(backward), "cpu")
+    except AssertionError as e:
+        fails.append(f"rotary {'bwd' if backward else 'fwd'} {shape} {layout} {mix}: {e}")
+        print("FAIL", fails[-1])
+
+
+def rotary_refusals():
+    """What the launcher refuses (the binding checks first): two 16-bit types, a bad R."""
+    x = torch.zeros(1, 1, 2, 8)
+    cs = torch.zeros(1, 2, 8)
+    y = torch.empty_like(x)
+    st3 = (I64 * 3)(*x.stride()[:3])
+    cst = (I64 * 4)(0, 8, 0, 8)
+    for dts, R in [((1, 2, 0), 8), ((0, 2, 1), 8), ((2, 0, 1), 8), ((0, 0, 0), 7), ((0, 0, 0), 10)]:
+        for bwd in (0, 1):
+            sh = (I64 * 5)(1, 1, 2, 8, R)
+            rc = lib.rotary_run(bwd, *dts, P(x), st3, P(cs), P(cs), cst, P(y), st3, sh)
+            if rc == 0:
+                fails.append(f"rotary_run accepted dtypes {dts} R={R} bwd={bwd}")
+                print("FAIL", fails[-1])
+
+
 def st(*ts):
     return (I64 * (3 * len(ts)))(*[s for t in ts for s in t.stride()[:3]])
 
@@ -385,6 +432,22 @@ if which in ("all", "gated"):
                 for layout in tc.GATED_LAYOUTS:
                     gated(dtype, shape, activation, layout)
     print("gated done")
+if which in ("all", "rotary", "quick"):
+    rotary_refusals()
+    for backward in (False, True):
+        mixes = tc.ROTARY_MIXES[backward] if which == "quick" else tc.ROTARY_ALL_MIXES
+        for c, shape in enumerate(tc.ROTARY_SHAPES):
+            for m, mix in enumerate(mixes):
+                if which == "quick":  # each shape x mix once, the layouts in turn
+                    layouts = [tc.ROTARY_LAYOUTS[(c + m + 2 * backward) % len(tc.ROTARY_LAYOUTS)]]
+                else:
+                    layouts = tc.ROTARY_LAYOUTS
+                for layout in layouts:
+                    rotary(shape, layout, mix, backward)
+    # More rows than the capped grid covers (4096 blocks of 128 rows at D = 2): the grid-stride
+    # loop (~1 s).
+    rotary((1, 8, 65537, 2, 2, 1), ("contiguous", "contiguous"), (torch.float32,) * 3, False)
+    print("rotary done", flush=True)
 if which in ("all", "attn"):
     for dtype in tc.DTYPES:
         for case in tc.CASES:

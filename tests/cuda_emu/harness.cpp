@@ -70,4 +70,17 @@ int attn_bwd(int impl, int dt, const void* dout, const void* q, const void* k, c
   if (impl == 2) return attention_bwd_fa2(DType(dt), a, nullptr);
   return attention_bwd(DType(dt), a, nullptr);
 }
+// bwd: 0 = rotary_fwd, 1 = rotary_bwd. xs, os: (b, h, t) strides of x and out; cs: cos (b, t),
+// sin (b, t) strides; sh: B, H, T, D, R.
+int rotary_run(int bwd, int xdt, int cdt, int odt, const void* x, const int64_t* xs, const void* cos,
+               const void* sin, const int64_t* cs, void* out, const int64_t* os, const int64_t* sh) {
+  RotaryArgs a{};
+  a.x = x; a.x_stride = {xs[0], xs[1], xs[2]};
+  a.cos = cos; a.sin = sin;
+  a.cos_stride_b = cs[0]; a.cos_stride_t = cs[1]; a.sin_stride_b = cs[2]; a.sin_stride_t = cs[3];
+  a.out = out; a.out_stride = {os[0], os[1], os[2]};
+  a.B = sh[0]; a.H = sh[1]; a.T = sh[2]; a.D = sh[3]; a.R = sh[4];
+  return bwd ? rotary_bwd(DType(xdt), DType(cdt), DType(odt), a, nullptr)
+             : rotary_fwd(DType(xdt), DType(cdt), DType(odt), a, nullptr);
+}
 }

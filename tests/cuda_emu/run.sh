@@ -13,7 +13,7 @@
 # that drive.py calls through ctypes on CPU tensors, with the cases and the error rule of
 # tests/test_cuda.py.
 #
-# Usage: bash tests/cuda_emu/run.sh [ln|rms|gelu|gated|attn|f32|fa2|quick|all] [seed]
+# Usage: bash tests/cuda_emu/run.sh [ln|rms|gelu|gated|rotary|attn|f32|fa2|quick|all] [seed]
 #   quick: what `make test` runs (tests/test_cuda_emu.py); fa2: the FA2 kernels' whole matrix.
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"

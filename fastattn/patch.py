@@ -32,6 +32,10 @@ What is replaced (each kind can be switched off):
   ``down_proj(up * act(gate))`` over ``gate_up_proj(x).chunk(2, -1)``) -> a GatedFeedForward
   sharing those two (one GEMM for both halves); otherwise left, with the reason. See
   ``_patch_gated_mlps``.
+- Rotary embeddings (``rotary=True``): transformers' ``apply_rotary_pos_emb`` ->
+  :func:`fastattn.apply_rotary_pos_emb`, per attention module, through transformers' own
+  per-module kernel-function hook, where the model's function computes the same on probe
+  inputs; otherwise left, with the reason. See ``_patch_rotary``.
 
 The meaning never changes: a swapped module computes what the original computed (the fastattn
 classes send every argument they cannot run fused to torch's own implementation), and the
@@ -56,6 +60,7 @@ import functools
 import importlib
 import inspect
 import textwrap
+import types
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -195,9 +200,10 @@ def patch(
     rms_norm: bool = True,
     gated_mlp: bool = True,
     linear: bool = True,
+    rotary: bool = True,
 ) -> PatchReport:
-    """Swap ``model``'s LayerNorm, RMSNorm, GELU, gated MLP and attention layers for fastattn's,
-    in place; and (``linear=True``) its plain ``torch.nn.Linear`` layers for
+    """Swap ``model``'s LayerNorm, RMSNorm, GELU, gated MLP, attention and rotary layers for
+    fastattn's, in place; and (``linear=True``) its plain ``torch.nn.Linear`` layers for
     :class:`fastattn.nn.Linear` (the same GEMM on torch's faster CPU library for each shape).
 
     Returns a :class:`PatchReport` of what was replaced and what was left and why.
@@ -270,6 +276,8 @@ def patch(
         _patch_rms_norms(model, report)
     if attention:
         _patch_hf_attention(model, report)
+    if rotary:
+        _patch_rotary(model, report)
     return report
 
 
@@ -595,6 +603,132 @@ def _attention_runtime(model: nn.Module, module: nn.Module, cfg: Any) -> list[st
     return notes
 
 
+# ----------------------------------------------------------------------------- rotary
+_ROTARY = "apply_rotary_pos_emb"
+
+
+def _rotary_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """The forward a module's private ``apply_rotary_pos_emb`` wrapper gets: fastattn's."""
+    from fastattn.ops.rotary import apply_rotary_pos_emb
+
+    return apply_rotary_pos_emb(*args, **kwargs)
+
+
+def _rotary_unsupported(fn: Any) -> str | None:
+    """None where ``fn`` (a model's ``apply_rotary_pos_emb``) computes what
+    :func:`fastattn.apply_rotary_pos_emb` computes, else why not. Checked by behaviour, on
+    random inputs: float64 (every value to 1e-6, so a function that computes in float32
+    passes here and is judged by its dtypes below; ``cos`` / ``sin`` of unequal halves, so the index of
+    each ``sin`` term matters), the rotary dim below the head dim (partial rotary: either the
+    same or refused by ``fn``), ``unsqueeze_dim=2`` where ``fn`` takes it, and the dtypes of
+    autocast (bfloat16 q with float32 cos: the output dtype as well as the values)."""
+    import torch
+
+    from fastattn.ops.rotary import apply_rotary_pos_emb as ours
+
+    try:
+        params = list(inspect.signature(fn).parameters)
+    except (TypeError, ValueError):
+        return "its signature cannot be read"
+    if params[:4] != ["q", "k", "cos", "sin"] or not set(params[4:]) <= {
+        "position_ids",
+        "unsqueeze_dim",
+    }:
+        return f"another signature than (q, k, cos, sin[, position_ids][, unsqueeze_dim]): {params}"
+    g = torch.Generator().manual_seed(0)
+
+    def rand(*shape, dtype=torch.float64):
+        return torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype)
+
+    def differs(args, kwargs, tol) -> str | None:
+        try:
+            theirs = fn(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001 - any failure of the model's own function
+            return f"raised {type(e).__name__}"
+        mine = ours(*args, **kwargs)
+        if not isinstance(theirs, tuple) or len(theirs) != 2:
+            return "does not return (q_embed, k_embed)"
+        for a, b in zip(theirs, mine, strict=True):
+            if a.dtype != b.dtype or a.shape != b.shape:
+                return f"returns {a.dtype} {tuple(a.shape)} where the formula gives {b.dtype}"
+            if not torch.allclose(a.double(), b.double(), rtol=tol, atol=tol):
+                return "computes other values (another rotation: interleaved pairs, a scale, ...)"
+        return None
+
+    q, k, cos, sin = rand(2, 3, 5, 8), rand(2, 1, 5, 8), rand(2, 5, 8), rand(2, 5, 8)
+    why = differs((q, k, cos, sin), {}, 1e-6)
+    if why:
+        return f"differs from x * cos + rotate_half(x) * sin: {why}"
+    partial = (q, k, cos[..., :4], sin[..., :4])
+    try:
+        fn(*partial)
+    except Exception:  # noqa: BLE001 - it refuses partial rotary: the model cannot ask for it
+        pass
+    else:
+        why = differs(partial, {}, 1e-6)
+        if why:
+            return f"partial rotary (R < head dim) differs: {why}"
+    if "unsqueeze_dim" in params:
+        why = differs((q.transpose(1, 2), k.transpose(1, 2), cos, sin), {"unsqueeze_dim": 2}, 1e-6)
+        if why:
+            return f"unsqueeze_dim=2 differs: {why}"
+    bf = torch.bfloat16
+    why = differs((q.to(bf), k.to(bf), cos.float(), sin.float()), {}, 1e-5)
+    if why:
+        return f"bfloat16 q with float32 cos (autocast) differs: {why}"
+    return None
+
+
+@functools.cache
+def _rotary_check(fn: Any) -> str | None:
+    return _rotary_unsupported(fn)
+
+
+def _kernel_func_of(wrapper: nn.Module) -> Any:
+    """The ``apply_rotary_pos_emb`` a transformers kernel-function wrapper (``kernels``'
+    ``use_kernel_forward_from_hub`` on a function) calls when nothing replaced it, or None
+    (a wrapper of another function)."""
+    forward = type(wrapper).forward
+    for cell in forward.__closure__ or ():
+        fn = cell.cell_contents
+        if callable(fn) and getattr(fn, "__name__", "") == _ROTARY:
+            return fn
+    return None
+
+
+def _patch_rotary(model: nn.Module, report: PatchReport) -> None:
+    """transformers 5 (with ``kernels``) gives each attention module of Llama, Mistral, Qwen2,
+    Gemma, ... a private wrapper of ``apply_rotary_pos_emb`` (``module._kernel_funcs``): the
+    per-module hook through which ``kernels.kernelize`` swaps a hub kernel in. fastattn uses the
+    same hook: the wrapper's forward becomes :func:`fastattn.apply_rotary_pos_emb` (one fused
+    pass each for q and k, forward and backward), where the model's function computes the same
+    (:func:`_rotary_unsupported`); other modules and other models are untouched. Without the
+    hook (older transformers: the attention calls the module-level function), rotary is left."""
+    for name, module in model.named_modules():
+        funcs = module.__dict__.get("_kernel_funcs")
+        wrappers = [
+            w
+            for w in (funcs.values() if isinstance(funcs, dict) else ())
+            if isinstance(w, nn.Module) and _kernel_func_of(w) is not None
+        ]
+        if not wrappers:
+            continue
+        wrapper = wrappers[0]  # one apply_rotary_pos_emb per attention class
+        current = wrapper.__dict__.get("forward")
+        before = f"{_ROTARY}[{type(module).__module__}]"
+        if getattr(current, "__func__", None) is _rotary_forward:
+            report.add(name, "rotary", "unchanged", before, "fastattn.apply_rotary_pos_emb")
+            continue
+        why = _rotary_check(current if current is not None else _kernel_func_of(wrapper))
+        if why:
+            report.add(name, "rotary", "left", before, reason=why)
+            continue
+        saved = module.__dict__.setdefault(_SAVED, {})
+        saved["rotary"] = (wrapper, current)
+        wrapper.forward = types.MethodType(_rotary_forward, wrapper)
+        report.add(name, "rotary", "replaced", before, "fastattn.apply_rotary_pos_emb")
+
+
 # ----------------------------------------------------------------------------- gated MLPs
 # Swapping gated MLPs (SwiGLU / GeGLU) for fastattn.nn.GatedFeedForward. Kept apart from the
 # other swaps: a module is replaced (not re-classed: its class is the model's own), its three
@@ -822,6 +956,12 @@ def unpatch(model: nn.Module) -> PatchReport:
                 type(saved["__module__"]).__name__,
             )
             continue
+        if "rotary" in saved:  # the attention module's private apply_rotary_pos_emb wrapper
+            wrapper, former = saved["rotary"]
+            del wrapper.forward
+            if former is not None:  # a kernel kernelize() had put there
+                wrapper.forward = former
+            report.add(name, "rotary", "restored", "fastattn.apply_rotary_pos_emb", _ROTARY)
         if "hook" in saved:  # the output_attentions recorder of an attention module
             from fastattn.integrations.transformers import NOT_RECORDED, WANTS_WEIGHTS
 
@@ -829,6 +969,7 @@ def unpatch(model: nn.Module) -> PatchReport:
             module.__dict__.pop(WANTS_WEIGHTS, None)
             module.__dict__.pop(NOT_RECORDED, None)
             report.add(name, "attention", "restored", "output_attentions hook", "none")
+        if "rotary" in saved or "hook" in saved:
             continue
         if "__class__" in saved:
             report.add(

@@ -1,5 +1,5 @@
 """fastattn.rotary / apply_rotary_pos_emb (rotary position embedding) on every backend available
-here.
+here, and the rotary swap of patch() in transformers models.
 
 Error rule (tests/rule.py): against the float64 reference, a kernel in dtype X passes when its
 max abs error is <= 2 x (PyTorch's own error in X: transformers' formula ``x * cos +
@@ -10,6 +10,9 @@ Run: pytest tests/test_rotary.py
 """
 
 from __future__ import annotations
+
+import copy
+import importlib
 
 import pytest
 import torch
@@ -282,6 +285,100 @@ def test_kernel_refuses_outside_its_contract():
         op(x, cos[..., :3], cos[..., :3], F32)
     with pytest.raises(RuntimeError, match="float32 or bfloat16"):
         op(x.half(), cos, cos, F32)
+
+
+# ----------------------------------------------------------------------------- patch()
+def _tiny_llama():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(
+        num_hidden_layers=2,
+        hidden_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=128,
+        vocab_size=101,
+    )
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(cfg)
+
+
+def _has_hook(model) -> bool:
+    return any("_kernel_funcs" in m.__dict__ for m in model.modules())
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16_autocast"])
+def test_patch_swaps_llama_rotary_and_keeps_its_maths(autocast):
+    model = _tiny_llama()
+    if not _has_hook(model):
+        pytest.skip("this transformers has no per-module kernel-function hook (kernels)")
+    patched = copy.deepcopy(model)
+    report = fastattn.patch(patched, attention=False, rms_norm=False, gated_mlp=False, linear=False)
+    entries = report.layers("rotary", "replaced")
+    assert [e.name for e in entries] == ["model.layers.0.self_attn", "model.layers.1.self_attn"]
+    ids = torch.randint(0, 101, (2, 9))
+    calls = []
+    real = fastattn.ops.rotary._kernel
+
+    def spy(*a):
+        calls.append(a[0].dtype)
+        return real(*a)
+
+    fastattn.ops.rotary._kernel = spy
+    try:
+        outs = []
+        for m in (model, patched):
+            m.zero_grad(set_to_none=True)
+            with torch.autocast("cpu", dtype=BF, enabled=autocast):
+                logits = m(ids).logits
+            logits.float().square().mean().backward()
+            outs.append((logits.float(), m.model.layers[0].self_attn.q_proj.weight.grad))
+    finally:
+        fastattn.ops.rotary._kernel = real
+    assert len(calls) == 4  # q and k of two layers, on the kernel path
+    tol = 3e-2 if autocast else 1e-5
+    for a, b in zip(*outs, strict=True):
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+
+
+def test_patch_twice_unpatch_restores_rotary():
+    model = _tiny_llama()
+    if not _has_hook(model):
+        pytest.skip("this transformers has no per-module kernel-function hook (kernels)")
+    fastattn.patch(model)
+    again = fastattn.patch(model)
+    assert {e.action for e in again.layers("rotary")} == {"unchanged"}
+    restored = fastattn.unpatch(model)
+    assert len(restored.layers("rotary", "restored")) == 2
+    for m in model.modules():
+        for w in (m.__dict__.get("_kernel_funcs") or {}).values():
+            assert "forward" not in w.__dict__
+    off = fastattn.patch(copy.deepcopy(_tiny_llama()), rotary=False)
+    assert not off.layers("rotary")
+
+
+def test_a_different_rotary_formula_is_left_with_the_reason():
+    """A model whose apply_rotary_pos_emb computes something else (here: interleaved pairs, as
+    GPT-J / Cohere) keeps it, and the report says why."""
+    patch_mod = importlib.import_module("fastattn.patch")  # the module: fastattn.patch is patch()
+
+    def interleaved(q, k, cos, sin, unsqueeze_dim=1):
+        def rot(x):
+            x1, x2 = x[..., ::2], x[..., 1::2]
+            return torch.stack((-x2, x1), -1).flatten(-2)
+
+        cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
+        return q * cos + rot(q) * sin, k * cos + rot(k) * sin
+
+    def casts_back(q, k, cos, sin, position_ids=None, unsqueeze_dim=1):
+        dt = q.dtype
+        qe = rotary_reference(q.float(), cos, sin, unsqueeze_dim)
+        ke = rotary_reference(k.float(), cos, sin, unsqueeze_dim)
+        return qe.to(dt), ke.to(dt)
+
+    assert "computes other values" in patch_mod._rotary_unsupported(interleaved)
+    assert "bfloat16 q with float32 cos" in patch_mod._rotary_unsupported(casts_back)
+    assert "signature" in patch_mod._rotary_unsupported(lambda a, b: (a, b))
+    assert patch_mod._rotary_unsupported(apply_rotary_pos_emb) is None
 
 
 def test_torch_func_transforms():

@@ -712,6 +712,16 @@ def _patch_rotary(model: nn.Module, report: PatchReport) -> None:
             if isinstance(w, nn.Module) and _kernel_func_of(w) is not None
         ]
         if not wrappers:
+            if _ROTARY + "(" in _forward_source(type(module)):
+                report.add(
+                    name,
+                    "rotary",
+                    "left",
+                    f"{_ROTARY}[{type(module).__module__}]",
+                    reason="called as a module-level function, without transformers' per-module "
+                    "kernel-function hook (module._kernel_funcs: transformers 5 with kernels): "
+                    "patch() does not rebind a module's globals, which every model would share",
+                )
             continue
         wrapper = wrappers[0]  # one apply_rotary_pos_emb per attention class
         current = wrapper.__dict__.get("forward")

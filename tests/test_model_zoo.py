@@ -87,11 +87,14 @@ _PLAIN = {"attention": 2, "layer_norm": 5, "gelu": 2}
 # The families whose attention reaches apply_rotary_pos_emb through transformers' per-module
 # kernel-function hook (``module._kernel_funcs``, from ``kernels``) with the formula fastattn
 # computes: patch() swaps it in each attention layer (one "rotary" entry per layer). Phi's
-# partial rotary is among them; ModernBERT's casts the result back to q's dtype (left, said).
+# partial rotary is among them. The others with a rotary embedding keep theirs and the report
+# says so: ModernBERT's casts the result back to q's dtype; the rest call theirs as a
+# module-level function, without the hook.
 ROTARY = {
     "llama", "mistral", "qwen2", "gemma", "gemma2", "qwen3", "gemma3", "mixtral", "qwen2_moe",
     "granite", "starcoder2", "phi",
 }  # fmt: skip
+ROTARY_LEFT = {"phi3", "olmo2", "cohere", "stablelm", "falcon", "gptj", "gpt_neox", "modernbert"}
 FAMILIES: dict[str, Family] = {
     "gpt2": Family(
         lambda: transformers.GPT2LMHeadModel(
@@ -547,8 +550,16 @@ def test_report_and_unpatch(name):
     rotary = replaced.pop("rotary", 0)
     assert dict(replaced) == FAMILIES[name].replaced
     hooked = any("_kernel_funcs" in m.__dict__ for m in original.modules())
-    assert rotary == (FAMILIES[name].replaced["attention"] if name in ROTARY and hooked else 0)
-    left = report.layers(action="left")
+    layers = FAMILIES[name].replaced["attention"]
+    rotary_left = report.layers("rotary", "left")
+    assert rotary == (layers if name in ROTARY and hooked else 0)
+    if name in ROTARY_LEFT or (name in ROTARY and not hooked):
+        assert len(rotary_left) == layers and all(e.reason for e in rotary_left)
+    else:
+        assert not rotary_left
+    if name == "modernbert" and hooked:  # its rotary returns q's dtype, not promote(q, cos)
+        assert all("bfloat16 q with float32 cos" in e.reason for e in rotary_left)
+    left = [e for e in report.layers(action="left") if e.kind != "rotary"]
     if name == "t5":  # T5LayerNorm (an RMSNorm with its own rounding): left, and said
         assert left and {e.before for e in left} == {"T5LayerNorm"}
     elif name == "olmo2":  # Olmo2RMSNorm: weight * x, then the cast (neither known form)
@@ -557,9 +568,6 @@ def test_report_and_unpatch(name):
         assert len(left) == 3 and {e.before for e in left} == {"CohereLayerNorm"}
     elif name == "clip_text":  # x * sigmoid(1.702 x): not GELU
         assert len(left) == 2 and {e.before for e in left} == {"QuickGELUActivation"}
-    elif name == "modernbert" and hooked:  # its rotary returns q's dtype, not promote(q, cos)
-        assert len(left) == 2 and {e.kind for e in left} == {"rotary"}
-        assert all("bfloat16 q with float32 cos" in e.reason for e in left)
     else:
         assert not left, [str(e) for e in left]
     assert all(e.runtime for e in report.layers("attention", "replaced"))

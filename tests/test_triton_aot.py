@@ -27,6 +27,7 @@ import triton.language as tl  # noqa: E402
 
 from fastattn.triton import TL_TYPES, Launch  # noqa: E402
 from fastattn.triton import attention as A  # noqa: E402
+from fastattn.triton import gated_act as GA  # noqa: E402
 from fastattn.triton import gelu as G  # noqa: E402
 from fastattn.triton import layernorm as L  # noqa: E402
 from fastattn.triton import rotary as RT  # noqa: E402
@@ -141,7 +142,7 @@ def test_attention_launches_are_compiled(attention_launches, monkeypatch, tf32):
 @pytest.fixture
 def recorded(monkeypatch):
     seen: list[Launch] = []
-    for mod, module in ((L, "layernorm"), (G, "gelu"), (RT, "rotary")):
+    for mod, module in ((L, "layernorm"), (G, "gelu"), (GA, "gated_act"), (RT, "rotary")):
         for name in dir(mod):
             fn = getattr(mod, name)
             if name.startswith("_") and hasattr(fn, "arg_names"):
@@ -174,6 +175,18 @@ def test_gelu_launches_are_compiled(recorded):
     _covered(recorded, G.aot_launches())
 
 
+def test_gated_act_launches_are_compiled(recorded):
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        for h in (1, 3, 64, 100, 1024, 3072):
+            gu = torch.zeros(5, 2 * h, dtype=dtype)
+            for act in ("silu", "gelu", "gelu_tanh"):
+                for up in (None, gu[:, h:]):
+                    gate = gu if up is None else gu[:, :h]
+                    GA.TRITON.fwd(gate, up, act)
+                    GA.TRITON.bwd(gu[:, :h], gate, up, act)
+    _covered(recorded, GA.aot_launches())
+
+
 def test_rotary_launches_are_compiled(recorded):
     dts = (torch.float32, torch.bfloat16, torch.float16)
     for xd, cd, od in itertools.product(dts, dts, dts):
@@ -199,7 +212,7 @@ def test_rotary_launches_are_compiled(recorded):
 
 
 def test_quick_set_is_a_subset():
-    for mod in (A, L, G, RT):
+    for mod in (A, L, G, GA, RT):
         assert set(mod.aot_launches(False)) <= set(mod.aot_launches(True))
 
 

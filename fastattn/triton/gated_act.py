@@ -13,18 +13,31 @@ Layouts: every operand is ``[N, H]`` with its own row stride and a unit column s
 halves of a packed ``[N, 2H]`` tensor are read (and the packed gradient written) in place.
 
 Launch rules: the 2-D tiles of :mod:`fastattn.triton.gelu` (``block_cols``, ``block_rows``,
-``num_warps``): columns are a grid axis, so there is no row-length limit.
+``num_warps``): columns are a grid axis, so there is no row-length limit. :func:`aot_launches`
+lists every variant they give (7 tiles x 3 activations x 3 dtypes x 2 stages = 126 per target),
+which ``scripts/triton_aot.py`` compiles for sm_80 and sm_90.
 
 Test: ``TRITON_INTERPRET=1 pytest tests/test_gated_act.py`` (the interpreter, small shapes).
 """
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import triton
 import triton.language as tl
 
-from fastattn.triton.gelu import _dgelu, _gelu, block_cols, block_rows, num_warps
+from fastattn.triton import Launch
+from fastattn.triton.gelu import (
+    DTYPES,
+    MAX_BLOCK_COLS_M,
+    _dgelu,
+    _gelu,
+    block_cols,
+    block_rows,
+    num_warps,
+)
 
 _ACT = {"silu": 0, "gelu": 1, "gelu_tanh": 2}
 
@@ -162,3 +175,33 @@ class _Triton:
 
 
 TRITON = _Triton()
+
+
+def aot_launches(every_flag: bool = True) -> list[Launch]:
+    """Every kernel variant the launcher can start (scripts/triton_aot.py): every tile the
+    launch rules give (they depend on H only below 1024 columns), each activation and dtype
+    (every operand of a call has the gate's dtype), both stages. ``every_flag=False``: the
+    widest and the narrowest tile only."""
+    tiles = sorted({(block_rows(h), block_cols(h)) for h in range(1, MAX_BLOCK_COLS_M)})
+    if not every_flag:
+        tiles = [tiles[0], tiles[-1]]
+    out = []
+    for (bn, bm), act, dt in itertools.product(tiles, _ACT.values(), DTYPES):
+        meta = dict(ACT=act, BLOCK_N=bn, BLOCK_M=bm)
+        fwd = dict(G=dt, U=dt, Y=dt)
+        bwd = dict(DH=dt, G=dt, U=dt, DG=dt, DU=dt)
+        out.append(_rec("_gated_act_fwd", fwd, meta, num_warps(bn, bm)))
+        out.append(_rec("_gated_act_bwd", bwd, meta, num_warps(bn, bm)))
+    return out
+
+
+def _rec(kernel: str, pointers: dict, constexprs: dict, warps: int) -> Launch:
+    return Launch(
+        module="gated_act",
+        kernel=kernel,
+        pointers=tuple(pointers.items()),
+        floats=(),
+        constexprs=tuple(sorted(constexprs.items())),
+        num_warps=warps,
+        num_stages=3,  # Triton's default on CUDA (the launcher does not pass num_stages)
+    )

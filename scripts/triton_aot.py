@@ -2,14 +2,14 @@
 """Compile every Triton kernel variant fastattn's launchers can start, for sm_80 and sm_90, on
 a machine without a GPU; print registers, spills and shared memory per variant and target.
 
-What is compiled: ``aot_launches()`` of ``fastattn.triton.{attention,layernorm,gelu,gated_act,rotary}`` -- the
+What is compiled: ``aot_launches()`` of ``fastattn.triton.{attention,layernorm,rms_norm,gelu,gated_act,rotary}`` -- the
 launch rules themselves, run over the whole domain the op declarations give Triton (dtypes,
 head dims 1..128, row lengths 1..65536, every flag and autotune config), deduplicated. A
 launcher cannot start a variant that is not in that set (``tests/test_triton_aot.py`` checks).
 Specialisation is the common case: 16-byte aligned pointers and multiple-of-16 integer
 arguments, as Triton specialises at run time (other alignments compile the same tiles with
 narrower loads; an integer argument equal to 1 becomes a constant: the same tiles, fewer
-instructions). ``make test`` (so CI) and ``make cuda-check`` run every variant (1865 per target,
+instructions). ``make test`` (so CI) and ``make cuda-check`` run every variant (2389 per target,
 ~10 min cold on 2 cores); ``--quick`` only the variant with every optional flag on per tile, a
 smoke test: ptxas's allocation is not monotonic in the flags, some variants with fewer flags
 spill where the all-flags one does not.
@@ -45,7 +45,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 SMEM_LIMIT = {80: 166912, 90: 232448}  # cudaDevAttrMaxSharedMemoryPerBlockOptin, A100 / H100
-MODULES = ("attention", "layernorm", "gelu", "gated_act", "rotary")
+MODULES = ("attention", "layernorm", "rms_norm", "gelu", "gated_act", "rotary")
 
 _REGS = re.compile(r"Used (\d+) registers")
 _SPILL = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")

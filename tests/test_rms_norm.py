@@ -370,9 +370,9 @@ def test_registry_plans():
         backend, skipped = plan("auto", torch.float16, 8)
         assert backend == "reference" and skipped[0][0] == "cpu"
     if "triton" in BACKENDS:
-        with pytest.raises(fastattn.BackendError, match="row length 70000 > 65536"):
-            plan("triton", torch.float32, 70000)
-        assert plan("triton", torch.float32, 65536) == ("triton", [])
+        with pytest.raises(fastattn.BackendError, match="row length 8193 > 8192"):
+            plan("triton", torch.float32, 8193)
+        assert plan("triton", torch.float32, 8192) == ("triton", [])
 
 
 def test_float16_falls_back_to_the_reference_on_cpu():

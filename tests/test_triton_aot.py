@@ -30,6 +30,7 @@ from fastattn.triton import attention as A  # noqa: E402
 from fastattn.triton import gated_act as GA  # noqa: E402
 from fastattn.triton import gelu as G  # noqa: E402
 from fastattn.triton import layernorm as L  # noqa: E402
+from fastattn.triton import rms_norm as RN  # noqa: E402
 from fastattn.triton import rotary as RT  # noqa: E402
 
 pytestmark = pytest.mark.triton
@@ -142,7 +143,13 @@ def test_attention_launches_are_compiled(attention_launches, monkeypatch, tf32):
 @pytest.fixture
 def recorded(monkeypatch):
     seen: list[Launch] = []
-    for mod, module in ((L, "layernorm"), (G, "gelu"), (GA, "gated_act"), (RT, "rotary")):
+    for mod, module in (
+        (L, "layernorm"),
+        (G, "gelu"),
+        (GA, "gated_act"),
+        (RN, "rms_norm"),
+        (RT, "rotary"),
+    ):
         for name in dir(mod):
             fn = getattr(mod, name)
             if name.startswith("_") and hasattr(fn, "arg_names"):
@@ -173,6 +180,19 @@ def test_gelu_launches_are_compiled(recorded):
                     G.TRITON.bwd(x, x, bias, approximate, True)
                     G.TRITON.bwd(x, x, bias, approximate, False)
     _covered(recorded, G.aot_launches())
+
+
+def test_rms_norm_launches_are_compiled(recorded):
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        for m in (1, 100, 129, 768, 4099, 8192):
+            x = torch.zeros(3, m, dtype=dtype)
+            for wdt in (dtype, torch.float32):
+                w = torch.ones(m, dtype=wdt)
+                for weight, res, cast in ((w, x, True), (w, None, False), (None, x, False)):
+                    out, s, rstd = RN.TRITON.fwd(x, weight, res, 1e-6, 1.0, cast)
+                    for dsum in (None, x):
+                        RN.TRITON.bwd(x, x, weight, rstd, dsum, 1.0, cast, weight is not None)
+    _covered(recorded, RN.aot_launches())
 
 
 def test_gated_act_launches_are_compiled(recorded):
@@ -212,7 +232,7 @@ def test_rotary_launches_are_compiled(recorded):
 
 
 def test_quick_set_is_a_subset():
-    for mod in (A, L, G, GA, RT):
+    for mod in (A, L, G, GA, RN, RT):
         assert set(mod.aot_launches(False)) <= set(mod.aot_launches(True))
 
 

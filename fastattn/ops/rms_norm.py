@@ -126,7 +126,10 @@ class RMSNormCase:
     cols: int  # the normalised row length M
 
 
-TRITON_MAX_COLS = 65536  # one row per Triton program: a row must fit its block
+# One row per Triton program, held whole in its block: at 16384+ columns ptxas spilled the
+# backward (212 B to 8 KB on sm_80, scripts/triton_aot.py) and at 65536 the forward; longer
+# rows go to the CUDA kernel (no limit) under `auto`.
+TRITON_MAX_COLS = 8192
 _CPU = (torch.float32, torch.bfloat16, torch.float64)
 _GPU = (torch.float32, torch.bfloat16, torch.float16)
 DECL = _dispatch.declare(

@@ -10,26 +10,33 @@ else ``s = x``; statistics in float32), with ``c = weight + weight_offset``:
   ``_rms_norm_bwd_dx`` owns a contiguous range of rows and writes its partial sums to its own
   row of a ``[programs, M]`` float32 buffer; ``_rms_norm_bwd_dw`` adds those rows in order.
 
-Launch rules: those of :mod:`fastattn.triton.layernorm` (:func:`block_cols`: a whole row in one
-block, rows up to ``TRITON_MAX_COLS``; :func:`num_warps`; :func:`bwd_programs`), reused, not
-copied.
+Launch rules: :func:`block_cols`: a whole row in one block, padded to a power of two of at
+least ``MIN_BLOCK`` = 128 (one warp; shorter rows are masked), rows up to ``TRITON_MAX_COLS`` =
+8192 (wider blocks spilled: see ``fastattn.ops.rms_norm``); :func:`num_warps` and
+:func:`bwd_programs` of :mod:`fastattn.triton.layernorm`, reused, not copied. :func:`aot_launches`
+lists every variant they give (7 tiles, every flag, weight in x's dtype or float32), which
+``scripts/triton_aot.py`` compiles for sm_80 and sm_90.
 
 Test: ``pytest tests/test_rms_norm.py -k triton`` (interpreter on a CPU, small shapes).
 """
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import triton
 import triton.language as tl
 
-from fastattn.triton.layernorm import _rows_ready, bwd_programs, num_warps
+from fastattn.ops.rms_norm import TRITON_MAX_COLS
+from fastattn.triton import Launch
+from fastattn.triton.layernorm import MIN_BLOCK, _rows_ready, bwd_programs, num_warps
 
 
 def block_cols(m: int) -> int:
-    """BLOCK_M: the whole row in one block, padded to a power of two (up to TRITON_MAX_COLS;
-    layer_norm's looped long-row kernel has no RMSNorm twin yet)."""
-    return triton.next_power_of_2(max(m, 1))
+    """BLOCK_M: the whole row in one block, padded to a power of two >= MIN_BLOCK (up to
+    TRITON_MAX_COLS; layer_norm's looped long-row kernel has no RMSNorm twin yet)."""
+    return max(triton.next_power_of_2(max(m, 1)), MIN_BLOCK)
 
 
 @triton.jit
@@ -195,3 +202,47 @@ class _Triton:
 
 
 TRITON = _Triton()
+
+DTYPES = ("fp32", "fp16", "bf16")  # the declaration's for Triton (fastattn.ops.rms_norm)
+
+
+def aot_launches(every_flag: bool = True) -> list[Launch]:
+    """Every kernel variant the launchers can start (scripts/triton_aot.py): every block the
+    launch rules give for 1..TRITON_MAX_COLS, every flag (CAST only for 16-bit x, as the
+    launcher sets it), the weight in x's dtype or float32. ``every_flag=False``: only the
+    variants with every optional operand present (a float32 weight)."""
+    blocks = sorted({block_cols(m) for m in range(1, TRITON_MAX_COLS + 1)})
+    bools = (False, True) if every_flag else (True,)
+    out = []
+    for x in DTYPES:
+        wdts = ((None, x) if x == "fp32" else (None, x, "fp32")) if every_flag else ("fp32",)
+        casts = (False,) if x == "fp32" else bools
+        for bm in blocks:
+            for res, wt, cast in itertools.product(bools, wdts, casts):
+                ptr = dict(X=x, RES=x, W=wt or x, OUT=x, SUM=x, RSTD="fp32")
+                meta = dict(HAS_RES=res, HAS_W=wt is not None, CAST=cast, BLOCK_M=bm)
+                out.append(_rec("_rms_norm_fwd", ptr, meta, num_warps(bm)))
+            for wt, dsum, dw, cast in itertools.product(wdts, bools, bools, casts):
+                if dw and wt is None:
+                    continue
+                ptr = dict(DOUT=x, X=x, W=wt or x, RSTD="fp32", DSUM=x, DX=x, DW_PART="fp32")
+                meta = dict(HAS_W=wt is not None, HAS_DSUM=dsum, NEED_DW=dw, CAST=cast, BLOCK_M=bm)
+                out.append(_rec("_rms_norm_bwd_dx", ptr, meta, num_warps(bm)))
+        for wt in sorted({x, "fp32"}) if every_flag else ("fp32",):
+            for rbm in sorted({min(b, 256) for b in blocks}):
+                ptr = dict(DW_PART="fp32", DW=wt)
+                out.append(_rec("_rms_norm_bwd_dw", ptr, dict(BLOCK_P=16, BLOCK_M=rbm), 4))
+    return out
+
+
+def _rec(kernel: str, pointers: dict, constexprs: dict, warps: int) -> Launch:
+    floats = {"_rms_norm_fwd": ("eps", "offset"), "_rms_norm_bwd_dx": ("offset",)}
+    return Launch(
+        module="rms_norm",
+        kernel=kernel,
+        pointers=tuple(pointers.items()),
+        floats=floats.get(kernel, ()),
+        constexprs=tuple(sorted(constexprs.items())),
+        num_warps=warps,
+        num_stages=3,  # Triton's default on CUDA (the launchers do not pass num_stages)
+    )

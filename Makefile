@@ -11,7 +11,7 @@ PY     := $(BIN)/python
 DEPS   := $(VENV)/.deps-stamp
 PKG    := $(VENV)/.pkg-stamp
 NVCC   := $(shell command -v nvcc 2>/dev/null)
-# scripts/triton_aot.py compiles every Triton variant (3118 compiles: ~10 min cold on 2 cores,
+# scripts/triton_aot.py compiles every Triton variant (4778 compiles: ~11 min cold on 2 cores,
 # seconds with build/triton_aot_cache warm: only changed kernels are compiled again).
 # TRITON_AOT_ARGS=--quick: per tile only the variant with every optional flag on (a smoke test,
 # not a proof: ptxas spills in some variants with fewer flags, as the full set found in a 16-bit
@@ -66,7 +66,7 @@ endif
 
 # make test (and CI) compiles the CUDA sources and every Triton variant for sm_80 and sm_90 (the
 # proof the GPU-less project has: failing on a compile error, a 16-bit spill or shared memory
-# over the limit; ~10 min cold). `make test TRITON_AOT_ARGS=--quick` for a smoke run.
+# over the limit; ~11 min cold). `make test TRITON_AOT_ARGS=--quick` for a smoke run.
 test: lint build
 ifneq ($(NVCC),)
 	PY=$(PY) bash scripts/cuda_check.sh

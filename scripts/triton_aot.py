@@ -10,7 +10,7 @@ Specialisation is the common case: 16-byte aligned pointers and multiple-of-16 i
 arguments, as Triton specialises at run time (other alignments compile the same tiles with
 narrower loads; an integer argument equal to 1 becomes a constant: the same tiles, fewer
 instructions). ``make test`` (so CI) and ``make cuda-check`` run every variant (2389 per target,
-~10 min cold on 2 cores); ``--quick`` only the variant with every optional flag on per tile, a
+~11 min cold on 2 cores); ``--quick`` only the variant with every optional flag on per tile, a
 smoke test: ptxas's allocation is not monotonic in the flags, some variants with fewer flags
 spill where the all-flags one does not.
 

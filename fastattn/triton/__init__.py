@@ -57,7 +57,7 @@ class Launch:
     launcher (or its autotuner) passes.
     """
 
-    module: str  # "attention", "layernorm", "gelu"
+    module: str  # the fastattn.triton module: "attention", "layernorm", "rotary", ...
     kernel: str  # the @triton.jit function's name in fastattn.triton.<module>
     pointers: tuple[tuple[str, str], ...]
     floats: tuple[str, ...]
@@ -76,3 +76,24 @@ class Launch:
                 flags.append(f"{k}={v}")
         dt = self.pointers[0][1] if self.pointers else "-"
         return f"{self.kernel} {dt} {' '.join(flags)} w{self.num_warps} s{self.num_stages}"
+
+
+def record(
+    module: str,
+    kernel: str,
+    pointers: dict[str, str],
+    constexprs: dict[str, Any],
+    num_warps: int,
+    floats: tuple[str, ...] = (),
+) -> Launch:
+    """The :class:`Launch` of a launcher that passes no ``num_stages`` (Triton's default on CUDA,
+    3): what each module's ``aot_launches()`` lists, pointers in argument order."""
+    return Launch(
+        module=module,
+        kernel=kernel,
+        pointers=tuple(pointers.items()),
+        floats=floats,
+        constexprs=tuple(sorted(constexprs.items())),
+        num_warps=num_warps,
+        num_stages=3,
+    )

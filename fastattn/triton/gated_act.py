@@ -22,13 +22,14 @@ Test: ``TRITON_INTERPRET=1 pytest tests/test_gated_act.py`` (the interpreter, sm
 
 from __future__ import annotations
 
+import functools
 import itertools
 
 import torch
 import triton
 import triton.language as tl
 
-from fastattn.triton import Launch
+from fastattn.triton import Launch, record
 from fastattn.triton.gelu import (
     DTYPES,
     MAX_BLOCK_COLS_M,
@@ -195,13 +196,4 @@ def aot_launches(every_flag: bool = True) -> list[Launch]:
     return out
 
 
-def _rec(kernel: str, pointers: dict, constexprs: dict, warps: int) -> Launch:
-    return Launch(
-        module="gated_act",
-        kernel=kernel,
-        pointers=tuple(pointers.items()),
-        floats=(),
-        constexprs=tuple(sorted(constexprs.items())),
-        num_warps=warps,
-        num_stages=3,  # Triton's default on CUDA (the launcher does not pass num_stages)
-    )
+_rec = functools.partial(record, "gated_act")

@@ -32,13 +32,14 @@ CPU); on a GPU the same tests run natively.
 
 from __future__ import annotations
 
+import functools
 import itertools
 
 import torch
 import triton
 import triton.language as tl
 
-from fastattn.triton import Launch
+from fastattn.triton import Launch, record
 
 # Constants inlined in the kernels: 2 sqrt(2/pi) = 1.5957691216057308, 1/sqrt(2) =
 # 0.7071067811865476, 1/sqrt(2 pi) = 0.3989422804014327; clamp of the tanh form: 10.
@@ -198,16 +199,7 @@ def aot_launches(every_flag: bool = True) -> list[Launch]:
     return out
 
 
-def _rec(kernel: str, pointers: dict, constexprs: dict, warps: int) -> Launch:
-    return Launch(
-        module="gelu",
-        kernel=kernel,
-        pointers=tuple(pointers.items()),
-        floats=(),
-        constexprs=tuple(sorted(constexprs.items())),
-        num_warps=warps,
-        num_stages=3,  # Triton's default on CUDA (the launchers do not pass num_stages)
-    )
+_rec = functools.partial(record, "gelu")
 
 
 def _rows_ready(t: torch.Tensor) -> torch.Tensor:

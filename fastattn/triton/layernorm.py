@@ -46,7 +46,7 @@ import triton
 import triton.language as tl
 
 from fastattn.ops.layernorm import TRITON_MAX_COLS
-from fastattn.triton import Launch
+from fastattn.triton import Launch, record
 
 
 @triton.jit
@@ -333,15 +333,8 @@ def aot_launches(every_flag: bool = True) -> list[Launch]:
 
 
 def _rec(kernel: str, pointers: dict, constexprs: dict, warps: int) -> Launch:
-    return Launch(
-        module="layernorm",
-        kernel=kernel,
-        pointers=tuple(pointers.items()),
-        floats=("eps",) if kernel == "_layer_norm_fwd" else (),
-        constexprs=tuple(sorted(constexprs.items())),
-        num_warps=warps,
-        num_stages=3,  # Triton's default on CUDA (the launchers do not pass num_stages)
-    )
+    floats = ("eps",) if kernel == "_layer_norm_fwd" else ()
+    return record("layernorm", kernel, pointers, constexprs, warps, floats)
 
 
 def _rows_ready(t: torch.Tensor) -> torch.Tensor:

@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from fastattn.ops.rms_norm import TRITON_MAX_COLS
-from fastattn.triton import Launch
+from fastattn.triton import Launch, record
 from fastattn.triton.layernorm import MIN_BLOCK, _rows_ready, bwd_programs, num_warps
 
 
@@ -237,12 +237,4 @@ def aot_launches(every_flag: bool = True) -> list[Launch]:
 
 def _rec(kernel: str, pointers: dict, constexprs: dict, warps: int) -> Launch:
     floats = {"_rms_norm_fwd": ("eps", "offset"), "_rms_norm_bwd_dx": ("offset",)}
-    return Launch(
-        module="rms_norm",
-        kernel=kernel,
-        pointers=tuple(pointers.items()),
-        floats=floats.get(kernel, ()),
-        constexprs=tuple(sorted(constexprs.items())),
-        num_warps=warps,
-        num_stages=3,  # Triton's default on CUDA (the launchers do not pass num_stages)
-    )
+    return record("rms_norm", kernel, pointers, constexprs, warps, floats.get(kernel, ()))

@@ -61,13 +61,14 @@ CPU); on a GPU the same tests run natively.
 
 from __future__ import annotations
 
+import functools
 import itertools
 
 import torch
 import triton
 import triton.language as tl
 
-from fastattn.triton import Launch
+from fastattn.triton import Launch, record
 
 
 @triton.jit
@@ -182,16 +183,7 @@ def aot_launches(every_flag: bool = True) -> list[Launch]:
     return out
 
 
-def _rec(kernel: str, pointers: dict, constexprs: dict, warps: int) -> Launch:
-    return Launch(
-        module="rotary",
-        kernel=kernel,
-        pointers=tuple(pointers.items()),
-        floats=(),
-        constexprs=tuple(sorted(constexprs.items())),
-        num_warps=warps,
-        num_stages=3,  # Triton's default on CUDA (the launcher does not pass num_stages)
-    )
+_rec = functools.partial(record, "rotary")
 
 
 # ------------------------------------------------------------------ launcher

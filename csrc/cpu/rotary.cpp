@@ -25,6 +25,8 @@
 #include "cpu/kernels.h"
 #include "cpu/vec.h"
 
+#include <utility>
+
 namespace fastattn {
 namespace cpu {
 namespace {
@@ -41,6 +43,11 @@ void rotary_rows(const TI* x, Strides sx, const TC* cos, Strides sc, const TC* s
   const int64_t h = R / 2;
   const int64_t rows = B * H * T;
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(D, 1));
+  // The pair's rotation, for float vectors and for scalars alike: (y[j], y[j + h]).
+  const auto rotate = [backward](auto a, auto bb, auto c1, auto c2, auto s1, auto s2) {
+    return backward ? std::pair(a * c1 + bb * s2, bb * c2 - a * s1)
+                    : std::pair(a * c1 - bb * s1, bb * c2 + a * s2);
+  };
   at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const int64_t hh = r % H;
@@ -53,29 +60,18 @@ void rotary_rows(const TI* x, Strides sx, const TC* cos, Strides sc, const TC* s
       int64_t j = 0;
       if constexpr (!std::is_same_v<A, double>) {
         for (; j + kVecSize <= h; j += kVecSize) {
-          const Vec a = load_f(xr + j), bb = load_f(xr + h + j);
-          const Vec c1 = load_f(cr + j), c2 = load_f(cr + h + j);
-          const Vec s1 = load_f(sr + j), s2 = load_f(sr + h + j);
-          if (backward) {
-            store_f(a * c1 + bb * s2, yr + j);
-            store_f(bb * c2 - a * s1, yr + h + j);
-          } else {
-            store_f(a * c1 - bb * s1, yr + j);
-            store_f(bb * c2 + a * s2, yr + h + j);
-          }
+          const auto [y1, y2] = rotate(load_f(xr + j), load_f(xr + h + j), load_f(cr + j),
+                                       load_f(cr + h + j), load_f(sr + j), load_f(sr + h + j));
+          store_f(y1, yr + j);
+          store_f(y2, yr + h + j);
         }
       }
       for (; j < h; ++j) {
-        const A a = static_cast<A>(xr[j]), bb = static_cast<A>(xr[h + j]);
-        const A c1 = static_cast<A>(cr[j]), c2 = static_cast<A>(cr[h + j]);
-        const A s1 = static_cast<A>(sr[j]), s2 = static_cast<A>(sr[h + j]);
-        if (backward) {
-          yr[j] = static_cast<TO>(a * c1 + bb * s2);
-          yr[h + j] = static_cast<TO>(bb * c2 - a * s1);
-        } else {
-          yr[j] = static_cast<TO>(a * c1 - bb * s1);
-          yr[h + j] = static_cast<TO>(bb * c2 + a * s2);
-        }
+        const auto [y1, y2] =
+            rotate(static_cast<A>(xr[j]), static_cast<A>(xr[h + j]), static_cast<A>(cr[j]),
+                   static_cast<A>(cr[h + j]), static_cast<A>(sr[j]), static_cast<A>(sr[h + j]));
+        yr[j] = static_cast<TO>(y1);
+        yr[h + j] = static_cast<TO>(y2);
       }
       for (j = R; j < D; ++j) yr[j] = static_cast<TO>(static_cast<A>(xr[j]));
     }

@@ -30,9 +30,10 @@ Layers, top to bottom:
 
 - :func:`rotary` (one tensor) and :func:`apply_rotary_pos_emb` (q and k, transformers'
   signature): validate, move the head axis to dim 1 (a view), and call the differentiable custom
-  op where the kernels' contract covers the call (4-D ``x``, ``cos`` ``[T, R]`` or ``[B or 1, T,
-  R]``, R even, float32 / one 16-bit dtype / all float64, ``cos`` without a gradient); any other
-  broadcastable call runs :func:`rotary_reference` (the same maths in torch ops).
+  op where the kernels' contract covers the call (4-D ``x``, ``cos`` ``[B or 1, T or 1, R]``,
+  float32 / one 16-bit dtype / all float64, ``cos`` without a gradient, outside ``torch.func``
+  transforms); any other broadcastable call runs :func:`rotary_reference` (the same maths in
+  torch ops).
 - ``torch.ops.fastattn.rotary_fwd`` / ``rotary_bwd``: ``torch.library`` custom ops; bodies pick an
   implementation through :mod:`fastattn._dispatch` from ``DECL`` below.
 - ``NATIVE`` (C++ CPU / CUDA kernels via ``torch.ops.fastattn_C``), ``REFERENCE`` (below) and
@@ -50,6 +51,7 @@ from fastattn import _dispatch
 from fastattn.ops._common import (
     NativeKernels,
     _tracing,
+    acc_dtype,
     check_same_device,
     check_tensor,
     needs_grad,
@@ -81,7 +83,7 @@ def rotary_reference(x: Tensor, cos: Tensor, sin: Tensor, unsqueeze_dim: int = 1
 def _rotate(x: Tensor, cos: Tensor, sin: Tensor, out_dtype: torch.dtype, transpose: bool):
     """The contract's formulas on ``x [B, H, T, D]``, ``cos / sin [Bc, T, R]``, in the
     accumulation dtype; output like ``x`` (its strides) in ``out_dtype``."""
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(x.dtype)
     r = cos.shape[-1]
     h = r // 2
     c, s = cos.to(acc)[:, None], sin.to(acc)[:, None]

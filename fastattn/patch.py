@@ -64,8 +64,11 @@ import types
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import torch
 import torch.nn.functional as F
 from torch import nn
+
+from fastattn.ops.rotary import apply_rotary_pos_emb as fused_rotary
 
 _SAVED = "_fastattn_saved"  # per-module record of what patch() changed, for unpatch()
 
@@ -609,23 +612,19 @@ _ROTARY = "apply_rotary_pos_emb"
 
 def _rotary_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     """The forward a module's private ``apply_rotary_pos_emb`` wrapper gets: fastattn's."""
-    from fastattn.ops.rotary import apply_rotary_pos_emb
-
-    return apply_rotary_pos_emb(*args, **kwargs)
+    return fused_rotary(*args, **kwargs)
 
 
+@functools.cache
 def _rotary_unsupported(fn: Any) -> str | None:
     """None where ``fn`` (a model's ``apply_rotary_pos_emb``) computes what
-    :func:`fastattn.apply_rotary_pos_emb` computes, else why not. Checked by behaviour, on
-    random inputs: float64 (every value to 1e-6, so a function that computes in float32
-    passes here and is judged by its dtypes below; ``cos`` / ``sin`` of unequal halves, so the index of
-    each ``sin`` term matters), the rotary dim below the head dim (partial rotary: either the
-    same or refused by ``fn``), ``unsqueeze_dim=2`` where ``fn`` takes it, and the dtypes of
-    autocast (bfloat16 q with float32 cos: the output dtype as well as the values)."""
-    import torch
-
-    from fastattn.ops.rotary import apply_rotary_pos_emb as ours
-
+    :func:`fastattn.apply_rotary_pos_emb` computes, else why not (cached per function).
+    Checked by behaviour, on random inputs: float64 (every value to 1e-6, so a function that
+    computes in float32 passes here and is judged by its dtypes below; ``cos`` / ``sin`` of
+    unequal halves, so the index of each ``sin`` term matters), the rotary dim below the head dim
+    (partial rotary: either the same or refused by ``fn``), ``unsqueeze_dim=2`` where ``fn``
+    takes it, and the dtypes of autocast (bfloat16 q with float32 cos: the output dtype as well
+    as the values)."""
     try:
         params = list(inspect.signature(fn).parameters)
     except (TypeError, ValueError):
@@ -645,7 +644,7 @@ def _rotary_unsupported(fn: Any) -> str | None:
             theirs = fn(*args, **kwargs)
         except Exception as e:  # noqa: BLE001 - any failure of the model's own function
             return f"raised {type(e).__name__}"
-        mine = ours(*args, **kwargs)
+        mine = fused_rotary(*args, **kwargs)
         if not isinstance(theirs, tuple) or len(theirs) != 2:
             return "does not return (q_embed, k_embed)"
         for a, b in zip(theirs, mine, strict=True):
@@ -679,11 +678,6 @@ def _rotary_unsupported(fn: Any) -> str | None:
     return None
 
 
-@functools.cache
-def _rotary_check(fn: Any) -> str | None:
-    return _rotary_unsupported(fn)
-
-
 def _kernel_func_of(wrapper: nn.Module) -> Any:
     """The ``apply_rotary_pos_emb`` a transformers kernel-function wrapper (``kernels``'
     ``use_kernel_forward_from_hub`` on a function) calls when nothing replaced it, or None
@@ -706,30 +700,31 @@ def _patch_rotary(model: nn.Module, report: PatchReport) -> None:
     hook (older transformers: the attention calls the module-level function), rotary is left."""
     for name, module in model.named_modules():
         funcs = module.__dict__.get("_kernel_funcs")
-        wrappers = [
-            w
+        # (wrapper, the function it wraps): one apply_rotary_pos_emb per attention class
+        hooked = [
+            (w, fn)
             for w in (funcs.values() if isinstance(funcs, dict) else ())
-            if isinstance(w, nn.Module) and _kernel_func_of(w) is not None
+            if isinstance(w, nn.Module) and (fn := _kernel_func_of(w)) is not None
         ]
-        if not wrappers:
+        before = f"{_ROTARY}[{type(module).__module__}]"
+        if not hooked:
             if _ROTARY + "(" in _forward_source(type(module)):
                 report.add(
                     name,
                     "rotary",
                     "left",
-                    f"{_ROTARY}[{type(module).__module__}]",
+                    before,
                     reason="called as a module-level function, without transformers' per-module "
                     "kernel-function hook (module._kernel_funcs: transformers 5 with kernels): "
                     "patch() does not rebind a module's globals, which every model would share",
                 )
             continue
-        wrapper = wrappers[0]  # one apply_rotary_pos_emb per attention class
+        wrapper, fn = hooked[0]
         current = wrapper.__dict__.get("forward")
-        before = f"{_ROTARY}[{type(module).__module__}]"
         if getattr(current, "__func__", None) is _rotary_forward:
             report.add(name, "rotary", "unchanged", before, "fastattn.apply_rotary_pos_emb")
             continue
-        why = _rotary_check(current if current is not None else _kernel_func_of(wrapper))
+        why = _rotary_unsupported(current if current is not None else fn)
         if why:
             report.add(name, "rotary", "left", before, reason=why)
             continue

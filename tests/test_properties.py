@@ -21,6 +21,10 @@ BACKEND = "cpu" if "cpu" in fastattn.available_backends("cpu") else "reference"
 _settings = settings(
     deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture]
 )
+# The tensors are drawn from torch's generator seeded by a value hypothesis draws, so a failing
+# example replays with the same tensors (hypothesis can shrink it and print a reproducer) and
+# every run still sees fresh inputs.
+SEEDS = st.integers(0, 2**32 - 1)
 dtypes = st.sampled_from([torch.float32, torch.bfloat16])
 F32, BF16 = torch.float32, torch.bfloat16
 
@@ -38,6 +42,7 @@ def _maybe_strided(x: torch.Tensor, how: int) -> torch.Tensor:
 
 @_settings
 @given(
+    seed=SEEDS,
     rows=st.lists(st.integers(1, 9), min_size=1, max_size=3),
     m=st.integers(1, 1100),
     dtype=dtypes,
@@ -47,7 +52,8 @@ def _maybe_strided(x: torch.Tensor, how: int) -> torch.Tensor:
     residual=st.booleans(),
     scale=st.sampled_from([1e-3, 1.0, 1e3]),
 )
-def test_layer_norm_property(rows, m, dtype, affine, bias, strided, residual, scale):
+def test_layer_norm_property(rows, m, dtype, affine, bias, strided, residual, scale, seed):
+    torch.manual_seed(seed)
     check_layer_norm(BACKEND, rows, m, dtype, affine, bias, strided, residual, scale)
 
 
@@ -75,10 +81,23 @@ def check_layer_norm(backend, rows, m, dtype, affine, bias, strided, residual, s
     def theirs(x, r, w, b):
         return F.layer_norm(x + r if r is not None else x, (m,), w, b)
 
+    def ref(x, r, w, b):
+        # add_layer_norm normalises s = x + r rounded to the input dtype (the sum it returns,
+        # as `F.layer_norm(x + r)` in that dtype does): the float64 reference takes that rounded
+        # value, with the gradient passed straight through. Measured from the unrounded sum, a
+        # row whose variance is near eps amplifies the rounding of s by ~1e3 and whichever side
+        # arithmetic noise happens to cancel it looks more accurate (a kernel exact on the
+        # rounded s failed 0.2% of 2-column draws against PyTorch's noisier result).
+        if r is None:
+            return F.layer_norm(x, (m,), w, b)
+        s = x + r
+        s = s + ((x.to(dtype) + r.to(dtype)).double() - s).detach()
+        return F.layer_norm(s, (m,), w, b)
+
     with fastattn.use_backend(backend):
         out, grads = run(ours, dtype)
     t_out, t_grads = run(theirs, dtype)
-    r_out, r_grads = run(theirs, torch.float64)
+    r_out, r_grads = run(ref, torch.float64)
     scale = max(t.abs().max().item() for t in (r_out, *r_grads) if t.numel())
     assert_rule("out", out, t_out, r_out, scale)
     for g, tg, rg in zip(grads, t_grads, r_grads, strict=True):
@@ -88,6 +107,7 @@ def check_layer_norm(backend, rows, m, dtype, affine, bias, strided, residual, s
 @pytest.mark.skipif(not hasattr(fastattn, "attention"), reason="attention op not built")
 @_settings
 @given(
+    seed=SEEDS,
     b=st.integers(1, 2),
     hkv=st.integers(1, 2),
     group=st.sampled_from([1, 2, 3]),
@@ -99,7 +119,8 @@ def check_layer_norm(backend, rows, m, dtype, affine, bias, strided, residual, s
     dtype=dtypes,
     strided=st.booleans(),
 )
-def test_attention_property(b, hkv, group, tq, tk, d, causal, padded, dtype, strided):
+def test_attention_property(b, hkv, group, tq, tk, d, causal, padded, dtype, strided, seed):
+    torch.manual_seed(seed)
     check_attention(BACKEND, b, hkv, group, tq, tk, d, causal, padded, dtype, strided)
 
 
@@ -135,6 +156,7 @@ def check_attention(backend, b, hkv, group, tq, tk, d, causal, padded, dtype, st
 @pytest.mark.skipif(not hasattr(fastattn, "bias_gelu"), reason="bias_gelu op not built")
 @_settings
 @given(
+    seed=SEEDS,
     rows=st.lists(st.integers(1, 9), min_size=1, max_size=3),
     m=st.integers(1, 700),
     dtype=dtypes,
@@ -143,7 +165,8 @@ def check_attention(backend, b, hkv, group, tq, tk, d, causal, padded, dtype, st
     strided=st.integers(0, 2),
     scale=st.sampled_from([1e-2, 1.0, 30.0]),
 )
-def test_bias_gelu_property(rows, m, dtype, bias, approximate, strided, scale):
+def test_bias_gelu_property(rows, m, dtype, bias, approximate, strided, scale, seed):
+    torch.manual_seed(seed)
     check_bias_gelu(BACKEND, rows, m, dtype, bias, approximate, strided, scale)
 
 
@@ -175,6 +198,7 @@ def check_bias_gelu(backend, rows, m, dtype, bias, approximate, strided, scale):
 
 @_settings
 @given(
+    seed=SEEDS,
     rows=st.lists(st.integers(1, 9), min_size=1, max_size=3),
     m=st.integers(1, 1100),
     dtype=dtypes,
@@ -185,7 +209,8 @@ def check_bias_gelu(backend, rows, m, dtype, bias, approximate, strided, scale):
     residual=st.booleans(),
     scale=st.sampled_from([1e-3, 1.0, 1e3]),
 )
-def test_rms_norm_property(rows, m, dtype, affine, offset, cast, strided, residual, scale):
+def test_rms_norm_property(rows, m, dtype, affine, offset, cast, strided, residual, scale, seed):
+    torch.manual_seed(seed)
     check_rms_norm(BACKEND, rows, m, dtype, affine, offset, cast, strided, residual, scale)
 
 
@@ -232,6 +257,7 @@ def check_rms_norm(backend, rows, m, dtype, affine, offset, cast, strided, resid
 @pytest.mark.skipif(not hasattr(fastattn, "swiglu"), reason="gated_act op not built")
 @_settings
 @given(
+    seed=SEEDS,
     rows=st.lists(st.integers(1, 9), min_size=1, max_size=3),
     m=st.integers(1, 700),
     dtype=dtypes,
@@ -240,7 +266,8 @@ def check_rms_norm(backend, rows, m, dtype, affine, offset, cast, strided, resid
     strided=st.integers(0, 2),
     scale=st.sampled_from([1e-2, 1.0, 30.0]),
 )
-def test_gated_act_property(rows, m, dtype, activation, layout, strided, scale):
+def test_gated_act_property(rows, m, dtype, activation, layout, strided, scale, seed):
+    torch.manual_seed(seed)
     check_gated_act(BACKEND, rows, m, dtype, activation, layout, strided, scale)
 
 
@@ -287,6 +314,7 @@ def check_gated_act(backend, rows, m, dtype, activation, layout, strided, scale)
 
 @_settings
 @given(
+    seed=SEEDS,
     b=st.integers(1, 3),
     h=st.integers(1, 4),
     t=st.integers(1, 17),
@@ -297,7 +325,8 @@ def check_gated_act(backend, rows, m, dtype, activation, layout, strided, scale)
     batch_cos=st.booleans(),
     scale=st.sampled_from([1e-2, 1.0, 30.0]),
 )
-def test_rotary_property(b, h, t, half, extra, dtypes, layout, batch_cos, scale):
+def test_rotary_property(b, h, t, half, extra, dtypes, layout, batch_cos, scale, seed):
+    torch.manual_seed(seed)
     check_rotary(BACKEND, b, h, t, half, extra, dtypes, layout, batch_cos, scale)
 
 
@@ -344,14 +373,22 @@ _few = settings(
 
 @needs_triton
 @_few
-@given(rows=st.integers(1, 9), m=st.integers(1, 300), affine=st.booleans(), residual=st.booleans())
-def test_layer_norm_property_triton(rows, m, affine, residual):
+@given(
+    seed=SEEDS,
+    rows=st.integers(1, 9),
+    m=st.integers(1, 300),
+    affine=st.booleans(),
+    residual=st.booleans(),
+)
+def test_layer_norm_property_triton(rows, m, affine, residual, seed):
+    torch.manual_seed(seed)
     check_layer_norm("triton", [rows], m, torch.float32, affine, affine, 0, residual, 1.0)
 
 
 @needs_triton
 @_few
 @given(
+    seed=SEEDS,
     hkv=st.integers(1, 2),
     group=st.sampled_from([1, 2]),
     tq=st.integers(1, 40),
@@ -360,49 +397,62 @@ def test_layer_norm_property_triton(rows, m, affine, residual):
     causal=st.booleans(),
     padded=st.booleans(),
 )
-def test_attention_property_triton(hkv, group, tq, tk, d, causal, padded):
+def test_attention_property_triton(hkv, group, tq, tk, d, causal, padded, seed):
+    torch.manual_seed(seed)
     check_attention("triton", 1, hkv, group, tq, tk, d, causal, padded, torch.float32, False)
 
 
 @needs_triton
 @_few
-@given(rows=st.integers(1, 9), m=st.integers(1, 300), approximate=st.sampled_from(["none", "tanh"]))
-def test_bias_gelu_property_triton(rows, m, approximate):
+@given(
+    seed=SEEDS,
+    rows=st.integers(1, 9),
+    m=st.integers(1, 300),
+    approximate=st.sampled_from(["none", "tanh"]),
+)
+def test_bias_gelu_property_triton(rows, m, approximate, seed):
+    torch.manual_seed(seed)
     check_bias_gelu("triton", [rows], m, torch.float32, True, approximate, 0, 1.0)
 
 
 @needs_triton
 @_few
 @given(
+    seed=SEEDS,
     rows=st.integers(1, 9),
     m=st.integers(1, 300),
     affine=st.booleans(),
     offset=st.sampled_from([0.0, 1.0]),
     residual=st.booleans(),
 )
-def test_rms_norm_property_triton(rows, m, affine, offset, residual):
+def test_rms_norm_property_triton(rows, m, affine, offset, residual, seed):
+    torch.manual_seed(seed)
     check_rms_norm("triton", [rows], m, torch.float32, affine, offset, False, 0, residual, 1.0)
 
 
 @needs_triton
 @_few
 @given(
+    seed=SEEDS,
     rows=st.integers(1, 9),
     m=st.integers(1, 300),
     activation=st.sampled_from(["silu", "gelu", "gelu_tanh"]),
     layout=st.sampled_from(["separate", "chunked", "packed"]),
 )
-def test_gated_act_property_triton(rows, m, activation, layout):
+def test_gated_act_property_triton(rows, m, activation, layout, seed):
+    torch.manual_seed(seed)
     check_gated_act("triton", [rows], m, torch.float32, activation, layout, 0, 1.0)
 
 
 @needs_triton
 @_few
 @given(
+    seed=SEEDS,
     t=st.integers(1, 9),
     half=st.integers(1, 40),
     extra=st.integers(0, 3),
     layout=st.sampled_from(["contiguous", "projection", "heads_last"]),
 )
-def test_rotary_property_triton(t, half, extra, layout):
+def test_rotary_property_triton(t, half, extra, layout, seed):
+    torch.manual_seed(seed)
     check_rotary("triton", 2, 3, t, half, extra, (F32, F32), layout, True, 1.0)

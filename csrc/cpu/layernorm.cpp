@@ -6,6 +6,11 @@
 // Backward, with g = dout * weight:
 //   dx = rstd * (g - mean(g) - xhat * mean(g * xhat))  (+ dsum, the gradient reaching s directly)
 //   dweight = sum over rows of dout * xhat,  dbias = sum over rows of dout
+// The backward centres the recomputed xhat on its own row mean: mu is rounded to float, so
+// s - mu is off by the same small amount in every column, sum(xhat) is not exactly 0, and the
+// formula (which assumes it is) turns that into an error of ~rstd^2 * ulp(mu) * |g|. Rows whose
+// spread is small next to their mean (LayerNorm over 2 columns, a near-constant row) lost ~2x
+// PyTorch's accuracy; with xc = xhat - mean(xhat) and mean(g * xc) they are ~20x better than it.
 //
 // Launch choices:
 // - Rows are independent: at::parallel_for over rows. A row (<= a few 10s of KB) stays in
@@ -189,30 +194,33 @@ void bwd_vec(const TD* dout, const TS* x, const float* w, const float* mean, con
         const float mu = mean[i], rs = rstd[i];
         const Vec vmu(mu), vrs(rs);
         // Pass 1: the two row reductions, and this chunk's dweight / dbias partials.
-        Vec ag(0.f), agx(0.f);
+        Vec ag(0.f), agx(0.f), ax(0.f);
         int64_t j = 0;
         for (; j + V <= M; j += V) {
           Vec dy = load_f<TD>(dyr + j);
           Vec xh = (load_f<TS>(xr + j) - vmu) * vrs;
           Vec g = w != nullptr ? dy * Vec::loadu(w + j) : dy;
           ag += g;
+          ax += xh;
           agx = at::vec::fmadd(g, xh, agx);
           if (dwp != nullptr) at::vec::fmadd(dy, xh, Vec::loadu(dwp + j)).store(dwp + j);
           if (dbp != nullptr) (Vec::loadu(dbp + j) + dy).store(dbp + j);
         }
-        float sg = hsum(ag), sgx = hsum(agx);
+        float sg = hsum(ag), sgx = hsum(agx), sx = hsum(ax);
         for (; j < M; ++j) {
           float dy = static_cast<float>(dyr[j]);
           float xh = (static_cast<float>(xr[j]) - mu) * rs;
           float g = w != nullptr ? dy * w[j] : dy;
           sg += g;
+          sx += xh;
           sgx += g * xh;
           if (dwp != nullptr) dwp[j] += dy * xh;
           if (dbp != nullptr) dbp[j] += dy;
         }
-        const float mg = sg * inv_m, mgx = sgx * inv_m;
-        // Pass 2: ds = rstd * (g - mean(g) - xhat * mean(g * xhat)) (+ dsum); dx = ds * mask.
-        const Vec vmg(mg), vmgx(mgx);
+        // xc = xhat - mean(xhat) (see the header); mean(g * xc) = mean(g * xhat) - mean(xhat) mg.
+        const float mg = sg * inv_m, mx = sx * inv_m, mgx = (sgx - sx * mg) * inv_m;
+        // Pass 2: ds = rstd * (g - mean(g) - xc * mean(g * xc)) (+ dsum); dx = ds * mask.
+        const Vec vmg(mg), vmx(mx), vmgx(mgx);
         TS* dsr = ds != nullptr ? ds + i * M : nullptr;
         TX* dxr = dx != nullptr ? dx + i * M : nullptr;
         const TS* dsm = dsum != nullptr ? dsum + i * M : nullptr;
@@ -221,7 +229,7 @@ void bwd_vec(const TD* dout, const TS* x, const float* w, const float* mean, con
           Vec dy = load_f<TD>(dyr + j);
           Vec xh = (load_f<TS>(xr + j) - vmu) * vrs;
           Vec g = w != nullptr ? dy * Vec::loadu(w + j) : dy;
-          Vec d = (g - vmg - xh * vmgx) * vrs;
+          Vec d = (g - vmg - (xh - vmx) * vmgx) * vrs;
           if (dsm != nullptr) d = d + load_f<TS>(dsm + j);
           if (dsr != nullptr) store_f<TS>(d, dsr + j);
           if (dxr != nullptr) {
@@ -236,7 +244,7 @@ void bwd_vec(const TD* dout, const TS* x, const float* w, const float* mean, con
           float dy = static_cast<float>(dyr[j]);
           float xh = (static_cast<float>(xr[j]) - mu) * rs;
           float g = w != nullptr ? dy * w[j] : dy;
-          float d = (g - mg - xh * mgx) * rs;
+          float d = (g - mg - (xh - mx) * mgx) * rs;
           if (dsm != nullptr) d += static_cast<float>(dsm[j]);
           if (dsr != nullptr) dsr[j] = static_cast<TS>(d);
           if (dxr != nullptr) {

@@ -8,6 +8,10 @@ statistics in float32):
 - Backward with ``g = dout * weight``:
   ``dx = rstd * (g - mean(g) - xhat * mean(g * xhat))`` (``+ dsum``, the gradient reaching ``s``
   directly); ``dweight = sum over rows of dout * xhat``, ``dbias = sum over rows of dout``.
+  The recomputed ``xhat`` is centred on its own row mean (``xhat - mean(xhat)``, with
+  ``mean(g * xhat) - mean(xhat) mean(g)``): ``mu`` is rounded to float32, so ``sum(xhat)`` is not
+  exactly 0, and the formula, which assumes it is, amplified that into ~2x PyTorch's error on
+  rows whose spread is small next to their mean (2 columns, near-constant rows).
   The column sums are deterministic: each program of ``_layer_norm_bwd_dx`` owns a contiguous
   range of rows and writes its partial sums to its own row of ``[programs, M]`` float32
   buffers; ``_layer_norm_bwd_dwdb`` adds those rows in order.
@@ -167,9 +171,11 @@ def _layer_norm_bwd_dx(
             rstd = tl.load(RSTD + row)
             xh = tl.where(mask, (x - mean) * rstd, 0.0)
             g = dy * w if HAS_W else dy
+            # xhat centred on its own row mean: see the module docstring.
             mg = tl.sum(g, axis=0) / M
-            mgx = tl.sum(g * xh, axis=0) / M
-            dx = (g - mg - xh * mgx) * rstd
+            mx = tl.sum(xh, axis=0) / M
+            mgx = tl.sum(g * xh, axis=0) / M - mx * mg
+            dx = (g - mg - (xh - mx) * mgx) * rstd
             if HAS_DSUM:
                 dx += tl.load(DSUM + row * stride_s + cols, mask=mask, other=0.0).to(tl.float32)
             tl.store(DX + row * M + cols, dx.to(DX.dtype.element_ty), mask=mask)
@@ -190,6 +196,7 @@ def _layer_norm_bwd_dx(
             rstd = tl.load(RSTD + row)
             acc_g = tl.zeros((BLOCK_M,), dtype=tl.float32)
             acc_gx = tl.zeros((BLOCK_M,), dtype=tl.float32)
+            acc_x = tl.zeros((BLOCK_M,), dtype=tl.float32)
             for c0 in range(0, M, BLOCK_M):
                 mask = c0 + cols < M
                 dy = tl.load(DOUT + row * stride_d + c0 + cols, mask=mask, other=0.0)
@@ -199,9 +206,11 @@ def _layer_norm_bwd_dx(
                 if HAS_W:
                     g = g * tl.load(W + c0 + cols, mask=mask, other=0.0).to(tl.float32)
                 acc_g += g
+                acc_x += xh
                 acc_gx += g * xh
             mg = tl.sum(acc_g, axis=0) / M
-            mgx = tl.sum(acc_gx, axis=0) / M
+            mx = tl.sum(acc_x, axis=0) / M
+            mgx = tl.sum(acc_gx, axis=0) / M - mx * mg
             for c0 in range(0, M, BLOCK_M):
                 mask = c0 + cols < M
                 dy = tl.load(DOUT + row * stride_d + c0 + cols, mask=mask, other=0.0)
@@ -211,7 +220,7 @@ def _layer_norm_bwd_dx(
                 g = dy
                 if HAS_W:
                     g = g * tl.load(W + c0 + cols, mask=mask, other=0.0).to(tl.float32)
-                dx = (g - mg - xh * mgx) * rstd
+                dx = (g - mg - (xh - mx) * mgx) * rstd
                 if HAS_DSUM:
                     dx += tl.load(DSUM + row * stride_s + c0 + cols, mask=mask, other=0.0).to(
                         tl.float32

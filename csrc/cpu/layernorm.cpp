@@ -6,11 +6,14 @@
 // Backward, with g = dout * weight:
 //   dx = rstd * (g - mean(g) - xhat * mean(g * xhat))  (+ dsum, the gradient reaching s directly)
 //   dweight = sum over rows of dout * xhat,  dbias = sum over rows of dout
-// The backward centres the recomputed xhat on its own row mean: mu is rounded to float, so
-// s - mu is off by the same small amount in every column, sum(xhat) is not exactly 0, and the
-// formula (which assumes it is) turns that into an error of ~rstd^2 * ulp(mu) * |g|. Rows whose
-// spread is small next to their mean (LayerNorm over 2 columns, a near-constant row) lost ~2x
-// PyTorch's accuracy; with xc = xhat - mean(xhat) and mean(g * xc) they are ~20x better than it.
+// The mean's rounding: mu rounded to float is off by up to ulp(mu) / 2, the same in every
+// column, so on a row whose spread is small next to its mean (2 columns, a near-constant row)
+// s - mu carries a relative error of ulp(mu) / spread into xhat, the output and dweight, and the
+// dx formula (which assumes sum(xhat) == 0) amplifies it further. The forward subtracts the
+// rounding error too, c = mean(s - mu) (in the variance pass: var = mean((s - mu)^2) - c^2,
+// xhat = (s - mu - c) * rstd); the backward centres the recomputed xhat on its own row mean,
+// xc = xhat - mean(xhat), with mean(g * xc), and dweight sums dout * xc. Both are then 10-100x
+// more accurate than PyTorch on such rows (whose own error is that of the rounded mean).
 //
 // Launch choices:
 // - Rows are independent: at::parallel_for over rows. A row (<= a few 10s of KB) stays in
@@ -119,34 +122,41 @@ void fwd_vec(const TX* x, const TR* res, const float* w, const float* b, TO* out
       float s = hsum(a0 + a1);
       for (; j < M; ++j) s += static_cast<float>(src[j]);
       const float mu = s * inv_m;
-      // Pass 2: variance about the mean.
+      // Pass 2: variance about the mean, and the mean's rounding error c = mean(s - mu) (see
+      // the header): var = mean((s - mu)^2) - c^2, xhat = (s - mu - c) * rstd.
       const Vec vmu(mu);
       a0 = Vec(0.f);
       a1 = Vec(0.f);
+      Vec c0(0.f), c1(0.f);
       j = 0;
       for (; j + 2 * V <= M; j += 2 * V) {
         Vec d0 = load_f<TS>(src + j) - vmu, d1 = load_f<TS>(src + j + V) - vmu;
         a0 = at::vec::fmadd(d0, d0, a0);
         a1 = at::vec::fmadd(d1, d1, a1);
+        c0 += d0;
+        c1 += d1;
       }
       for (; j + V <= M; j += V) {
         Vec d0 = load_f<TS>(src + j) - vmu;
         a0 = at::vec::fmadd(d0, d0, a0);
+        c0 += d0;
       }
-      float ss = hsum(a0 + a1);
+      float ss = hsum(a0 + a1), sd = hsum(c0 + c1);
       for (; j < M; ++j) {
         float d = static_cast<float>(src[j]) - mu;
         ss += d * d;
+        sd += d;
       }
-      const float rs = 1.0f / std::sqrt(ss * inv_m + eps);
+      const float c = sd * inv_m;
+      const float rs = 1.0f / std::sqrt(std::max(ss * inv_m - c * c, 0.0f) + eps);
       // Pass 3: normalise, scale, shift.
-      const Vec vrs(rs);
+      const Vec vrs(rs), vc(c);
       TO* o = out + i * M;
       j = 0;
       if constexpr (std::is_same_v<TO, float>) {
         if (stream && aligned64(o)) {
           for (; j + V <= M; j += V) {
-            Vec y = (load_f<TS>(src + j) - vmu) * vrs;
+            Vec y = (load_f<TS>(src + j) - vmu - vc) * vrs;
             if (w != nullptr) y = y * Vec::loadu(w + j);
             if (b != nullptr) y = y + Vec::loadu(b + j);
             store_stream(y, o + j);
@@ -154,18 +164,18 @@ void fwd_vec(const TX* x, const TR* res, const float* w, const float* b, TO* out
         }
       }
       for (; j + V <= M; j += V) {
-        Vec y = (load_f<TS>(src + j) - vmu) * vrs;
+        Vec y = (load_f<TS>(src + j) - vmu - vc) * vrs;
         if (w != nullptr) y = y * Vec::loadu(w + j);
         if (b != nullptr) y = y + Vec::loadu(b + j);
         store_f<TO>(y, o + j);
       }
       for (; j < M; ++j) {
-        float y = (static_cast<float>(src[j]) - mu) * rs;
+        float y = (static_cast<float>(src[j]) - mu - c) * rs;
         if (w != nullptr) y *= w[j];
         if (b != nullptr) y += b[j];
         o[j] = static_cast<TO>(y);
       }
-      mean[i] = mu;
+      mean[i] = mu + c;
       rstd[i] = rs;
     }
     if (stream) stream_fence();
@@ -193,7 +203,7 @@ void bwd_vec(const TD* dout, const TS* x, const float* w, const float* mean, con
         const TS* xr = x + i * M;
         const float mu = mean[i], rs = rstd[i];
         const Vec vmu(mu), vrs(rs);
-        // Pass 1: the two row reductions, and this chunk's dweight / dbias partials.
+        // Pass 1: the row reductions.
         Vec ag(0.f), agx(0.f), ax(0.f);
         int64_t j = 0;
         for (; j + V <= M; j += V) {
@@ -203,8 +213,6 @@ void bwd_vec(const TD* dout, const TS* x, const float* w, const float* mean, con
           ag += g;
           ax += xh;
           agx = at::vec::fmadd(g, xh, agx);
-          if (dwp != nullptr) at::vec::fmadd(dy, xh, Vec::loadu(dwp + j)).store(dwp + j);
-          if (dbp != nullptr) (Vec::loadu(dbp + j) + dy).store(dbp + j);
         }
         float sg = hsum(ag), sgx = hsum(agx), sx = hsum(ax);
         for (; j < M; ++j) {
@@ -214,12 +222,11 @@ void bwd_vec(const TD* dout, const TS* x, const float* w, const float* mean, con
           sg += g;
           sx += xh;
           sgx += g * xh;
-          if (dwp != nullptr) dwp[j] += dy * xh;
-          if (dbp != nullptr) dbp[j] += dy;
         }
         // xc = xhat - mean(xhat) (see the header); mean(g * xc) = mean(g * xhat) - mean(xhat) mg.
         const float mg = sg * inv_m, mx = sx * inv_m, mgx = (sgx - sx * mg) * inv_m;
-        // Pass 2: ds = rstd * (g - mean(g) - xc * mean(g * xc)) (+ dsum); dx = ds * mask.
+        // Pass 2: ds = rstd * (g - mean(g) - xc * mean(g * xc)) (+ dsum); dx = ds * mask; this
+        // chunk's dweight (dout * xc) / dbias partials.
         const Vec vmg(mg), vmx(mx), vmgx(mgx);
         TS* dsr = ds != nullptr ? ds + i * M : nullptr;
         TX* dxr = dx != nullptr ? dx + i * M : nullptr;
@@ -229,7 +236,10 @@ void bwd_vec(const TD* dout, const TS* x, const float* w, const float* mean, con
           Vec dy = load_f<TD>(dyr + j);
           Vec xh = (load_f<TS>(xr + j) - vmu) * vrs;
           Vec g = w != nullptr ? dy * Vec::loadu(w + j) : dy;
-          Vec d = (g - vmg - (xh - vmx) * vmgx) * vrs;
+          Vec xc = xh - vmx;
+          Vec d = (g - vmg - xc * vmgx) * vrs;
+          if (dwp != nullptr) at::vec::fmadd(dy, xc, Vec::loadu(dwp + j)).store(dwp + j);
+          if (dbp != nullptr) (Vec::loadu(dbp + j) + dy).store(dbp + j);
           if (dsm != nullptr) d = d + load_f<TS>(dsm + j);
           if (dsr != nullptr) store_f<TS>(d, dsr + j);
           if (dxr != nullptr) {
@@ -244,7 +254,10 @@ void bwd_vec(const TD* dout, const TS* x, const float* w, const float* mean, con
           float dy = static_cast<float>(dyr[j]);
           float xh = (static_cast<float>(xr[j]) - mu) * rs;
           float g = w != nullptr ? dy * w[j] : dy;
-          float d = (g - mg - (xh - mx) * mgx) * rs;
+          float xc = xh - mx;
+          float d = (g - mg - xc * mgx) * rs;
+          if (dwp != nullptr) dwp[j] += dy * xc;
+          if (dbp != nullptr) dbp[j] += dy;
           if (dsm != nullptr) d += static_cast<float>(dsm[j]);
           if (dsr != nullptr) dsr[j] = static_cast<TS>(d);
           if (dxr != nullptr) {

@@ -28,7 +28,8 @@ cudaError_t layer_norm_fwd(DType dt, const void* x, const void* residual, const 
                            const float* bias, void* out, void* sum, float* mean, float* rstd,
                            int64_t N, int64_t M, float eps, cudaStream_t stream);
 
-// Floats of workspace layer_norm_bwd needs for dweight/dbias partials (0 if neither is wanted).
+// Floats of workspace layer_norm_bwd needs for dweight/dbias partials and, for dweight, a row
+// mean per row (0 if neither is wanted).
 size_t layer_norm_bwd_workspace(int64_t N, int64_t M, bool need_weight_grad, bool need_bias_grad);
 
 // dout, x (the normalised input, i.e. sum), dsum (nullable), dx: [N, M] contiguous of `dt`.

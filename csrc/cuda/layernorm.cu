@@ -9,10 +9,14 @@
 // Backward, with g = dout * weight:
 //   dx = rstd * (g - mean(g) - xhat * mean(g * xhat))  (+ dsum, the gradient reaching s directly)
 //   dweight = sum over rows of dout * xhat,  dbias = sum over rows of dout
-// The backward centres the recomputed xhat on its own row mean (xhat - mean(xhat), with
-// mean(g * xhat) - mean(xhat) mean(g)): mu is rounded to float, so sum(xhat) is not exactly 0,
-// and the formula, which assumes it is, amplified that into ~2x PyTorch's error on rows whose
-// spread is small next to their mean (2 columns, near-constant rows).
+// The mean's rounding: mu in float is off by up to ulp(mu) / 2 in every column, which on a row
+// whose spread is small next to its mean (2 columns, a near-constant row) is a relative error
+// of ulp(mu) / spread in xhat, the output and dweight, amplified further in dx (its formula
+// assumes sum(xhat) == 0). The forward subtracts that error too, cm = mean(s - mu)
+// (var = mean((s - mu)^2) - cm^2, xhat = (s - mu - cm) * rstd); the backward centres the
+// recomputed xhat on its row mean (xc = xhat - mean(xhat), with mean(g * xc)), and dweight
+// sums dout * xc (the dx kernel leaves each row's mean(xhat) in the workspace): as the CPU
+// and Triton kernels.
 //
 // Launch configuration:
 // - Row kernels (forward, backward dx): 256 threads per block. A row is handled by a group of
@@ -115,7 +119,7 @@ __global__ void __launch_bounds__(kThreads)
     }
   }
   const float mu = group_sum<TPR>(acc, red) * inv_m;
-  float ss = 0.f;
+  float ss = 0.f, sd = 0.f;
   for (int64_t c = t; c < packs; c += TPR) {
     float a[V];
     load_pack<T, V>(src, c, a);
@@ -123,15 +127,18 @@ __global__ void __launch_bounds__(kThreads)
     for (int e = 0; e < V; ++e) {
       const float d = a[e] - mu;
       ss += d * d;
+      sd += d;
     }
   }
-  const float rs = rsqrtf(group_sum<TPR>(ss, red) * inv_m + eps);
+  // cm: the rounding error of mu (see the header); var = mean((s - mu)^2) - cm^2.
+  const float cm = group_sum<TPR>(sd, red) * inv_m;
+  const float rs = rsqrtf(fmaxf(group_sum<TPR>(ss, red) * inv_m - cm * cm, 0.f) + eps);
   T* orow = out + row * M;
   for (int64_t c = t; c < packs; c += TPR) {
     float a[V];
     load_pack<T, V>(src, c, a);
 #pragma unroll
-    for (int e = 0; e < V; ++e) a[e] = (a[e] - mu) * rs;
+    for (int e = 0; e < V; ++e) a[e] = (a[e] - mu - cm) * rs;
     if (w != nullptr) {
       float wv[V];
       load_pack<float, V>(w, c, wv);
@@ -147,7 +154,7 @@ __global__ void __launch_bounds__(kThreads)
     store_pack<T, V>(orow, c, a);
   }
   if (t == 0) {
-    mean[row] = mu;
+    mean[row] = mu + cm;
     rstd[row] = rs;
   }
 }
@@ -158,7 +165,8 @@ __global__ void __launch_bounds__(kThreads)
     layer_norm_bwd_dx_kernel(const T* __restrict__ dout, const T* __restrict__ x,
                              const float* __restrict__ w, const float* __restrict__ mean,
                              const float* __restrict__ rstd, const T* __restrict__ dsum,
-                             T* __restrict__ dx, int64_t N, int64_t M) {
+                             T* __restrict__ dx, float* __restrict__ xmean, int64_t N,
+                             int64_t M) {
   __shared__ float red[kThreads / 32];
   constexpr int kRowsPerBlock = kThreads / TPR;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.x / TPR;
@@ -191,6 +199,7 @@ __global__ void __launch_bounds__(kThreads)
   const float mg = group_sum<TPR>(sg, red) * inv_m;
   const float mx = group_sum<TPR>(sx, red) * inv_m;
   const float mgx = group_sum<TPR>(sgx, red) * inv_m - mx * mg;
+  if (xmean != nullptr && t == 0) xmean[row] = mx;  // for dweight's dout * (xhat - mx)
   T* dxr = dx + row * M;
   const T* dsr = dsum != nullptr ? dsum + row * M : nullptr;
   for (int64_t c = t; c < packs; c += TPR) {
@@ -215,13 +224,15 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// Stage 1 of dweight / dbias: per (row chunk, column) partials of dout * xhat and dout.
-// dw_part / db_part: [chunks, M] or null when not wanted.
+// Stage 1 of dweight / dbias: per (row chunk, column) partials of dout * xc and dout, where
+// xc = xhat - xmean[row] (the row mean of xhat, written by the dx kernel: see the header).
+// dw_part / db_part: [chunks, M] or null when not wanted (xmean is null when dw_part is).
 template <typename T>
 __global__ void __launch_bounds__(kColTile* kColRowsY)
     layer_norm_bwd_dwdb_kernel(const T* __restrict__ dout, const T* __restrict__ x,
                                const float* __restrict__ mean, const float* __restrict__ rstd,
-                               float* __restrict__ dw_part, float* __restrict__ db_part,
+                               const float* __restrict__ xmean, float* __restrict__ dw_part,
+                               float* __restrict__ db_part,
                                int64_t N, int64_t M, int64_t rows_per_chunk) {
   __shared__ float red_w[kColRowsY][kColTile];
   __shared__ float red_b[kColRowsY][kColTile];
@@ -233,7 +244,7 @@ __global__ void __launch_bounds__(kColTile* kColRowsY)
   if (j < M) {
     for (int64_t r = r0 + ty; r < r1; r += kColRowsY) {
       const float dy = to_float(dout[r * M + j]);
-      aw += dy * (to_float(x[r * M + j]) - mean[r]) * rstd[r];
+      if (dw_part != nullptr) aw += dy * ((to_float(x[r * M + j]) - mean[r]) * rstd[r] - xmean[r]);
       ab += dy;
     }
   }
@@ -267,12 +278,12 @@ void launch_fwd(const T* x, const T* res, const float* w, const float* b, T* out
 
 template <typename T, int TPR, int V>
 void launch_bwd_dx(const T* dout, const T* x, const float* w, const float* mean,
-                   const float* rstd, const T* dsum, T* dx, int64_t N, int64_t M,
+                   const float* rstd, const T* dsum, T* dx, float* xmean, int64_t N, int64_t M,
                    cudaStream_t stream) {
   constexpr int kRowsPerBlock = kThreads / TPR;
   const unsigned blocks = static_cast<unsigned>((N + kRowsPerBlock - 1) / kRowsPerBlock);
   layer_norm_bwd_dx_kernel<T, TPR, V>
-      <<<blocks, kThreads, 0, stream>>>(dout, x, w, mean, rstd, dsum, dx, N, M);
+      <<<blocks, kThreads, 0, stream>>>(dout, x, w, mean, rstd, dsum, dx, xmean, N, M);
 }
 
 // 16-byte packs need V | M and every row pointer (base + row * M) aligned: base aligned and
@@ -329,23 +340,27 @@ cudaError_t bwd_typed(const void* dout_, const void* x_, const float* w, const f
   T* dx = static_cast<T*>(dx_);
   constexpr int V = kVec<T>;
   const bool vec = can_vectorise<T>(M, {dout, x, dsum, dx}, {w});
+  // Workspace: [chunks, M] dweight partials, [chunks, M] dbias partials, then N row means of
+  // xhat (dweight only), as layer_norm_bwd_workspace sizes it.
+  const int64_t chunks = col_chunks(N);
+  float* dw_part = dw != nullptr ? workspace : nullptr;
+  float* db_part = db != nullptr ? workspace + (dw != nullptr ? chunks * M : 0) : nullptr;
+  const int64_t grads = (dw != nullptr ? 1 : 0) + (db != nullptr ? 1 : 0);
+  float* xmean = dw != nullptr ? workspace + grads * chunks * M : nullptr;
   if (threads_per_row(M) == 32) {
-    if (vec) launch_bwd_dx<T, 32, V>(dout, x, w, mean, rstd, dsum, dx, N, M, stream);
-    else launch_bwd_dx<T, 32, 1>(dout, x, w, mean, rstd, dsum, dx, N, M, stream);
+    if (vec) launch_bwd_dx<T, 32, V>(dout, x, w, mean, rstd, dsum, dx, xmean, N, M, stream);
+    else launch_bwd_dx<T, 32, 1>(dout, x, w, mean, rstd, dsum, dx, xmean, N, M, stream);
   } else {
-    if (vec) launch_bwd_dx<T, kThreads, V>(dout, x, w, mean, rstd, dsum, dx, N, M, stream);
-    else launch_bwd_dx<T, kThreads, 1>(dout, x, w, mean, rstd, dsum, dx, N, M, stream);
+    if (vec) launch_bwd_dx<T, kThreads, V>(dout, x, w, mean, rstd, dsum, dx, xmean, N, M, stream);
+    else launch_bwd_dx<T, kThreads, 1>(dout, x, w, mean, rstd, dsum, dx, xmean, N, M, stream);
   }
   err = cudaGetLastError();
   if (err != cudaSuccess || (dw == nullptr && db == nullptr)) return err;
 
-  const int64_t chunks = col_chunks(N);
-  float* dw_part = dw != nullptr ? workspace : nullptr;
-  float* db_part = db != nullptr ? workspace + (dw != nullptr ? chunks * M : 0) : nullptr;
   const dim3 block(kColTile, kColRowsY);
   const dim3 grid(static_cast<unsigned>((M + kColTile - 1) / kColTile), static_cast<unsigned>(chunks));
-  layer_norm_bwd_dwdb_kernel<T><<<grid, block, 0, stream>>>(dout, x, mean, rstd, dw_part, db_part,
-                                                            N, M, col_rows_per_chunk(N));
+  layer_norm_bwd_dwdb_kernel<T><<<grid, block, 0, stream>>>(
+      dout, x, mean, rstd, xmean, dw_part, db_part, N, M, col_rows_per_chunk(N));
   err = cudaGetLastError();
   if (err == cudaSuccess && dw != nullptr) err = reduce_col_partials(dw_part, dw, chunks, M, stream);
   if (err == cudaSuccess && db != nullptr) err = reduce_col_partials(db_part, db, chunks, M, stream);
@@ -372,7 +387,8 @@ cudaError_t layer_norm_fwd(DType dt, const void* x, const void* residual, const 
 size_t layer_norm_bwd_workspace(int64_t N, int64_t M, bool need_weight_grad, bool need_bias_grad) {
   if (N == 0) return 0;
   const int64_t grads = (need_weight_grad ? 1 : 0) + (need_bias_grad ? 1 : 0);
-  return static_cast<size_t>(grads * detail::col_chunks(N) * M);
+  // The partials, and N row means of xhat when dweight is wanted (see bwd_typed).
+  return static_cast<size_t>(grads * detail::col_chunks(N) * M + (need_weight_grad ? N : 0));
 }
 
 cudaError_t layer_norm_bwd(DType dt, const void* dout, const void* x, const float* weight,

@@ -8,10 +8,13 @@ statistics in float32):
 - Backward with ``g = dout * weight``:
   ``dx = rstd * (g - mean(g) - xhat * mean(g * xhat))`` (``+ dsum``, the gradient reaching ``s``
   directly); ``dweight = sum over rows of dout * xhat``, ``dbias = sum over rows of dout``.
-  The recomputed ``xhat`` is centred on its own row mean (``xhat - mean(xhat)``, with
-  ``mean(g * xhat) - mean(xhat) mean(g)``): ``mu`` is rounded to float32, so ``sum(xhat)`` is not
-  exactly 0, and the formula, which assumes it is, amplified that into ~2x PyTorch's error on
-  rows whose spread is small next to their mean (2 columns, near-constant rows).
+- The mean's rounding: ``mu`` in float32 is off by up to ``ulp(mu) / 2`` in every column, which
+  on a row whose spread is small next to its mean (2 columns, a near-constant row) is a relative
+  error of ``ulp(mu) / spread`` in ``xhat``, the output and ``dweight``, amplified further in
+  ``dx`` (its formula assumes ``sum(xhat) == 0``). The forward subtracts that error too,
+  ``c = mean(s - mu)`` (``var = mean((s - mu)^2) - c^2``, ``xhat = (s - mu - c) * rstd``); the
+  backward centres the recomputed ``xhat`` on its own row mean (``xc = xhat - mean(xhat)``, with
+  ``mean(g * xc)``) and sums ``dout * xc`` for ``dweight``: as the CPU and CUDA kernels.
   The column sums are deterministic: each program of ``_layer_norm_bwd_dx`` owns a contiguous
   range of rows and writes its partial sums to its own row of ``[programs, M]`` float32
   buffers; ``_layer_norm_bwd_dwdb`` adds those rows in order.
@@ -87,9 +90,10 @@ def _layer_norm_fwd(
         s = s.to(tl.float32)
         mean = tl.sum(s, axis=0) / M
         d = tl.where(mask, s - mean, 0.0)
-        var = tl.sum(d * d, axis=0) / M
+        c = tl.sum(d, axis=0) / M  # the rounding error of mean (module docstring)
+        var = tl.maximum(tl.sum(d * d, axis=0) / M - c * c, 0.0)
         rstd = 1.0 / tl.sqrt(var + eps)
-        y = d * rstd
+        y = (d - c) * rstd
         if HAS_W:
             y = y * tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
         if HAS_B:
@@ -110,22 +114,25 @@ def _layer_norm_fwd(
             acc += s.to(tl.float32)
         mean = tl.sum(acc, axis=0) / M
         acc = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc_d = tl.zeros([BLOCK_M], dtype=tl.float32)
         for c0 in range(0, M, BLOCK_M):
             mask = c0 + cols < M
             s = tl.load(src + c0 + cols, mask=mask, other=0.0).to(tl.float32)
             d = tl.where(mask, s - mean, 0.0)
             acc += d * d
-        rstd = 1.0 / tl.sqrt(tl.sum(acc, axis=0) / M + eps)
+            acc_d += d
+        c = tl.sum(acc_d, axis=0) / M
+        rstd = 1.0 / tl.sqrt(tl.maximum(tl.sum(acc, axis=0) / M - c * c, 0.0) + eps)
         for c0 in range(0, M, BLOCK_M):
             mask = c0 + cols < M
             s = tl.load(src + c0 + cols, mask=mask, other=0.0).to(tl.float32)
-            y = (s - mean) * rstd
+            y = (s - mean - c) * rstd
             if HAS_W:
                 y = y * tl.load(W + c0 + cols, mask=mask, other=0.0).to(tl.float32)
             if HAS_B:
                 y = y + tl.load(B + c0 + cols, mask=mask, other=0.0).to(tl.float32)
             tl.store(OUT + row * M + c0 + cols, y.to(OUT.dtype.element_ty), mask=mask)
-    tl.store(MEAN + row, mean)
+    tl.store(MEAN + row, mean + c)
     tl.store(RSTD + row, rstd)
 
 
@@ -180,7 +187,7 @@ def _layer_norm_bwd_dx(
                 dx += tl.load(DSUM + row * stride_s + cols, mask=mask, other=0.0).to(tl.float32)
             tl.store(DX + row * M + cols, dx.to(DX.dtype.element_ty), mask=mask)
             if NEED_DW:
-                dw += dy * xh
+                dw += dy * (xh - mx)
             if NEED_DB:
                 db += dy
         if NEED_DW:
@@ -228,7 +235,7 @@ def _layer_norm_bwd_dx(
                 tl.store(DX + row * M + c0 + cols, dx.to(DX.dtype.element_ty), mask=mask)
                 if NEED_DW:
                     part = DW_PART + pid * M + c0 + cols
-                    tl.store(part, tl.load(part, mask=mask, other=0.0) + dy * xh, mask=mask)
+                    tl.store(part, tl.load(part, mask=mask, other=0.0) + dy * (xh - mx), mask=mask)
                 if NEED_DB:
                     part = DB_PART + pid * M + c0 + cols
                     tl.store(part, tl.load(part, mask=mask, other=0.0) + dy, mask=mask)

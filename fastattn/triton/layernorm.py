@@ -20,9 +20,11 @@ statistics in float32):
   buffers; ``_layer_norm_bwd_dwdb`` adds those rows in order.
 
 Launch rules (named functions below; :func:`aot_launches` lists every variant they give, which
-``scripts/triton_aot.py`` compiles for sm_80 and sm_90 in ``make cuda-check``: 794 variants, no
-fp16 / bf16 one spills, at most 64 registers per thread outside the 96 of ``bwd_dwdb``; one fp32
-``bwd_dx`` at 8192 columns spills 8 B on sm_80, reported, not failed):
+``scripts/triton_aot.py`` compiles for sm_80 and sm_90 in ``make test``: 794 variants, none
+spills, at most 64 registers per thread outside the 96 of ``bwd_dwdb``. The backward's three row
+sums are one ``tl.reduce`` in a one-block row and a scalar ``sum(xhat)`` per chunk in a looped
+one: three separate reductions, or a third ``[BLOCK_M]`` accumulator, spilled 8-16 B in two
+16-bit variants on sm_90):
 
 - :func:`block_cols` / :func:`one_block`: a row of up to ``ONE_BLOCK_MAX`` = 8192 columns is
   one block held in registers, ``BLOCK_M = next_pow2(M)`` (at least 128: one warp); a longer
@@ -137,6 +139,11 @@ def _layer_norm_fwd(
 
 
 @triton.jit
+def _add3(a0, a1, a2, b0, b1, b2):
+    return a0 + b0, a1 + b1, a2 + b2
+
+
+@triton.jit
 def _layer_norm_bwd_dx(
     DOUT,  # [N, M] incoming gradient, row stride stride_d
     X,  # [N, M] the normalised input (x, or x + residual), row stride stride_x
@@ -178,16 +185,20 @@ def _layer_norm_bwd_dx(
             rstd = tl.load(RSTD + row)
             xh = tl.where(mask, (x - mean) * rstd, 0.0)
             g = dy * w if HAS_W else dy
-            # xhat centred on its own row mean: see the module docstring.
-            mg = tl.sum(g, axis=0) / M
-            mx = tl.sum(xh, axis=0) / M
-            mgx = tl.sum(g * xh, axis=0) / M - mx * mg
-            dx = (g - mg - (xh - mx) * mgx) * rstd
+            # xhat centred on its own row mean (module docstring): mean(g * xc) =
+            # mean(g * xhat) - mean(xhat) mean(g). The three row sums as one reduction: three
+            # separate ones (or a second pass over xc) spilled 8-16 B in 16-bit on sm_90.
+            sg, sx, sgx = tl.reduce((g, xh, g * xh), 0, _add3)
+            mg = sg / M
+            mx = sx / M
+            mgx = sgx / M - mx * mg
+            xc = xh - mx
+            dx = (g - mg - xc * mgx) * rstd
             if HAS_DSUM:
                 dx += tl.load(DSUM + row * stride_s + cols, mask=mask, other=0.0).to(tl.float32)
             tl.store(DX + row * M + cols, dx.to(DX.dtype.element_ty), mask=mask)
             if NEED_DW:
-                dw += dy * (xh - mx)
+                dw += dy * xc
             if NEED_DB:
                 db += dy
         if NEED_DW:
@@ -203,7 +214,7 @@ def _layer_norm_bwd_dx(
             rstd = tl.load(RSTD + row)
             acc_g = tl.zeros((BLOCK_M,), dtype=tl.float32)
             acc_gx = tl.zeros((BLOCK_M,), dtype=tl.float32)
-            acc_x = tl.zeros((BLOCK_M,), dtype=tl.float32)
+            sx = 0.0  # a scalar: a third [BLOCK_M] accumulator spilled 16-bit rows on sm_90
             for c0 in range(0, M, BLOCK_M):
                 mask = c0 + cols < M
                 dy = tl.load(DOUT + row * stride_d + c0 + cols, mask=mask, other=0.0)
@@ -213,10 +224,10 @@ def _layer_norm_bwd_dx(
                 if HAS_W:
                     g = g * tl.load(W + c0 + cols, mask=mask, other=0.0).to(tl.float32)
                 acc_g += g
-                acc_x += xh
+                sx += tl.sum(xh, axis=0)
                 acc_gx += g * xh
             mg = tl.sum(acc_g, axis=0) / M
-            mx = tl.sum(acc_x, axis=0) / M
+            mx = sx / M
             mgx = tl.sum(acc_gx, axis=0) / M - mx * mg
             for c0 in range(0, M, BLOCK_M):
                 mask = c0 + cols < M

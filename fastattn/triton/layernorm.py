@@ -21,10 +21,9 @@ statistics in float32):
 
 Launch rules (named functions below; :func:`aot_launches` lists every variant they give, which
 ``scripts/triton_aot.py`` compiles for sm_80 and sm_90 in ``make test``: 794 variants, none
-spills, at most 64 registers per thread outside the 96 of ``bwd_dwdb``. The backward's three row
-sums are one ``tl.reduce`` in a one-block row and a scalar ``sum(xhat)`` per chunk in a looped
-one: three separate reductions, or a third ``[BLOCK_M]`` accumulator, spilled 8-16 B in two
-16-bit variants on sm_90):
+spills, at most 64 registers per thread outside the 96 of ``bwd_dwdb``. A looped row's backward
+keeps ``sum(xhat)`` as a scalar per chunk: a third ``[BLOCK_M]`` accumulator spilled 8-16 B in
+two 16-bit variants on sm_90):
 
 - :func:`block_cols` / :func:`one_block`: a row of up to ``ONE_BLOCK_MAX`` = 8192 columns is
   one block held in registers, ``BLOCK_M = next_pow2(M)`` (at least 128: one warp); a longer
@@ -139,11 +138,6 @@ def _layer_norm_fwd(
 
 
 @triton.jit
-def _add3(a0, a1, a2, b0, b1, b2):
-    return a0 + b0, a1 + b1, a2 + b2
-
-
-@triton.jit
 def _layer_norm_bwd_dx(
     DOUT,  # [N, M] incoming gradient, row stride stride_d
     X,  # [N, M] the normalised input (x, or x + residual), row stride stride_x
@@ -186,12 +180,10 @@ def _layer_norm_bwd_dx(
             xh = tl.where(mask, (x - mean) * rstd, 0.0)
             g = dy * w if HAS_W else dy
             # xhat centred on its own row mean (module docstring): mean(g * xc) =
-            # mean(g * xhat) - mean(xhat) mean(g). The three row sums as one reduction: three
-            # separate ones (or a second pass over xc) spilled 8-16 B in 16-bit on sm_90.
-            sg, sx, sgx = tl.reduce((g, xh, g * xh), 0, _add3)
-            mg = sg / M
-            mx = sx / M
-            mgx = sgx / M - mx * mg
+            # mean(g * xhat) - mean(xhat) mean(g).
+            mg = tl.sum(g, axis=0) / M
+            mx = tl.sum(xh, axis=0) / M
+            mgx = tl.sum(g * xh, axis=0) / M - mx * mg
             xc = xh - mx
             dx = (g - mg - xc * mgx) * rstd
             if HAS_DSUM:

@@ -227,7 +227,23 @@ def machine() -> dict[str, object]:
         # removes most first-touch page faults of fresh outputs (for every op alike).
         "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE", "0"),
         "transparent_hugepage": _thp_mode(),
+        # --steady-allocator: glibc keeps every freed block for reuse (see STEADY_TUNABLES).
+        "steady_allocator": steady_allocator(),
     }
+
+
+# glibc malloc settings of `python -m benchmarks.run --steady-allocator`: no block is its own
+# mmap (mmap_max=0) and the heap is never trimmed, so a freed output's pages are handed to the
+# next call of the same size already mapped: the state inside a training loop, where every
+# step allocates the same sizes (the training suite's steps take 0 faults without it). By
+# default a block above glibc's mmap threshold (adaptive, up to 32 MiB) is a fresh mapping on
+# every call, and its first-touch page faults are timed with the kernel.
+STEADY_TUNABLES = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=4294967295"
+
+
+def steady_allocator() -> bool:
+    """Whether this process runs with :data:`STEADY_TUNABLES` (set before it started)."""
+    return STEADY_TUNABLES in os.environ.get("GLIBC_TUNABLES", "")
 
 
 METHOD_NOTE = (
@@ -255,6 +271,15 @@ def fresh_output_note(what: str) -> str:
     """The note every table with freshly allocated outputs carries: page faults are in it."""
     thp = os.environ.get("THP_MEM_ALLOC_ENABLE", "0")
     state = "set" if thp not in ("", "0") else "not set"
+    if steady_allocator():
+        return (
+            f"{what} are fresh tensors allocated by each call, from an allocator in its steady "
+            f"state (--steady-allocator: GLIBC_TUNABLES={STEADY_TUNABLES}, so glibc reuses "
+            "freed blocks without unmapping them, as inside a training loop): first-touch page "
+            "faults are out of the times (the faults column shows it), for every "
+            "implementation alike. Runs without the flag time them too. Compare only within "
+            "one file."
+        )
     return (
         f"{what} are fresh tensors allocated by each call, so first-touch page faults are part "
         "of every time (for every implementation alike) where the allocator hands out fresh "
@@ -336,7 +361,12 @@ class Report:
             f"{' '.join(m.get('flags', [])) or 'none'}; {m['threads']} torch threads on "
             f"{m.get('cpus_available', '?')} CPUs; L3 {m.get('l3_cache', 'unknown')}; torch {m['torch']}; fastattn CPU build "
             f"{m['fastattn_cpu_build']}; THP_MEM_ALLOC_ENABLE={m.get('THP_MEM_ALLOC_ENABLE', '0')}, "
-            f"system THP mode {m.get('transparent_hugepage', 'unknown')}.",
+            f"system THP mode {m.get('transparent_hugepage', 'unknown')}"
+            + (
+                f"; steady allocator (--steady-allocator: GLIBC_TUNABLES={STEADY_TUNABLES})."
+                if m.get("steady_allocator")
+                else "."
+            ),
             "",
         ]
         if self.ceilings is not None:

@@ -27,12 +27,14 @@ import fastattn
 from benchmarks import ceilings as _ceilings
 from benchmarks.common import (
     RESULTS,
+    STEADY_TUNABLES,
     Report,
     cache_note,
     comparison_columns,
     fresh_output_note,
     interleaved,
     machine,
+    steady_allocator,
 )
 from benchmarks.training import suite_training
 
@@ -72,9 +74,24 @@ def layernorm_cases(
         yield (n, m), impls
 
 
-def _grads(fn: Callable, inputs: tuple[torch.Tensor, ...], dy: torch.Tensor):
+def _add_layer_norm_torch(x, r, w, b):
+    s = x + r
+    return F.layer_norm(s, (s.shape[-1],), w, b), s
+
+
+def add_layer_norm_impls() -> dict[str, Callable]:
+    """add_layer_norm (y, s = LN(x + r), x + r): fastattn and the two ops torch runs for it."""
+    return {
+        "fastattn": lambda x, r, w, b: fastattn.add_layer_norm(x, r, (x.shape[-1],), w, b),
+        "torch eager": _add_layer_norm_torch,
+        "torch.compile": _compiled(_add_layer_norm_torch),
+    }
+
+
+def _grads(fn: Callable, inputs: tuple[torch.Tensor, ...], dy):
     """One forward+backward step; the gradients are returned (not accumulated in ``.grad``) so
-    they stay alive until the clock stops and freeing them is not timed."""
+    they stay alive until the clock stops and freeing them is not timed. ``dy``: one gradient,
+    or a tuple of them for a function with several outputs."""
     return torch.autograd.grad(fn(*inputs), inputs, dy)
 
 
@@ -88,33 +105,55 @@ def suite_layernorm(ctx: Context) -> Report:
     baselines = ["torch eager", "torch.compile"]
     copy = ctx.ceilings.memory()
     rep = Report(
-        "LayerNorm (float32, CPU)",
-        comparison_columns(["shape", "pass"], "GB/s", "copy BW", baselines),
+        "LayerNorm and add_layer_norm (float32 and bfloat16, CPU)",
+        comparison_columns(["op", "dtype", "shape", "pass"], "GB/s", "copy BW", baselines),
         ceilings=ctx.ceilings,
         notes=[
-            "Bytes counted: forward reads x and writes y (2 N M 4); forward+backward adds reading "
-            "dy and x and writing dx (5 N M 4 in all). Parameters and mean/rstd are negligible.",
-            "torch eager = F.layer_norm (ATen's fused CPU kernel, the PyTorch fused op); "
-            "torch.compile = Inductor on the same call.",
-            fresh_output_note("Outputs (y; dx, dw, db in fwd+bwd)"),
+            "Bytes counted, e = the activations' element size (4 float32, 2 bfloat16; weight, "
+            "bias, mean and rstd are float32 and negligible): layer_norm forward reads x and "
+            "writes y (2 N M e); forward+backward adds reading dy and x and writing dx (5 N M e "
+            "in all: 2.5 copies of x). add_layer_norm forward reads x and r and writes s = x + r "
+            "and y (4 N M e); its backward reads dy, ds (the gradient reaching s from the "
+            "residual stream) and s and writes one gradient (x's and r's are the same tensor): "
+            "8 N M e in all (4 copies).",
+            "bfloat16: x (and r) bfloat16, weight and bias float32 (a model under autocast); "
+            "torch eager = F.layer_norm's mixed-dtype CPU path on the same tensors.",
+            "torch eager = F.layer_norm (ATen's fused CPU kernel, the PyTorch fused op), after "
+            "x + r for add_layer_norm; torch.compile = Inductor on the same calls.",
+            fresh_output_note("Outputs (y, s; dx, dw, db in fwd+bwd)"),
             cache_note(),
         ],
     )
-    for (n, m), impls in layernorm_cases(shapes):
-        x = torch.randn(n, m)
-        w, b = torch.randn(m), torch.randn(m)
-        dy = torch.randn(n, m)
-        xg, wg, bg = (t.clone().requires_grad_() for t in (x, w, b))
-        for pas, nbytes in (("fwd", 2 * n * m * 4), ("fwd+bwd", 5 * n * m * 4)):
-            if pas == "fwd":
-                fns = {k: (lambda fn=fn: fn(x, w, b)) for k, fn in impls.items()}
-            else:
-                fns = {k: (lambda fn=fn: _grads(fn, (xg, wg, bg), dy)) for k, fn in impls.items()}
-            with torch.set_grad_enabled(pas != "fwd"):
-                cmp = interleaved(fns, rounds=ctx.rounds_or(MEMORY_ROUNDS), max_s=MEMORY_MAX_S)
-            rep.add_comparison(
-                [f"{n}x{m}", pas], cmp, work=nbytes, ceiling=copy, baselines=baselines
+    cases: list[tuple[str, tuple[int, int], dict[str, Callable]]] = [
+        ("layer_norm", shape, impls) for shape, impls in layernorm_cases(shapes)
+    ]
+    cases.append(("add_layer_norm", shapes[0], add_layer_norm_impls()))
+    for dtype in (torch.float32, torch.bfloat16):
+        es = torch.finfo(dtype).bits // 8
+        for op, (n, m), impls in cases:
+            acts = [torch.randn(n, m).to(dtype) for _ in range(2 if op == "add_layer_norm" else 1)]
+            w, b = torch.randn(m), torch.randn(m)
+            grads = tuple(torch.randn(n, m).to(dtype) for _ in acts)
+            leaves = tuple(t.clone().requires_grad_() for t in (*acts, w, b))
+            passes = (
+                {"fwd": 4, "fwd+bwd": 8} if op == "add_layer_norm" else {"fwd": 2, "fwd+bwd": 5}
             )
+            for pas, k in passes.items():
+                nbytes = k * n * m * es
+                if pas == "fwd":
+                    fns = {key: (lambda fn=fn: fn(*acts, w, b)) for key, fn in impls.items()}
+                else:
+                    dy = grads if len(grads) > 1 else grads[0]
+                    fns = {key: (lambda fn=fn: _grads(fn, leaves, dy)) for key, fn in impls.items()}
+                with torch.set_grad_enabled(pas != "fwd"):
+                    cmp = interleaved(fns, rounds=ctx.rounds_or(MEMORY_ROUNDS), max_s=MEMORY_MAX_S)
+                rep.add_comparison(
+                    [op, str(dtype).removeprefix("torch."), f"{n}x{m}", pas],
+                    cmp,
+                    work=nbytes,
+                    ceiling=copy,
+                    baselines=baselines,
+                )
     return rep
 
 
@@ -320,15 +359,21 @@ def _env_flag(name: str, value: str, fn: Callable[[], object]) -> Callable[[], o
 
 def suite_attention_bf16(ctx: Context) -> Report:
     """bfloat16 attention on the CPU: the AVX512_BF16 dot-product path against the fp32 FMA
-    path it replaced (FASTATTN_CPU_BF16_DOT=0), PyTorch's bf16 SDPA and fastattn in float32."""
-    B, H, D = 8, 6, 64  # the demo GPT's attention
-    lens = [256] if ctx.quick else [256, 1024]
+    path it replaced (FASTATTN_CPU_BF16_DOT=0), PyTorch's bf16 SDPA and fastattn in float32;
+    at the float32 suite's shape (B=4, H=12, D=64, T 512..2048) and the demo GPT's (B=8, H=6,
+    T=256)."""
+    shapes = [(4, 12, 512)] if ctx.quick else [(4, 12, 512), (4, 12, 1024), (4, 12, 2048)]
+    if not ctx.quick:
+        shapes.append((8, 6, 256))  # the demo GPT's attention at its training length
+    D = 64
     baselines = ["sdpa bf16", "fastattn bf16-fma"]
     peak = ctx.ceilings.compute(torch.bfloat16)
+    fma = ctx.ceilings.compute(torch.float32)
+    fp32_rates: list[str] = []
     load0 = os.getloadavg()
     rep = Report(
-        "Attention bfloat16 (causal, B=8, H=6, D=64, CPU)",
-        comparison_columns(["T", "pass"], "GFLOP/s", "bf16 dot peak", baselines),
+        "Attention bfloat16 (causal, D=64, CPU)",
+        comparison_columns(["B", "H", "T", "pass"], "GFLOP/s", "bf16 dot peak", baselines),
         ceilings=ctx.ceilings,
         notes=[
             "FLOPs: forward 4 B H T^2 D / 2 (causal counts half), backward 2.5 x forward.",
@@ -341,7 +386,8 @@ def suite_attention_bf16(ctx: Context) -> Report:
     )
     fa = lambda q, k, v: fastattn.attention(q, k, v, causal=True)  # noqa: E731
     sdpa = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True)  # noqa: E731
-    for T in lens:
+    speedups: dict[str, list[tuple[int, float]]] = {}
+    for B, H, T in shapes:
         x32 = [torch.randn(B, H, T, D) for _ in range(3)]
         x16 = [t.to(torch.bfloat16) for t in x32]
         d32 = torch.randn(B, H, T, D)
@@ -367,15 +413,32 @@ def suite_attention_bf16(ctx: Context) -> Report:
                 flag = "0" if name == "fastattn bf16-fma" else "1"
                 fns[name] = _env_flag("FASTATTN_CPU_BF16_DOT", flag, call)
             with torch.set_grad_enabled(pas != "fwd"):
-                cmp = interleaved(fns, rounds=ctx.rounds_or(9), min_rounds=7, max_s=60.0)
-            rep.add_comparison([T, pas], cmp, work=flops, ceiling=peak, baselines=baselines)
+                cmp = interleaved(fns, rounds=ctx.rounds_or(9), min_rounds=7, max_s=90.0)
+            rep.add_comparison([B, H, T, pas], cmp, work=flops, ceiling=peak, baselines=baselines)
+            rate32 = flops / cmp.time("fastattn fp32").median / 1e9
+            frac32 = _ceilings.fraction(rate32, fma)
+            faults32 = cmp.faults_per_call("fastattn fp32")
+            fp32_rates.append(
+                f"B={B} H={H} T={T} {pas} {rate32:.0f} GFLOP/s = "
+                + ("n/a" if frac32 is None else f"{frac32:.3f}")
+                + f" ({'n/a' if faults32 is None else f'{faults32:.0f}'} faults/call)"
+            )
+            if (B, H) == (4, 12):
+                speedups.setdefault(f"{pas} vs sdpa bf16", []).append(
+                    (T, cmp.ratio("sdpa bf16", "fastattn bf16-dot").median)
+                )
     load1 = os.getloadavg()
     rep.notes.append(
-        f"Load average (1, 5, 15 min) at the start {load0[0]:.1f}, {load0[1]:.1f}, {load0[2]:.1f}"
-        f" and at the end {load1[0]:.1f}, {load1[1]:.1f}, {load1[2]:.1f}, on "
-        f"{os.cpu_count()} cores shared with other jobs: times are noisy; the interleaved "
-        "per-round ratios are the robust figures."
+        "fastattn fp32 as a fraction of this run's fp32 FMA peak (the column gives the bf16 "
+        "peak): " + "; ".join(fp32_rates) + "."
     )
+    rep.notes.append(
+        f"Load average (1, 5, 15 min) at the start {load0[0]:.1f}, {load0[1]:.1f}, {load0[2]:.1f}"
+        f" and at the end {load1[0]:.1f}, {load1[1]:.1f}, {load1[2]:.1f} on {os.cpu_count()} "
+        "cores (this run's own threads count in it; whether other processes shared the cores "
+        "is judged from the peak loops, in the ceilings table)."
+    )
+    rep.plot = _plot_speedups(speedups, "bf16 attention speed-up over SDPA (B4 H12 D64, CPU)")
     return rep
 
 
@@ -846,13 +909,29 @@ def main(argv: list[str] | None = None) -> int:
         help="torch.set_num_threads (default: torch's default, all cores)",
     )
     p.add_argument("--no-save", action="store_true", help="print only; do not write results/")
+    p.add_argument(
+        "--steady-allocator",
+        action="store_true",
+        help="run with glibc malloc keeping freed blocks mapped (GLIBC_TUNABLES, the process "
+        "restarts itself with it): fresh outputs then take no first-touch page faults, as in "
+        "a training loop's steady state; results are saved as SUITE-steady-STAMP",
+    )
     args = p.parse_args(argv)
+    if args.steady_allocator and not steady_allocator():
+        # glibc reads its tunables at start-up only: start again with them set.
+        env = dict(os.environ)
+        env["GLIBC_TUNABLES"] = ":".join(
+            t for t in (env.get("GLIBC_TUNABLES", ""), STEADY_TUNABLES) if t
+        )
+        cmd = [sys.executable, "-m", "benchmarks.run", *(sys.argv[1:] if argv is None else argv)]
+        os.execve(sys.executable, cmd, env)
     if args.threads:
         torch.set_num_threads(args.threads)
     m = machine()
     print(
         f"{m['cpu']}; flags: {' '.join(m['flags'])}; {m['threads']} torch threads; "
-        f"THP_MEM_ALLOC_ENABLE={m['THP_MEM_ALLOC_ENABLE']}",
+        f"THP_MEM_ALLOC_ENABLE={m['THP_MEM_ALLOC_ENABLE']}; "
+        f"steady allocator: {'yes' if m['steady_allocator'] else 'no'}",
         flush=True,
     )
     print("measuring ceilings ...", flush=True)
@@ -866,9 +945,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"== {name}", flush=True)
         rep = SUITES[name].run(ctx)
         if not args.no_save:
-            print(f"saved {rep.save(f'{name}-{stamp}')}")
+            base = f"{name}-steady-{stamp}" if steady_allocator() else f"{name}-{stamp}"
+            print(f"saved {rep.save(base)}")
             if rep.plot is not None:
-                path = RESULTS / f"{name}-{stamp}.png"
+                path = RESULTS / f"{base}.png"
                 rep.plot(path)
                 print(f"saved {path}")
     return 0

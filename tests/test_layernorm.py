@@ -471,3 +471,55 @@ def test_eager_fast_path_equals_the_custom_op():
         runs.append((out, s, *grads))
     for a, c in zip(*runs, strict=True):
         assert torch.equal(a, c)
+
+
+# Outputs of 16 MiB and more (float32, rows a multiple of 16 wide) are written with streaming
+# stores: y in the forward (also beside add_layer_norm's sum, which is stored plainly), dx and ds
+# in the backward. Rows are computed independently, so the first rows of a streamed call must
+# equal, bit for bit, a small (plainly stored) call on the same rows; the whole against the
+# float64 reference with the rule.
+@pytest.mark.skipif("cpu" not in CPU_BACKENDS, reason="cpu backend not built")
+@pytest.mark.parametrize("residual", [False, True])
+def test_streamed_outputs_match_plain_stores(residual):
+    n, m, k = 4160, 1024, 96  # 4160 x 1024 x 4 B = 16.25 MiB: past the streaming threshold
+    x = torch.randn(n, m) * 2 + 0.5
+    r = torch.randn(n, m) if residual else None
+    w, b = torch.randn(m), torch.randn(m)
+    dy = torch.randn(n, m)
+    dsum = torch.randn(n, m) if residual else None
+
+    def run(rows, dt=torch.float32):
+        leaves = [t[:rows].to(dt).requires_grad_() for t in (x, *([r] if residual else []))]
+        ww, bb = w.to(dt).requires_grad_(), b.to(dt).requires_grad_()
+        if residual:
+            if dt == torch.float64:
+                s = leaves[0] + leaves[1]
+                y = layer_norm_reference(s, (m,), ww, bb)
+            else:
+                with fastattn.use_backend("cpu"):
+                    y, s = fastattn.add_layer_norm(leaves[0], leaves[1], (m,), ww, bb)
+            outs, grads = (y, s), (dy[:rows].to(dt), dsum[:rows].to(dt))
+        else:
+            with fastattn.use_backend("cpu" if dt != torch.float64 else "reference"):
+                y = fastattn.layer_norm(leaves[0], (m,), ww, bb)
+            outs, grads = (y,), (dy[:rows].to(dt),)
+        dxs = torch.autograd.grad(outs, [*leaves, ww, bb], grads)
+        return [o.detach() for o in outs], list(dxs)
+
+    big_out, big_grads = run(n)
+    small_out, small_grads = run(k)
+    for name, a, c in zip(("y", "s")[: len(big_out)], big_out, small_out, strict=True):
+        assert torch.equal(a[:k], c), f"{name}: streamed rows differ from plainly stored ones"
+    names = ["dx", *(["dresidual"] if residual else []), "dweight", "dbias"]
+    for name, a, c in zip(names, big_grads, small_grads, strict=True):
+        if a.dim() == 2:  # dweight / dbias sum over all the rows: checked by the rule below
+            assert torch.equal(a[:k], c), f"{name}: streamed rows differ from plainly stored ones"
+    ref_out, ref_grads = run(n, torch.float64)
+    xt, wt, bt = (t.clone().requires_grad_() for t in (x, w, b))
+    t_out = F.layer_norm(xt + (r if residual else 0), (m,), wt, bt)
+    t_dx, t_dw = torch.autograd.grad(t_out, (xt, wt), dy)
+    assert_rule("y", big_out[0], t_out.detach(), ref_out[0])
+    # dx against the reference's gradient of x through y alone: dsum adds to it unchanged.
+    dx_y = big_grads[0] - (dsum if residual else 0)
+    assert_rule("dx", dx_y, t_dx, ref_grads[0] - (dsum.double() if residual else 0))
+    assert_rule("dweight", big_grads[-2], t_dw, ref_grads[-2])

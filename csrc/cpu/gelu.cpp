@@ -18,6 +18,9 @@
 //   of a [chunks, M] float buffer in the loop that computes dx (dx is in registers there); a
 //   second parallel pass over columns adds the chunks in a fixed order: deterministic for a
 //   given thread count, no atomics (as in layernorm.cpp).
+// - float outputs of 16 MiB and more (vec.h's streamed()) are written with streaming stores:
+//   no read-for-ownership of lines the cache could not keep anyway (the forward was 25% faster
+//   at 8192 x 3072, measured; the backward is bound by its arithmetic).
 // - float and bfloat16 are vectorised with at::vec and compute in float; float64 (gradcheck)
 //   takes a plain scalar path with std::erf / std::exp.
 //
@@ -60,6 +63,7 @@ inline int64_t row_grain(int64_t M) { return std::max<int64_t>(1, 16384 / std::m
 template <typename T, Approx A>
 void fwd_vec(const T* x, const float* b, T* out, int64_t N, int64_t M) {
   constexpr int64_t V = kVecSize;
+  const bool stream = streamed(out, N, M, sizeof(T));
   at::parallel_for(0, N, row_grain(M), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const T* xr = x + i * M;
@@ -67,10 +71,11 @@ void fwd_vec(const T* x, const float* b, T* out, int64_t N, int64_t M) {
       int64_t j = 0;
       for (; j + V <= M; j += V) {
         Vec u = load_f<T>(xr + j) + Vec::loadu(b + j);
-        store_f<T>(A == Approx::kNone ? gelu_none(u) : gelu_tanh(u), o + j);
+        store_out<T>(A == Approx::kNone ? gelu_none(u) : gelu_tanh(u), o + j, stream);
       }
       for (; j < M; ++j) o[j] = static_cast<T>(gelu_scalar<float>(static_cast<float>(xr[j]) + b[j], A));
     }
+    if (stream) stream_fence();
   });
 }
 
@@ -85,6 +90,7 @@ template <typename T, Approx A>
 void bwd_vec(const T* dout, const T* x, const float* b, T* dx, float* db_part, int64_t chunks,
              int64_t N, int64_t M) {
   constexpr int64_t V = kVecSize;
+  const bool stream = streamed(dx, N, M, sizeof(T));
   at::parallel_for(0, chunks, 1, [&](int64_t cbegin, int64_t cend) {
     std::vector<float> group(db_part != nullptr ? M : 0);
     float* grp = group.data();
@@ -103,7 +109,7 @@ void bwd_vec(const T* dout, const T* x, const float* b, T* dx, float* db_part, i
           for (; j + V <= M; j += V) {
             Vec u = load_f<T>(xr + j) + Vec::loadu(b + j);
             Vec d = load_f<T>(dyr + j) * (A == Approx::kNone ? dgelu_none(u) : dgelu_tanh(u));
-            store_f<T>(d, dxr + j);
+            store_out<T>(d, dxr + j, stream);
             if (dbp != nullptr) (Vec::loadu(grp + j) + d).store(grp + j);
           }
           for (; j < M; ++j) {
@@ -120,6 +126,7 @@ void bwd_vec(const T* dout, const T* x, const float* b, T* dx, float* db_part, i
         }
       }
     }
+    if (stream) stream_fence();
   });
 }
 

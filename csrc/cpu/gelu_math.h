@@ -8,7 +8,9 @@
 //           gelu'(u) = s + u * s (1 - s) * 2 k (1 + 3 c u^2),  with 1 - s = e s
 //
 // Accuracy choices:
-// - exp is SLEEF's expf_u10 (Vectorized<float>::exp; ATen's exp_u20 is 20 ulp, refused).
+// - exp: in the GELU backward exp_nonpos below (~1 ulp, its argument -u^2/2 is never
+//   positive: 13 vector ops, 20% off the erf backward's time, measured), elsewhere SLEEF's
+//   expf_u10 (Vectorized<float>::exp; ATen's exp_u20 is 20 ulp, refused).
 //   erf is our own: in the backward erf_given_exp below (max 1.5 ulp), which reuses exp(-z^2),
 //   computed anyway for the pdf; in the forward erf_no_exp (1.2e-7 absolute, no exp). SLEEF's erff_u10 (1.0 ulp) made the erf forward ~2x slower
 //   than the tanh one; ATen's Vectorized<float>::erf (Abramowitz-Stegun 7.1.26) is 1.5e-7
@@ -56,6 +58,32 @@ constexpr float kErfQ[13] = {0.99840756190055210f,    -1.1166116615517700f,    0
                              0.064572945022042890f,   -0.018401229130327233f,  0.0039630788891412130f,
                              -6.2044489912654710e-04f, 6.6397048936442460e-05f, -4.3332344027439280e-06f,
                              1.2985816842068960e-07f};
+
+// exp(x) for x <= 0 (the backward's exp(-z^2)), Cody-Waite reduction x = n ln2 + r with
+// |r| <= ln2 / 2, Cephes' degree-5 minimax for (e^r - 1 - r) / r^2, then 2^n by scalef: about
+// 1 ulp, 13 vector ops (SLEEF's expf_u10 behind Vectorized<float>::exp also handles overflow,
+// NaN and the rounding of n in more steps). x is clamped to -200 first, so exp(-inf) and any
+// x below -104 give exactly 0 (scalef by 2^-289), and u * 0 stays 0 for finite u up to
+// FLT_MAX. Elsewhere (AVX2 / portable builds) Vectorized<float>::exp.
+inline Vec exp_nonpos(const Vec& xin) {
+#if defined(CPU_CAPABILITY_AVX512)
+  const __m512 x = _mm512_max_ps(__m512(xin), _mm512_set1_ps(-200.f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  const __m512 e = _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(r, r), p, r), _mm512_set1_ps(1.f));
+  return Vec(_mm512_scalef_ps(e, n));
+#else
+  return xin.exp();
+#endif
+}
 
 inline Vec erf_given_exp(const Vec& z, const Vec& e) {
   const Vec a = z.abs();
@@ -115,7 +143,7 @@ inline Vec gelu_none(const Vec& u) {
 }
 inline Vec dgelu_none(const Vec& u) {
   const Vec z = u * Vec(kSqrtHalf);
-  const Vec e = (Vec(0.f) - z * z).exp();  // exp(-u^2 / 2)
+  const Vec e = exp_nonpos(Vec(0.f) - z * z);  // exp(-u^2 / 2)
   const Vec cdf = at::vec::fmadd(Vec(0.5f), erf_given_exp(z, e), Vec(0.5f));
   return at::vec::fmadd(u * e, Vec(kInvSqrt2Pi), cdf);
 }
@@ -170,7 +198,7 @@ inline F dgelu_scalar(F u, Approx a) {
 // gelu(u) and gelu'(u) together, sharing the exp (and erf / sigmoid) of both.
 inline void gelu_none_both(const Vec& u, Vec& g, Vec& d) {
   const Vec z = u * Vec(kSqrtHalf);
-  const Vec e = (Vec(0.f) - z * z).exp();  // exp(-u^2 / 2)
+  const Vec e = exp_nonpos(Vec(0.f) - z * z);  // exp(-u^2 / 2)
   const Vec cdf = at::vec::fmadd(Vec(0.5f), erf_given_exp(z, e), Vec(0.5f));
   g = u * cdf;
   d = at::vec::fmadd(u * e, Vec(kInvSqrt2Pi), cdf);

@@ -404,3 +404,36 @@ def test_cast_before_weight_rounds_as_llama_does(backend):
     assert same(llama_t, plain_t) < 0.9
     assert same(llama, llama_t) > 0.97
     assert same(plain, plain_t) > 0.97
+
+
+# float32 outputs of 16 MiB and more are written with streaming stores (the forward's output, the
+# backward's dx; the residual sum stays plain). Rows are independent: the first rows of a streamed
+# call equal a small call's bit for bit; the whole call against the float64 reference (the rule).
+@pytest.mark.skipif("cpu" not in fastattn.available_backends("cpu"), reason="cpu backend not built")
+@pytest.mark.parametrize("residual", [False, True])
+def test_streamed_outputs_match_plain_stores(residual):
+    n, m, k = 4160, 1024, 80  # 4160 x 1024 x 4 B = 16.25 MiB: past the streaming threshold
+    x, w = _inputs((n,), (m,), torch.float32)
+    r = torch.randn(n, m) if residual else None
+    couts = (torch.randn(n, m), torch.randn(n, m))
+
+    def fn(x, w, r=None):
+        if r is None:
+            return fastattn.rms_norm(x, (m,), w, EPS)
+        return fastattn.add_rms_norm(x, r, (m,), w, EPS)
+
+    def run(rows):
+        tensors = (x[:rows], w, *([r[:rows]] if residual else []))
+        with fastattn.use_backend("cpu"):
+            return _run(fn, tensors, tuple(c[:rows] for c in couts))
+
+    (big_out, big_grads), (small_out, small_grads) = run(n), run(k)
+    for name, a, c in zip(("out", "sum")[: len(big_out)], big_out, small_out, strict=True):
+        assert torch.equal(a[:k], c), f"{name}: streamed rows differ from plainly stored ones"
+    assert torch.equal(big_grads[0][:k], small_grads[0]), "dx: streamed rows differ"
+    t_out, t_grads = _run(lambda x, w: _torch_x(x, (m,), w, 0.0, False), (x, w), couts)
+    r_out, r_grads = _run(lambda x, w: _ref(x, (m,), w, 0.0, False), (x.double(), w.double()),
+                          tuple(c.double() for c in couts))  # fmt: skip
+    if not residual:
+        assert_rule("out", big_out[0], t_out[0], r_out[0])
+        assert_rule("dx", big_grads[0], t_grads[0], r_grads[0])

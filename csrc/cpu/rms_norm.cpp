@@ -18,6 +18,8 @@
 //   of a [chunks, M] float buffer in the loop that computes the row reduction (dout and xhat
 //   are in registers there); reduce_chunks adds the chunks in a fixed order: deterministic for
 //   a given thread count, no atomics.
+// - float outputs of 16 MiB and more (vec.h's streamed()): the forward's output and the
+//   backward's dx in streaming stores, as in layernorm.cpp; the residual sum stays plain.
 // - float and bfloat16 are vectorised with at::vec and accumulate in float; float64 (gradcheck)
 //   takes a plain scalar path, where r() is the identity.
 //
@@ -62,6 +64,7 @@ void fwd_vec(const T* x, const T* res, const float* c, T* out, T* sum, float* rs
              int64_t M, float eps, bool cast) {
   constexpr int64_t V = kVecSize;
   const float inv_m = 1.0f / static_cast<float>(M);
+  const bool stream = streamed(out, N, M, sizeof(T));  // the sum (read back) stays plain
   at::parallel_for(0, N, row_grain(M), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const T* src = x + i * M;
@@ -100,7 +103,7 @@ void fwd_vec(const T* x, const T* res, const float* c, T* out, T* sum, float* rs
         Vec y = load_f<T>(src + j) * vrs;
         if (cast) y = round_to<T>(y);
         if (c != nullptr) y = y * Vec::loadu(c + j);
-        store_f<T>(y, o + j);
+        store_out<T>(y, o + j, stream);
       }
       for (; j < M; ++j) {
         float y = static_cast<float>(src[j]) * rs;
@@ -110,6 +113,7 @@ void fwd_vec(const T* x, const T* res, const float* c, T* out, T* sum, float* rs
       }
       rstd[i] = rs;
     }
+    if (stream) stream_fence();
   });
 }
 
@@ -119,6 +123,7 @@ void bwd_vec(const T* dout, const T* x, const float* c, const float* rstd, const
              float* dw_part, int64_t chunks, int64_t N, int64_t M, bool cast) {
   constexpr int64_t V = kVecSize;
   const float inv_m = 1.0f / static_cast<float>(M);
+  const bool stream = streamed(dx, N, M, sizeof(T));
   at::parallel_for(0, chunks, 1, [&](int64_t cbegin, int64_t cend) {
     for (int64_t ch = cbegin; ch < cend; ++ch) {
       int64_t r0, r1;
@@ -162,7 +167,7 @@ void bwd_vec(const T* dout, const T* x, const float* c, const float* rstd, const
           const Vec g = c != nullptr ? dy * Vec::loadu(c + j) : dy;
           Vec d = (g - xh * vmgx) * vrs;
           if (dsr != nullptr) d = d + load_f<T>(dsr + j);
-          store_f<T>(d, dxr + j);
+          store_out<T>(d, dxr + j, stream);
         }
         for (; j < M; ++j) {
           const float dy = static_cast<float>(dyr[j]);
@@ -174,6 +179,7 @@ void bwd_vec(const T* dout, const T* x, const float* c, const float* rstd, const
         }
       }
     }
+    if (stream) stream_fence();
   });
 }
 

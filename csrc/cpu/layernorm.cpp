@@ -81,7 +81,7 @@ void fwd_vec(const TX* x, const TR* res, const float* w, const float* b, TO* out
   // Streaming stores for the normalised output only where rows stay 64-byte aligned and the
   // output dwarfs the cache. The sum s (add_layer_norm) is stored plainly: its row is read
   // back from L1 by the passes below.
-  const bool stream = (M % 16) == 0 && N * M * int64_t(sizeof(TO)) >= kStreamBytes;
+  const bool stream = streamed(out, N, M, sizeof(TO));
   // A bfloat16 row is widened once, in the mean pass, into an L1-resident float row that the
   // variance and normalising passes read: each conversion is ~3 vector ops, and the bf16 kernel
   // was bound by its arithmetic (0.61 of the copy speed forward against 1.1 in float32).
@@ -177,22 +177,11 @@ void fwd_vec(const TX* x, const TR* res, const float* w, const float* b, TO* out
       // Pass 3: normalise, scale, shift.
       const Vec vrs(rs), vc(c);
       TO* o = out + i * M;
-      j = 0;
-      if constexpr (std::is_same_v<TO, float>) {
-        if (stream && aligned64(o)) {
-          for (; j + V <= M; j += V) {
-            Vec y = (Vec::loadu(fs + j) - vmu - vc) * vrs;
-            if (w != nullptr) y = y * Vec::loadu(w + j);
-            if (b != nullptr) y = y + Vec::loadu(b + j);
-            store_stream(y, o + j);
-          }
-        }
-      }
-      for (; j + V <= M; j += V) {
+      for (j = 0; j + V <= M; j += V) {
         Vec y = (Vec::loadu(fs + j) - vmu - vc) * vrs;
         if (w != nullptr) y = y * Vec::loadu(w + j);
         if (b != nullptr) y = y + Vec::loadu(b + j);
-        store_f<TO>(y, o + j);
+        store_out<TO>(y, o + j, stream);
       }
       for (; j < M; ++j) {
         float y = (fs[j] - mu - c) * rs;

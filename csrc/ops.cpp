@@ -163,6 +163,7 @@ PyMODINIT_FUNC PyInit__C(void) {
   PyModule_AddStringConstant(mod, "cpu_capability", kCpuCapability);
   PyModule_AddObject(mod, "with_cuda", PyBool_FromLong(kWithCuda));
   PyModule_AddObject(mod, "cpu_bf16_dot", PyBool_FromLong(fastattn::cpu::attention_bf16_dot_available()));
+  PyModule_AddObject(mod, "cpu_bf16_cvt", PyBool_FromLong(fastattn::cpu::bf16_hw_convert()));
   // The kernels' limits (csrc/kernel_limits.h), read by the op declarations in fastattn/ops/<op>.py.
   PyObject* limits = PyDict_New();
   if (limits == nullptr) return nullptr;

@@ -1334,7 +1334,8 @@ void set_bias(const std::optional<at::Tensor>& bias, S& md) {
 
 }  // namespace
 
-bool attention_bf16_dot_available() { return FASTATTN_BF16_DOT && bf16_dot_cpu(); }
+bool attention_bf16_dot_available() { return FASTATTN_BF16_DOT && cpu_has_avx512_bf16(); }
+bool bf16_hw_convert() { return kHwBf16Cvt; }
 
 std::tuple<at::Tensor, at::Tensor> attention_fwd_features(
     const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,

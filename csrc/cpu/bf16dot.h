@@ -20,9 +20,10 @@
 #include <cstdlib>
 #include <cstring>
 
+#include "cpu/vec.h"
+
 #if defined(CPU_CAPABILITY_AVX512) && (defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 10))
 #define FASTATTN_BF16_DOT 1
-#include <cpuid.h>
 #include <immintrin.h>
 #define FA_BF16_TARGET __attribute__((target("avx512bf16,avx512f,avx512bw,avx512vl,avx512dq")))
 #else
@@ -33,26 +34,11 @@
 namespace fastattn {
 namespace cpu {
 
-// Does this CPU execute AVX512_BF16 (cpuid leaf 7 subleaf 1, EAX bit 5)? The build's AVX-512
-// check (fastattn/_dispatch.py) already covers the OS saving zmm state.
-inline bool bf16_dot_cpu() {
-#if FASTATTN_BF16_DOT
-  static const bool ok = [] {
-    unsigned a = 0, b = 0, c = 0, d = 0;
-    if (!__get_cpuid_count(7, 1, &a, &b, &c, &d)) return false;
-    return ((a >> 5) & 1u) != 0;
-  }();
-  return ok;
-#else
-  return false;
-#endif
-}
-
 // The bf16 dot-product path runs when the build has it, the CPU has it, and the environment
 // does not switch it off (FASTATTN_CPU_BF16_DOT=0: the fp32 FMA path, for comparison and
 // tests). Read per call, so a test can flip it.
 inline bool bf16_dot_usable() {
-  if (!bf16_dot_cpu()) return false;
+  if (!FASTATTN_BF16_DOT || !cpu_has_avx512_bf16()) return false;
   const char* env = std::getenv("FASTATTN_CPU_BF16_DOT");
   return env == nullptr || std::strcmp(env, "0") != 0;
 }

@@ -66,6 +66,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_feature
 // CPU has it); FASTATTN_CPU_BF16_DOT=0 still switches that path off per call.
 bool attention_bf16_dot_available();
 
+// True when the kernels' float -> bfloat16 stores round in hardware (vec.h's kHwBf16Cvt: the
+// CPU has AVX512_BF16 and FASTATTN_CPU_BF16_CVT=0 was not set when the extension loaded).
+bool bf16_hw_convert();
+
 // gelu.cpp --------------------------------------------------------------------
 at::Tensor bias_gelu_fwd(const at::Tensor& x, const std::optional<at::Tensor>& bias,
                          const std::string& approximate);

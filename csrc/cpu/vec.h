@@ -11,6 +11,16 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
+
+#if defined(CPU_CAPABILITY_AVX512) && (defined(__x86_64__) || defined(__i386__))
+#include <cpuid.h>
+#include <immintrin.h>
+#define FASTATTN_HW_BF16_CVT 1
+#else
+#define FASTATTN_HW_BF16_CVT 0
+#endif
 
 namespace fastattn {
 namespace cpu {
@@ -27,6 +37,33 @@ template <>
 struct Acc<double> {
   using type = double;
 };
+
+// Does this CPU execute AVX512_BF16 (cpuid leaf 7 subleaf 1, EAX bit 5)? The build's AVX-512
+// check (fastattn/_dispatch.py) already covers the OS saving zmm state.
+inline bool cpu_has_avx512_bf16() {
+#if FASTATTN_HW_BF16_CVT
+  static const bool ok = [] {
+    unsigned a = 0, b = 0, c = 0, d = 0;
+    if (!__get_cpuid_count(7, 1, &a, &b, &c, &d)) return false;
+    return ((a >> 5) & 1u) != 0;
+  }();
+  return ok;
+#else
+  return false;
+#endif
+}
+
+// float -> bfloat16 stores round in hardware (AVX512_BF16 `vcvtneps2bf16`: one instruction for
+// ATen's seven) where the CPU has it. Decided once, when the extension loads: a per-store test
+// of the environment would cost more than the rounding. FASTATTN_CPU_BF16_CVT=0 keeps the
+// emulated rounding that a CPU without AVX512_BF16 runs (tests compare the two). Both round to
+// nearest even; the instruction flushes denormal inputs (|x| < 2^-126) to a signed zero, an
+// error below 1.2e-38, and keeps a NaN's sign and payload where ATen writes 0xffff.
+inline const bool kHwBf16Cvt = [] {
+  if (!cpu_has_avx512_bf16()) return false;
+  const char* env = std::getenv("FASTATTN_CPU_BF16_CVT");
+  return env == nullptr || std::strcmp(env, "0") != 0;
+}();
 
 // Load Vec::size() elements of T as float.
 template <typename T>
@@ -51,8 +88,22 @@ inline void store_f<float>(const Vec& v, float* p) {
 }
 template <>
 inline void store_f<c10::BFloat16>(const Vec& v, c10::BFloat16* p) {
+#if FASTATTN_HW_BF16_CVT
+  // One vector's rounding and a plain 256-bit store: convert_from_float rounds two vectors,
+  // packs them and masks the store, and the bfloat16 LayerNorm forward, bound by its vector
+  // ops, ran slower than the float32 one at half the bytes. The instruction goes in as inline
+  // assembly: the build targets plain AVX-512, and a target-attributed helper would not inline.
+  __m256i r;
+  if (kHwBf16Cvt) {
+    asm("vcvtneps2bf16 %1, %0" : "=v"(r) : "v"(__m512(v)));
+  } else {
+    r = at::vec::cvtfp32_bf16(__m512(v));  // ATen's rounding: convert_from_float's bits
+  }
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), r);
+#else
   // convert_from_float packs two float vectors; store only the first half.
   at::vec::convert_from_float<c10::BFloat16>(v, v).store(p, kVecSize);
+#endif
 }
 
 // Non-temporal ("streaming") store of a float vector to a 64-byte aligned address (AVX-512

@@ -207,6 +207,10 @@ def machine() -> dict[str, object]:
         from fastattn import _C
 
         cap = _C.cpu_capability
+        # Which float -> bfloat16 rounding the kernels' stores use (csrc/cpu/vec.h).
+        cap += ", bf16 stores " + (
+            "vcvtneps2bf16" if getattr(_C, "cpu_bf16_cvt", False) else "emulated"
+        )
     except ImportError:
         cap = "extension not built"
     flags = cpu_flags()

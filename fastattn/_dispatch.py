@@ -428,6 +428,15 @@ def describe() -> str:
             )
         else:
             lines.append("cpu bfloat16 attention: fp32 FMA (no AVX512_BF16 in this build or CPU)")
+        if getattr(mod, "cpu_bf16_cvt", False):
+            lines.append("cpu float -> bfloat16 stores: AVX512_BF16 vcvtneps2bf16")
+        else:
+            why_not = (
+                "FASTATTN_CPU_BF16_CVT=0"
+                if os.environ.get("FASTATTN_CPU_BF16_CVT") == "0"
+                else "no AVX512_BF16 in this build or CPU"
+            )
+            lines.append(f"cpu float -> bfloat16 stores: emulated rounding ({why_not})")
     else:
         lines.append(f"extension: {why}")
     lines.append(f"backend in force: {get_backend()}  (set_backend() or FASTATTN_BACKEND)")

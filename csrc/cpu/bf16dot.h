@@ -22,7 +22,7 @@
 
 #include "cpu/vec.h"
 
-#if defined(CPU_CAPABILITY_AVX512) && (defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 10))
+#if FASTATTN_HW_BF16_CVT
 #define FASTATTN_BF16_DOT 1
 #include <immintrin.h>
 #define FA_BF16_TARGET __attribute__((target("avx512bf16,avx512f,avx512bw,avx512vl,avx512dq")))

@@ -14,7 +14,10 @@
 #include <cstdlib>
 #include <cstring>
 
-#if defined(CPU_CAPABILITY_AVX512) && (defined(__x86_64__) || defined(__i386__))
+// FASTATTN_HW_BF16_CVT: this build can emit AVX512_BF16 instructions (x86 AVX-512 and a compiler
+// that knows them). bf16dot.h's dot-product kernels use the same condition.
+#if defined(CPU_CAPABILITY_AVX512) && (defined(__x86_64__) || defined(__i386__)) && \
+    (defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 10))
 #include <cpuid.h>
 #include <immintrin.h>
 #define FASTATTN_HW_BF16_CVT 1

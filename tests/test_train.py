@@ -71,6 +71,12 @@ def test_tokenizer_split_and_cache(tmp_path, small_text):
     x2, _ = ds.get_batch("val", 5, 8, g2)
     assert x.shape == (5, 8) and x.dtype == torch.long and torch.equal(x, x2)
     assert torch.equal(x[:, 1:], y[:, :-1])
+    # each row is the window of the split at the offset the generator draws, y one further
+    ix = torch.randint(len(ds.val) - 8, (5,), generator=torch.Generator().manual_seed(1))
+    for b, i in enumerate(ix.tolist()):
+        assert x[b].tolist() == ds.val[i : i + 8].tolist()
+        assert y[b].tolist() == ds.val[i + 1 : i + 9].tolist()
+    assert x.is_contiguous() and y.is_contiguous()
 
 
 def test_data_errors(tmp_path):
@@ -429,3 +435,37 @@ def test_compare_without_matplotlib_says_so(tmp_path, monkeypatch, capsys):
     assert [r["speedup"] for r in record["rows"]] == [1.0, 1.5]
     assert "compare.png" not in out and "matplotlib is not installed" in out
     assert (tmp_path / "compare.json").exists() and not (tmp_path / "compare.png").exists()
+
+
+@pytest.mark.parametrize("per_forward", [1, 3, 64])
+def test_estimate_loss_stacks_batches_without_changing_the_mean(
+    tmp_path, small_text, monkeypatch, per_forward
+):
+    """Evaluation stacks its batches into bigger forwards (EVAL_TOKENS_PER_FORWARD): the result
+    must be the mean of the batches' own losses, drawn from the same seeded stream, for every
+    stack size (1 batch, a size that does not divide eval_iters, all of them at once)."""
+    import contextlib
+
+    from fastattn.training import evaluate
+    from fastattn.training.dist import Dist
+
+    B, T, iters, seed = 3, 16, 7, 11
+    monkeypatch.setattr(evaluate, "EVAL_TOKENS_PER_FORWARD", per_forward * B * T)
+    data = load_text_dataset(small_text, tmp_path)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**{**TINY_CFG, "vocab_size": data.vocab_size}), kernels="fastattn")
+    model.train()
+    got = evaluate.estimate_loss(
+        model, data, batch_size=B, block_size=T, eval_iters=iters, seed=seed,
+        autocast=contextlib.nullcontext(), dist=Dist("cpu"),
+    )  # fmt: skip
+    assert model.training  # put back in training mode
+    model.eval()
+    want = {}
+    with torch.no_grad():
+        for split in ("train", "val"):
+            g = torch.Generator().manual_seed(seed)
+            losses = [model(*data.get_batch(split, B, T, g))[1].item() for _ in range(iters)]
+            want[f"{split}_loss"] = sum(losses) / iters
+    for k in ("train_loss", "val_loss"):
+        assert got[k] == pytest.approx(want[k], rel=1e-5, abs=1e-6), k

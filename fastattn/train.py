@@ -195,7 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--malloc",
         choices=["steady", "system"],
         help="steady: glibc malloc keeps freed memory for the next step (mmap threshold 32 MiB, "
-        "no trimming), so fresh tensors do not page-fault (~840 faults a step at cpu_small "
+        "no trimming), so fresh tensors do not page-fault (~1100 faults a step at cpu_small "
         "otherwise); system: the C library's defaults. Process-wide; a no-op off glibc",
     )
     r.add_argument("--seed", type=int, help="random seed; rank r uses seed + r for its data")

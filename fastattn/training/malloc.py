@@ -3,11 +3,11 @@
 A training step allocates and frees the same tensors every step. With glibc's defaults a
 freed block above the mmap threshold goes back to the OS (and the heap's free top is trimmed),
 so the next step's tensor of that size is fresh memory again, zero-filled by the kernel one
-page fault per 4 KiB: ~840 faults a step at ``--preset cpu_small`` (a 25 ms step), none with
-the settings below. They are what the benchmarks' ``--steady-allocator`` sets through
-GLIBC_TUNABLES, applied here with ``mallopt`` at run time (GLIBC_TUNABLES is read only when a
-process starts): the process keeps its peak heap instead of returning it, like a caching
-allocator.
+page fault per 4 KiB: ~1100 faults and 2.4-3.2 ms of kernel CPU time a step at ``--preset
+cpu_small`` (a 25-30 ms step), 1-3 faults with the settings below
+(benchmarks/results/ab/trainer-20261208.md). The benchmarks' ``--steady-allocator`` does the
+like through GLIBC_TUNABLES (read only when a process starts); here it is ``mallopt`` at run
+time. The process keeps its peak heap instead of returning it, like a caching allocator.
 """
 
 from __future__ import annotations

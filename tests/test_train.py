@@ -488,8 +488,9 @@ print(note, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc tuning")
 def test_steady_malloc_reuses_freed_memory():
     """--malloc steady (the trainer's default): a second round of the same allocations takes
-    no page faults, where glibc's defaults hand the freed memory back and fault it in again
-    (16K faults for 64 MiB). Subprocesses: the setting is process-wide."""
+    a fraction of the page faults it takes with glibc's defaults, which hand the freed memory
+    back and fault it in again (~16K faults for 64 MiB). Subprocesses: the setting is
+    process-wide."""
     import subprocess
 
     out = {}

@@ -539,6 +539,8 @@ def announce(run: Run) -> None:
     )
     if run.malloc_note:
         print(f"fastattn-train: {run.malloc_note} (--malloc system for the defaults)", flush=True)
+    elif a.malloc == "steady":
+        print("fastattn-train: --malloc steady has no effect here (not glibc)", flush=True)
 
 
 def write_sample(run: Run) -> str:

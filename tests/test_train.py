@@ -507,3 +507,11 @@ def test_steady_malloc_reuses_freed_memory():
     assert out["system"][1] > 8000, out  # the defaults return the 64 MiB (the probe can fail)
     # a few hundred to ~2K faults remain in steady (the kernel reclaiming idle heap pages)
     assert out["steady"][1] < out["system"][1] / 4, out
+
+
+def test_malloc_steady_says_when_it_cannot_apply(monkeypatch, capsys, tmp_path, small_text):
+    """Off glibc --malloc steady changes nothing: the start-up lines say so instead of
+    staying silent."""
+    monkeypatch.setattr(train, "steady_malloc", lambda: None)
+    train.run(flags(tmp_path, small_text, "--max-iters", "1"))
+    assert "--malloc steady has no effect here (not glibc)" in capsys.readouterr().out
